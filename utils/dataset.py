@@ -1,0 +1,299 @@
+"""Prepare a dataset (``data_gen.py``) and read a prepared one (``train.py``, ``evaluation.py``).
+
+A prepared dataset ``data/<name>/`` holds ``manifest.json``, ``fingerprint.json``, ``splits.json`` and
+``volumes/<id>_image.npy`` ``(Z, Y, X, C)`` float32 / ``volumes/<id>_label.npy`` ``(Z, Y, X)`` uint8 (DESIGN.md).
+
+Preparation runs in two passes over the cases, each spread over ``workers`` processes with one progress bar:
+the fingerprint pass (shapes, spacings, intensities) and the preparation pass. Each case's result is written
+atomically with a key of its inputs and settings, so a rerun skips finished cases, redoes changed ones, and a case
+that fails is reported without losing the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from utils import fileio
+from utils.preprocessing import PreprocessSettings, aggregate_fingerprint, case_fingerprint, prepare_case
+from utils.readers import DatasetSource, load_case
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class CaseFailure:
+    case_id: str
+    message: str
+
+
+class PreparationError(RuntimeError):
+    """Some cases failed; the others were written. ``failures`` lists them."""
+
+    def __init__(self, failures: Sequence[CaseFailure]):
+        self.failures = list(failures)
+        lines = "\n".join(f"  {f.case_id}: {f.message}" for f in self.failures)
+        super().__init__(f"{len(self.failures)} case(s) failed:\n{lines}")
+
+
+def _source_key(spec: dict) -> dict:
+    """Size and modification time of every source file of a case (changes invalidate cached results)."""
+    stats = {}
+    for path in [*spec.get("image", []), spec.get("label")]:
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            stats[str(path)] = [st.st_size, int(st.st_mtime_ns)]
+    return stats
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, description: str) -> list:
+    """Run ``function(*job)`` for every job, in ``workers`` processes, with one progress bar; keep job order."""
+    results = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=description, unit="case", dynamic_ncols=True)
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = function(*job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(function, *job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return results
+
+
+def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str) -> tuple:
+    key = _digest(spec, _source_key(spec), "fingerprint-v1")
+    cache = Path(cache_dir) / f"{spec['id']}.json"
+    if cache.is_file():
+        try:
+            cached = fileio.read_json(cache)
+            if cached.get("key") == key:
+                return "ok", cached["record"]
+        except ValueError:
+            pass
+    try:
+        record = case_fingerprint(load_case(spec, allowed), num_classes)
+    except (ValueError, OSError) as error:
+        return "error", str(error)
+    fileio.write_json(cache, {"key": key, "record": record})
+    return "ok", record
+
+
+def _prepare_job(
+    spec: dict,
+    allowed: set,
+    settings: dict,
+    fingerprint: dict,
+    channel_names: list,
+    output: str,
+    resolved: dict,
+) -> tuple:
+    settings_obj = PreprocessSettings(**settings)
+    out = Path(output)
+    key = _digest(spec, _source_key(spec), settings, resolved, "prepare-v1")
+    entry_path = out / "volumes" / f"{spec['id']}.json"
+    if entry_path.is_file():
+        try:
+            entry = fileio.read_json(entry_path)
+            files = [entry["image"]] + ([entry["label"]] if entry.get("label") else [])
+            if entry.get("key") == key and all((out / f).is_file() for f in files):
+                return "ok", entry
+        except (ValueError, KeyError):
+            pass
+    try:
+        case = load_case(spec, allowed)
+        image, label, record = prepare_case(case, settings_obj, fingerprint, channel_names)
+    except (ValueError, OSError) as error:
+        return "error", str(error)
+    image_rel = f"volumes/{spec['id']}_image.npy"
+    fileio.write_npy(out / image_rel, image)
+    label_rel = None
+    if label is not None:
+        label_rel = f"volumes/{spec['id']}_label.npy"
+        fileio.write_npy(out / label_rel, label)
+    entry = {
+        "id": spec["id"],
+        "patient": spec.get("patient", spec["id"]),
+        "source": {k: v for k, v in spec.items() if k not in ("id", "patient")},
+        "image": image_rel,
+        "label": label_rel,
+        "geometry": record,
+        "writer": case.writer,
+        "key": key,
+    }
+    fileio.write_json(entry_path, entry)
+    return "ok", entry
+
+
+def make_splits(entries: Sequence[dict], fractions: Sequence[float], seed: int) -> dict:
+    """Seeded patient-level split of labelled cases into train/val/test; unlabelled cases go to test.
+
+    Args:
+        entries: manifest case entries (``id``, ``patient``, ``label``).
+        fractions: ``(train, val, test)``, summing to 1.
+        seed: random seed.
+
+    Raises:
+        ValueError: fractions that are negative or do not sum to 1.
+    """
+    fractions = [float(f) for f in fractions]
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"--split needs three non-negative fractions summing to 1, got {fractions}")
+    labelled = [e for e in entries if e.get("label")]
+    patients = sorted({e["patient"] for e in labelled})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    patients = [patients[i] for i in order]
+    n = len(patients)
+    n_val = int(round(n * fractions[1]))
+    n_test = int(round(n * fractions[2]))
+    if fractions[1] > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    n_test = min(n_test, n - n_val)
+    groups = {"val": set(patients[:n_val]), "test": set(patients[n_val : n_val + n_test])}
+    splits = {"train": [], "val": [], "test": []}
+    for entry in entries:
+        if not entry.get("label"):
+            splits["test"].append(entry["id"])
+        elif entry["patient"] in groups["val"]:
+            splits["val"].append(entry["id"])
+        elif entry["patient"] in groups["test"]:
+            splits["test"].append(entry["id"])
+        else:
+            splits["train"].append(entry["id"])
+    return splits
+
+
+def prepare_dataset(
+    source: DatasetSource,
+    output: str | os.PathLike,
+    settings: PreprocessSettings,
+    split: Sequence[float] = (0.8, 0.2, 0.0),
+    seed: int = 0,
+    workers: int = 1,
+) -> dict:
+    """Fingerprint, preprocess and write every case of ``source`` into ``output``; return the manifest.
+
+    Raises:
+        PreparationError: after writing every case that worked and the dataset files, when some cases failed.
+    """
+    out = Path(output)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    allowed = {int(k) for k in source.labels}
+    num_classes = max(allowed) + 1
+    cache_dir = str(out / ".cache")
+    failures = []
+
+    results = _run_parallel(
+        _fingerprint_job, [(s, allowed, num_classes, cache_dir) for s in source.cases], workers, "fingerprint"
+    )
+    records = []
+    for spec, (status, value) in zip(source.cases, results, strict=True):
+        if status == "ok":
+            records.append(value)
+        else:
+            failures.append(CaseFailure(spec["id"], value))
+    fingerprint = aggregate_fingerprint(records, source.channels, source.labels) if records else None
+    if fingerprint is None:
+        raise PreparationError(failures or [CaseFailure("-", "no case could be read")])
+    fileio.write_json(out / "fingerprint.json", fingerprint)
+
+    good = [s for s in source.cases if s["id"] not in {f.case_id for f in failures}]
+    resolved = {"median_spacing": fingerprint["median_spacing"], "intensity": _ct_stats(fingerprint)}
+    channel_names = [source.channels[k] for k in sorted(source.channels, key=int)]
+    jobs = [(s, allowed, settings.to_dict(), fingerprint, channel_names, str(out), resolved) for s in good]
+    entries = []
+    for spec, (status, value) in zip(good, _run_parallel(_prepare_job, jobs, workers, "prepare"), strict=True):
+        if status == "ok":
+            entries.append(value)
+        else:
+            failures.append(CaseFailure(spec["id"], value))
+
+    splits = make_splits(entries, split, seed)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "name": source.name,
+        "source": {"path": str(Path(source.path).resolve()), "format": source.format},
+        "labels": source.labels,
+        "channels": source.channels,
+        "preprocessing": settings.to_dict(),
+        "resolved": resolved,
+        "seed": seed,
+        "split_fractions": list(split),
+        "cases": [{k: v for k, v in e.items() if k != "key"} for e in entries],
+    }
+    fileio.write_json(out / "splits.json", splits)
+    fileio.write_json(out / "manifest.json", manifest)
+    if failures:
+        raise PreparationError(failures)
+    return manifest
+
+
+def _ct_stats(fingerprint: dict) -> dict:
+    return {
+        k: {s: v.get(s) for s in ("mean", "std", "percentile_00_5", "percentile_99_5")}
+        for k, v in fingerprint.get("intensity", {}).items()
+    }
+
+
+class PreparedDataset:
+    """Read access to a prepared dataset folder.
+
+    Raises:
+        FileNotFoundError: the folder, ``manifest.json`` or ``splits.json`` is missing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: prepared dataset folder not found (run data_gen.py first)")
+        self.manifest = fileio.read_json(self.path / "manifest.json")
+        self.splits = fileio.read_json(self.path / "splits.json")
+        fingerprint_path = self.path / "fingerprint.json"
+        self.fingerprint = fileio.read_json(fingerprint_path) if fingerprint_path.is_file() else {}
+        self.cases = {c["id"]: c for c in self.manifest["cases"]}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.manifest["labels"]
+
+    @property
+    def num_classes(self) -> int:
+        return max(int(k) for k in self.labels) + 1
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.manifest["channels"])
+
+    def split(self, name: str) -> list[str]:
+        """Case ids of a split (``train``, ``val``, ``test``) or ``all``."""
+        if name == "all":
+            return list(self.cases)
+        if name not in self.splits:
+            raise ValueError(f"{self.path / 'splits.json'}: no split {name!r} (have {sorted(self.splits)})")
+        return list(self.splits[name])
+
+    def image(self, case_id: str) -> np.ndarray:
+        """``(Z, Y, X, C)`` float32, memory-mapped."""
+        return fileio.load_npy(fileio.inside(self.path, self.cases[case_id]["image"]))
+
+    def label(self, case_id: str) -> np.ndarray | None:
+        """``(Z, Y, X)`` uint8, memory-mapped, or ``None`` when unlabelled."""
+        rel = self.cases[case_id].get("label")
+        return None if rel is None else fileio.load_npy(fileio.inside(self.path, rel))

@@ -1,0 +1,176 @@
+"""Voxel geometry: affines, reorientation, resampling and cropping, each with its exact inverse.
+
+Conventions used everywhere in the toolkit:
+
+- Volumes are numpy arrays in ``(Z, Y, X)`` order (plus a trailing channel axis for images), that is the reverse of
+  the file's ``(i, j, k)`` index order: the order SimpleITK's ``GetArrayFromImage`` returns. Axis 0 is the slice axis.
+- An *affine* is a 4x4 matrix that maps an array index ``(a0, a1, a2, 1)`` of such an array to world coordinates in
+  millimetres, in RAS+ orientation (nibabel's convention).
+- Prepared volumes are reoriented so that array axes ``(0, 1, 2)`` point to ``(S, A, R)``: the RAS+ canonical
+  orientation of NIfTI read in ``(k, j, i)`` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+from skimage.transform import resize
+
+TARGET_AXCODES = ("S", "A", "R")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def nifti_affine_to_zyx(affine_ijk: np.ndarray) -> np.ndarray:
+    """Convert a NIfTI (``i, j, k`` index) affine into the affine of the ``(k, j, i)`` array."""
+    affine = np.array(affine_ijk, dtype=float)
+    out = affine.copy()
+    out[:, :3] = affine[:, 2::-1]
+    return out
+
+
+def zyx_affine_to_nifti(affine_zyx: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`nifti_affine_to_zyx` (the operation is its own inverse)."""
+    return nifti_affine_to_zyx(affine_zyx)
+
+
+def affine_from_sitk(spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]) -> np.ndarray:
+    """Affine of the ``(Z, Y, X)`` array of a SimpleITK image, from its ITK (``x, y, z``, LPS) geometry.
+
+    Only the first three dimensions are used, so 4D images (channels) work too.
+    """
+    ndim = int(round(len(direction) ** 0.5))
+    direction_matrix = np.asarray(direction, dtype=float).reshape(ndim, ndim)[:3, :3]
+    ijk = np.eye(4)
+    ijk[:3, :3] = _LPS_TO_RAS @ direction_matrix @ np.diag(np.asarray(spacing, dtype=float)[:3])
+    ijk[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, dtype=float)[:3]
+    return nifti_affine_to_zyx(ijk)
+
+
+def sitk_geometry_from_affine(affine_zyx: np.ndarray) -> dict:
+    """ITK ``spacing``, ``origin`` and ``direction`` (``x, y, z``, LPS) of a ``(Z, Y, X)`` array's affine."""
+    ijk = zyx_affine_to_nifti(affine_zyx)
+    spacing = np.linalg.norm(ijk[:3, :3], axis=0)
+    direction = _LPS_TO_RAS @ ijk[:3, :3] / spacing
+    origin = _LPS_TO_RAS @ ijk[:3, 3]
+    return {"spacing": spacing.tolist(), "origin": origin.tolist(), "direction": direction.ravel().tolist()}
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each array axis."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def axcodes(affine: np.ndarray) -> tuple[str, str, str]:
+    """Anatomical direction each array axis points to, e.g. ``("S", "A", "R")``."""
+    return tuple(nib.aff2axcodes(np.asarray(affine)))
+
+
+def _orientation_transform(source_codes: Sequence[str], target_codes: Sequence[str]) -> np.ndarray:
+    return orientations.ornt_transform(
+        orientations.axcodes2ornt(tuple(source_codes)), orientations.axcodes2ornt(tuple(target_codes))
+    )
+
+
+def reorient(array: np.ndarray, affine: np.ndarray, target: Sequence[str] = TARGET_AXCODES):
+    """Permute and flip the first three axes of ``array`` so they point to ``target`` (exact, no interpolation).
+
+    Args:
+        array: ``(Z, Y, X, ...)``; trailing axes (channels) are carried along.
+        affine: the array's affine.
+        target: axis codes to reach, one letter per axis.
+
+    Returns:
+        ``(reoriented_array, new_affine, source_codes)``; ``source_codes`` is what :func:`undo_reorient` needs.
+    """
+    source_codes = axcodes(affine)
+    transform = _orientation_transform(source_codes, target)
+    out = orientations.apply_orientation(array, transform)
+    new_affine = np.asarray(affine) @ orientations.inv_ornt_aff(transform, array.shape[:3])
+    return np.ascontiguousarray(out), new_affine, list(source_codes)
+
+
+def undo_reorient(array: np.ndarray, source_codes: Sequence[str], target: Sequence[str] = TARGET_AXCODES):
+    """Bring an array produced by :func:`reorient` back to the source axis order and directions."""
+    transform = _orientation_transform(target, source_codes)
+    return np.ascontiguousarray(orientations.apply_orientation(array, transform))
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple:
+    """Shape after resampling from ``spacing`` to ``target_spacing`` (at least one voxel per axis)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing, strict=True))
+
+
+def resize_volume(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample the first three axes of ``array`` onto ``shape`` (voxel edges aligned), keeping trailing axes.
+
+    Args:
+        array: ``(Z, Y, X)`` or ``(Z, Y, X, C)``.
+        shape: the new ``(Z, Y, X)``.
+        order: spline order: 0 nearest (labels), 1 linear, 3 cubic.
+    """
+    shape = tuple(int(v) for v in shape)
+    if tuple(array.shape[:3]) == shape:
+        return array
+    out_shape = shape + tuple(array.shape[3:])
+    if order == 0:
+        return _resize_nearest(array, shape)
+    out = resize(
+        array.astype(np.float32, copy=False),
+        out_shape,
+        order=order,
+        mode="edge",
+        anti_aliasing=False,
+        preserve_range=True,
+    )
+    return out.astype(np.float32, copy=False)
+
+
+def _resize_nearest(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """Nearest-neighbour resampling by index lookup: exact, dtype-preserving and fast for label maps."""
+    index = [
+        np.minimum(((np.arange(n) + 0.5) * (old / n)).astype(np.int64), old - 1)
+        for n, old in zip(shape, array.shape[:3], strict=True)
+    ]
+    return array[np.ix_(*index)]
+
+
+def resampled_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
+    """Affine of a volume resampled from ``old_shape`` to ``new_shape`` over the same field of view."""
+    scale = np.asarray(old_shape, dtype=float) / np.asarray(new_shape, dtype=float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = (scale - 1.0) / 2.0
+    return np.asarray(affine) @ step
+
+
+def bounding_box(mask: np.ndarray, margin: Sequence[int] | int = 0) -> list[list[int]]:
+    """``[[start, stop], ...]`` of the non-zero voxels of ``mask`` (whole array if empty), grown by ``margin``."""
+    margin = [margin] * mask.ndim if np.isscalar(margin) else list(margin)
+    if not mask.any():
+        return [[0, n] for n in mask.shape]
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        box.append(
+            [
+                max(0, int(present[0]) - margin[axis]),
+                min(mask.shape[axis], int(present[-1]) + 1 + margin[axis]),
+            ]
+        )
+    return box
+
+
+def crop(array: np.ndarray, box: Sequence[Sequence[int]]) -> np.ndarray:
+    """Crop the first ``len(box)`` axes of ``array`` to ``box``."""
+    return array[tuple(slice(a, b) for a, b in box)]
+
+
+def uncrop(array: np.ndarray, box: Sequence[Sequence[int]], shape: Sequence[int], fill: float = 0) -> np.ndarray:
+    """Place ``array`` back at ``box`` inside a new array of spatial ``shape`` filled with ``fill``."""
+    out = np.full(tuple(shape) + tuple(array.shape[len(box) :]), fill, dtype=array.dtype)
+    out[tuple(slice(a, b) for a, b in box)] = array
+    return out

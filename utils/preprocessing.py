@@ -1,0 +1,285 @@
+"""Preprocessing of one case and its exact inverse for predictions.
+
+``prepare_case`` turns a :class:`~utils.readers.CaseData` into the prepared arrays (reoriented, cropped, resampled,
+normalised) and a *geometry record*: plain JSON that :func:`restore_label` uses to put a prediction back on the source
+grid. The dataset-level statistics that some steps need (median spacing, CT intensity percentiles) come from the
+fingerprint (:func:`case_fingerprint` and :func:`aggregate_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from utils import geometry
+from utils.readers import CaseData
+
+WINDOW_PRESETS = {
+    "soft_tissue": (-135.0, 250.0),
+    "liver": (-100.0, 200.0),
+    "lung": (-1000.0, 400.0),
+    "brain": (0.0, 80.0),
+    "bone": (-450.0, 1050.0),
+}
+NORMALIZATIONS = ("auto", "zscore", "minmax", "ct", "none")
+CROPS = ("none", "foreground", "nonzero")
+_FOREGROUND_SAMPLES = 10_000
+
+
+@dataclass
+class PreprocessSettings:
+    """Every preprocessing choice; recorded in ``manifest.json`` so that new images can be prepared identically.
+
+    Attributes:
+        spacing: ``"median"`` (the dataset's median), ``"original"`` (no resampling) or ``[z, y, x]`` in mm.
+        window: ``[low, high]`` intensity window (e.g. HU) applied to every channel before normalisation.
+        clip_percentiles: ``[low, high]`` per-case percentiles to clip to (after the window).
+        normalize: ``auto`` (``ct`` for CT channels, ``zscore`` otherwise), ``zscore`` (per case), ``minmax``
+            (to [0, 1]), ``ct`` (clip to the dataset's 0.5/99.5 foreground percentiles, then z-score with the
+            dataset's foreground mean and std, as nnU-Net does), or ``none``.
+        crop: ``none``, ``foreground`` (label bounding box, labelled cases only) or ``nonzero`` (image).
+        crop_margin: voxels kept around the crop box.
+        image_order: spline order for resampling images (labels are always nearest).
+    """
+
+    spacing: str | list[float] = "median"
+    window: list[float] | None = None
+    clip_percentiles: list[float] | None = None
+    normalize: str = "auto"
+    crop: str = "none"
+    crop_margin: int = 0
+    image_order: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if not (self.spacing in ("median", "original") or _is_spacing(self.spacing)):
+            raise ValueError(f"spacing must be 'median', 'original' or three positive numbers, got {self.spacing!r}")
+        if self.window is not None and (len(self.window) != 2 or self.window[0] >= self.window[1]):
+            raise ValueError(f"window must be LOW HIGH with LOW < HIGH, got {self.window!r}")
+        if self.clip_percentiles is not None and not (0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100):
+            raise ValueError(f"clip percentiles must satisfy 0 <= LOW < HIGH <= 100, got {self.clip_percentiles!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_spacing(value) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 3 and all(float(v) > 0 for v in value)
+
+
+def channel_normalization(settings: PreprocessSettings, channel_name: str) -> str:
+    """The normalisation a channel gets: ``auto`` becomes ``ct`` for CT channels and ``zscore`` for the rest."""
+    if settings.normalize != "auto":
+        return settings.normalize
+    return "ct" if channel_name.strip().upper() == "CT" else "zscore"
+
+
+def case_fingerprint(case: CaseData, num_classes: int) -> dict:
+    """Shape, spacing, class voxel counts and a sample of foreground intensities of one (reoriented) case."""
+    oriented, affine, _ = geometry.reorient(np.empty(case.image.shape[:3], dtype=np.uint8), case.affine)
+    spacing = geometry.spacing_from_affine(affine)
+    shape = [int(n) for n in oriented.shape]
+    record = {"id": case.case_id, "shape": shape, "spacing": list(spacing), "channels": []}
+    if case.label is not None:
+        counts = np.bincount(case.label.ravel().astype(np.int64), minlength=num_classes)
+        record["class_voxels"] = counts.tolist()
+        foreground = case.label > 0
+    else:
+        foreground = np.zeros(case.image.shape[:3], dtype=bool)
+    rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
+    for c in range(case.image.shape[-1]):
+        channel = case.image[..., c]
+        values = channel[foreground]
+        if values.size > _FOREGROUND_SAMPLES:
+            values = rng.choice(values, _FOREGROUND_SAMPLES, replace=False)
+        record["channels"].append(
+            {"min": float(channel.min()), "max": float(channel.max()), "foreground_sample": values.tolist()}
+        )
+    return record
+
+
+def aggregate_fingerprint(records: Sequence[dict], channels: dict[str, str], labels: dict[str, str]) -> dict:
+    """Dataset fingerprint (written to ``fingerprint.json``) from per-case :func:`case_fingerprint` records."""
+    if not records:
+        raise ValueError("cannot compute a fingerprint of an empty dataset")
+    spacings = np.array([r["spacing"] for r in records], dtype=float)
+    shapes = np.array([r["shape"] for r in records], dtype=float)
+    fingerprint = {
+        "num_cases": len(records),
+        "spacing": _stats(spacings),
+        "shape": _stats(shapes),
+        "median_spacing": np.median(spacings, axis=0).tolist(),
+        "median_shape": np.median(shapes, axis=0).tolist(),
+        "anisotropy": float(np.max(np.median(spacings, axis=0)) / np.min(np.median(spacings, axis=0))),
+        "intensity": {},
+    }
+    for index, name in channels.items():
+        samples = np.concatenate(
+            [np.asarray(r["channels"][int(index)]["foreground_sample"], dtype=np.float64) for r in records]
+        )
+        entry = {
+            "name": name,
+            "min": float(min(r["channels"][int(index)]["min"] for r in records)),
+            "max": float(max(r["channels"][int(index)]["max"] for r in records)),
+        }
+        if samples.size:
+            entry.update(
+                mean=float(samples.mean()),
+                std=float(samples.std()),
+                percentile_00_5=float(np.percentile(samples, 0.5)),
+                percentile_99_5=float(np.percentile(samples, 99.5)),
+            )
+        fingerprint["intensity"][index] = entry
+    labelled = [r for r in records if "class_voxels" in r]
+    if labelled:
+        counts = np.sum(
+            [np.pad(r["class_voxels"], (0, max(0, len(labels) - len(r["class_voxels"])))) for r in labelled],
+            axis=0,
+        )
+        fingerprint["class_fraction"] = {
+            str(k): float(counts[int(k)] / counts.sum()) for k in labels if int(k) < len(counts)
+        }
+        fingerprint["cases_with_class"] = {
+            str(k): int(sum(1 for r in labelled if int(k) < len(r["class_voxels"]) and r["class_voxels"][int(k)] > 0))
+            for k in labels
+        }
+    return fingerprint
+
+
+def _stats(values: np.ndarray) -> dict:
+    return {
+        "min": values.min(axis=0).tolist(),
+        "median": np.median(values, axis=0).tolist(),
+        "max": values.max(axis=0).tolist(),
+        "mean": values.mean(axis=0).tolist(),
+    }
+
+
+def target_spacing(settings: PreprocessSettings, fingerprint: dict | None, case_spacing: Sequence[float]) -> list:
+    """The spacing a case is resampled to under ``settings``."""
+    if settings.spacing == "original":
+        return [float(v) for v in case_spacing]
+    if settings.spacing == "median":
+        if fingerprint is None:
+            raise ValueError("spacing 'median' needs the dataset fingerprint")
+        return [float(v) for v in fingerprint["median_spacing"]]
+    return [float(v) for v in settings.spacing]
+
+
+def prepare_case(
+    case: CaseData, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Reorient, crop, resample and normalise one case.
+
+    Args:
+        case: as read by :func:`utils.readers.load_case`.
+        settings: the preprocessing choices.
+        fingerprint: dataset fingerprint (median spacing, CT statistics), see :func:`aggregate_fingerprint`.
+        channel_names: one modality name per image channel (``"CT"`` selects CT normalisation under ``auto``).
+
+    Returns:
+        ``(image, label, record)``: image ``(Z, Y, X, C)`` float32, label ``(Z, Y, X)`` uint8 or ``None``, and the
+        geometry record that :func:`restore_label` inverts.
+    """
+    image, affine, source_codes = geometry.reorient(case.image, case.affine)
+    label = None if case.label is None else geometry.reorient(case.label, case.affine)[0]
+    oriented_shape = list(image.shape[:3])
+    box = _crop_box(image, label, settings)
+    image, label = geometry.crop(image, box), None if label is None else geometry.crop(label, box)
+    cropped_shape = list(image.shape[:3])
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ np.array([b[0] for b in box], dtype=float) + affine[:3, 3]
+    spacing = geometry.spacing_from_affine(affine)
+    new_spacing = target_spacing(settings, fingerprint, spacing)
+    new_shape = geometry.resampled_shape(cropped_shape, spacing, new_spacing)
+    image = geometry.resize_volume(image, new_shape, settings.image_order)
+    if label is not None:
+        label = geometry.resize_volume(label, new_shape, 0)
+    image = normalize_image(image, settings, fingerprint, channel_names)
+    record = {
+        "source_shape": list(case.image.shape[:3]),
+        "source_affine": np.asarray(case.affine).tolist(),
+        "source_spacing": list(case.spacing),
+        "source_axcodes": source_codes,
+        "oriented_shape": oriented_shape,
+        "crop_box": box,
+        "cropped_shape": cropped_shape,
+        "shape": list(new_shape),
+        "spacing": [float(v) for v in new_spacing],
+        "affine": geometry.resampled_affine(crop_affine, cropped_shape, new_shape).tolist(),
+    }
+    return image.astype(np.float32, copy=False), label, record
+
+
+def _crop_box(image: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings) -> list[list[int]]:
+    if settings.crop == "nonzero":
+        return geometry.bounding_box(np.any(image != 0, axis=-1), settings.crop_margin)
+    if settings.crop == "foreground" and label is not None and label.any():
+        return geometry.bounding_box(label > 0, settings.crop_margin)
+    return [[0, n] for n in image.shape[:3]]
+
+
+def normalize_image(
+    image: np.ndarray, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
+) -> np.ndarray:
+    """Window, clip and normalise each channel of a ``(Z, Y, X, C)`` image as ``settings`` say."""
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[-1]):
+        channel = image[..., c].astype(np.float32)
+        if settings.window is not None:
+            channel = np.clip(channel, *settings.window)
+        if settings.clip_percentiles is not None:
+            channel = np.clip(channel, *np.percentile(channel, settings.clip_percentiles))
+        method = channel_normalization(settings, channel_names[c] if c < len(channel_names) else "")
+        out[..., c] = _normalize_channel(
+            channel, method, settings, (fingerprint or {}).get("intensity", {}).get(str(c))
+        )
+    return out
+
+
+def _normalize_channel(channel: np.ndarray, method: str, settings: PreprocessSettings, stats: dict | None):
+    if method == "zscore":
+        return (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+    if method == "minmax":
+        low, high = settings.window or (float(channel.min()), float(channel.max()))
+        return (channel - low) / max(high - low, 1e-8)
+    if method == "ct":
+        if settings.window is not None:
+            low, high = settings.window
+            return (channel - low) / (high - low)
+        if not stats or "mean" not in stats:
+            raise ValueError(
+                "CT normalisation needs foreground intensity statistics in the fingerprint "
+                "(labelled cases), or an explicit --window"
+            )
+        channel = np.clip(channel, stats["percentile_00_5"], stats["percentile_99_5"])
+        return (channel - stats["mean"]) / max(stats["std"], 1e-8)
+    return channel
+
+
+def restore_label(prediction: np.ndarray, record: dict) -> np.ndarray:
+    """Put a prediction on the prepared grid back onto the source grid of the case.
+
+    Args:
+        prediction: class probabilities ``(Z, Y, X, K)`` (resampled linearly, then arg-maxed, as nnU-Net does) or an
+            integer label map ``(Z, Y, X)`` (resampled nearest) on the prepared grid.
+        record: the case's geometry record from :func:`prepare_case`.
+
+    Returns:
+        Integer label map ``(Z, Y, X)`` in the source array's order and shape (uint8).
+    """
+    cropped_shape = record["cropped_shape"]
+    if prediction.ndim == 4:
+        probabilities = geometry.resize_volume(prediction, cropped_shape, 1)
+        label = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    else:
+        label = geometry.resize_volume(prediction.astype(np.uint8), cropped_shape, 0)
+    label = geometry.uncrop(label, record["crop_box"], record["oriented_shape"])
+    return geometry.undo_reorient(label, record["source_axcodes"])
