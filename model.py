@@ -1,0 +1,500 @@
+"""Segmentation architectures for 2D and 3D images, one builder per architecture.
+
+Every builder takes a channels-last ``input_shape`` (``(H, W, C)`` for 2D, ``(D, H, W, C)`` for 3D; spatial
+sizes may be ``None`` for fully convolutional use) and ``num_classes``, infers 2D or 3D from
+``len(input_shape)`` and returns a functional ``keras.Model`` mapping ``(B, *spatial, C)`` to per-voxel
+probabilities ``(B, *spatial, num_classes)``.
+The final activation always runs in float32, so the models work under mixed precision. Only ``keras``,
+``keras.layers`` and ``keras.ops`` are used, so the models run on the TensorFlow, JAX and PyTorch backends.
+
+``build_model(name, input_shape, num_classes, **kwargs)`` is the single way in; ``MODELS`` maps the names
+(``unet2d``, ``unet3d``, ...) to the builders.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import keras
+from keras import layers
+
+NORMS = ("batch", "instance", "group", "none")
+UPSAMPLES = ("transpose", "interp")
+DOWNSAMPLES = ("maxpool", "strided")
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid", "linear")
+
+
+# Small building blocks shared by every architecture.
+
+
+def _spatial_ndim(input_shape: Sequence[int | None]) -> int:
+    """Returns 2 or 3, the number of spatial axes of a channels-last ``input_shape``.
+
+    Raises:
+        ValueError: if ``input_shape`` is not ``(H, W, C)`` or ``(D, H, W, C)`` with a known channel count,
+            or a spatial size is not positive.
+    """
+    shape = tuple(input_shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"input_shape must be channels last, (H, W, C) for 2D or (D, H, W, C) for 3D; got {shape!r}"
+        )
+    if shape[-1] is None or int(shape[-1]) < 1:
+        raise ValueError(f"input_shape must end with a positive channel count; got {shape!r}")
+    for size in shape[:-1]:
+        if size is not None and int(size) < 1:
+            raise ValueError(f"spatial sizes in input_shape must be positive or None; got {shape!r}")
+    return len(shape) - 1
+
+
+def _check_divisible(input_shape: Sequence[int | None], factor: int, model: str, why: str) -> None:
+    """Raises ValueError if a fixed spatial size of ``input_shape`` is not a multiple of ``factor``."""
+    for axis, size in enumerate(tuple(input_shape)[:-1]):
+        if size is not None and int(size) % factor != 0:
+            raise ValueError(
+                f"{model}: spatial size {size} (axis {axis} of input_shape {tuple(input_shape)!r}) is not "
+                f"divisible by {factor}, the total down-sampling factor ({why}); use a patch size that is a "
+                f"multiple of {factor} or a smaller depth"
+            )
+
+
+def _check_choice(option: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {list(choices)}; got {value!r}")
+
+
+def _conv(
+    ndim: int, filters: int, kernel_size=3, strides=1, dilation_rate=1, padding="same", name=None, **kw
+):
+    conv = layers.Conv2D if ndim == 2 else layers.Conv3D
+    kw.setdefault("kernel_initializer", "he_normal")
+    return conv(
+        filters, kernel_size, strides=strides, dilation_rate=dilation_rate, padding=padding, name=name, **kw
+    )
+
+
+def _conv_transpose(ndim: int, filters: int, kernel_size: int, strides: int, name: str):
+    conv = layers.Conv2DTranspose if ndim == 2 else layers.Conv3DTranspose
+    return conv(
+        filters, kernel_size, strides=strides, padding="same", kernel_initializer="he_normal", name=name
+    )
+
+
+def _max_pool(ndim: int, pool_size=2, strides=None, padding="valid", name=None):
+    pool = layers.MaxPooling2D if ndim == 2 else layers.MaxPooling3D
+    return pool(pool_size, strides=strides, padding=padding, name=name)
+
+
+def _norm(norm: str, channels: int, name: str, norm_groups: int = 8):
+    """A normalisation layer over the channel axis, or None for ``norm="none"``.
+
+    ``"instance"`` is GroupNormalization with one group per channel; ``"group"`` uses the largest divisor of
+    ``channels`` that is at most ``norm_groups``.
+    """
+    if norm == "none":
+        return None
+    if norm == "batch":
+        return layers.BatchNormalization(name=name)
+    if norm == "instance":
+        return layers.GroupNormalization(groups=-1, name=name)
+    groups = max(g for g in range(1, min(norm_groups, channels) + 1) if channels % g == 0)
+    return layers.GroupNormalization(groups=groups, name=name)
+
+
+def _activation(activation: str, ndim: int, name: str):
+    """An activation layer: ``"leaky_relu"`` has slope 0.01 (nnU-Net), ``"prelu"`` one slope per channel."""
+    if activation == "leaky_relu":
+        return layers.LeakyReLU(negative_slope=0.01, name=name)
+    if activation == "prelu":
+        return layers.PReLU(shared_axes=list(range(1, ndim + 1)), name=name)
+    return layers.Activation(activation, name=name)
+
+
+def _norm_act(x, ndim: int, norm: str, activation: str, name: str, norm_groups: int = 8):
+    """Applies ``norm`` then ``activation``; layers are named ``{name}_norm`` and ``{name}_act``."""
+    norm_layer = _norm(norm, x.shape[-1], f"{name}_norm", norm_groups)
+    if norm_layer is not None:
+        x = norm_layer(x)
+    return _activation(activation, ndim, f"{name}_act")(x)
+
+
+def _conv_norm_act(
+    x, ndim, filters, name, norm, activation, strides=1, kernel_size=3, dilation_rate=1, groups=8
+):
+    """Conv → norm → activation, named ``{name}``, ``{name}_norm``, ``{name}_act`` (no bias before a norm)."""
+    x = _conv(ndim, filters, kernel_size, strides, dilation_rate, name=name, use_bias=norm == "none")(x)
+    return _norm_act(x, ndim, norm, activation, name, groups)
+
+
+def _output_head(x, ndim: int, num_classes: int, output_activation: str, name: str = "out"):
+    """1×1 convolution ``{name}_conv`` to ``num_classes`` channels, then the float32 activation ``{name}``."""
+    x = _conv(ndim, num_classes, kernel_size=1, name=f"{name}_conv", kernel_initializer="glorot_uniform")(x)
+    return layers.Activation(output_activation, dtype="float32", name=name)(x)
+
+
+def _check_output_activation(output_activation: str, num_classes: int) -> None:
+    _check_choice("output_activation", output_activation, OUTPUT_ACTIVATIONS)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be at least 1; got {num_classes!r}")
+    if output_activation == "softmax" and num_classes == 1:
+        raise ValueError(
+            "output_activation='softmax' with num_classes=1 gives a constant output; use "
+            "output_activation='sigmoid' for one class, or num_classes=2"
+        )
+
+
+def _level_filters(level: int, filters: int, filter_growth: float, max_filters: int) -> int:
+    """Feature channels at resolution level ``level`` (1 = the first level)."""
+    return int(min(round(filters * filter_growth ** (level - 1)), max_filters))
+
+
+# The U-Net family: one generic encoder-decoder serves unet, resunet and attention_unet.
+
+
+def _conv_block(x, ndim, filters, name, *, convs, norm, activation, strides, norm_groups):
+    """``convs`` × (conv → norm → activation); the first convolution carries ``strides``."""
+    for i in range(1, convs + 1):
+        x = _conv_norm_act(
+            x,
+            ndim,
+            filters,
+            f"{name}_conv{i}",
+            norm,
+            activation,
+            strides=strides if i == 1 else 1,
+            groups=norm_groups,
+        )
+    return x
+
+
+def _shortcut(x, ndim, filters, name, *, strides, norm, norm_groups):
+    """Identity, or a strided 1×1 convolution (+ norm) when the shape changes."""
+    if strides == 1 and x.shape[-1] == filters:
+        return x
+    x = _conv(ndim, filters, kernel_size=1, strides=strides, name=f"{name}_skip", use_bias=norm == "none")(x)
+    norm_layer = _norm(norm, filters, f"{name}_skip_norm", norm_groups)
+    return x if norm_layer is None else norm_layer(x)
+
+
+def _residual_block(x, ndim, filters, name, *, convs, norm, activation, strides, norm_groups):
+    """Post-activation residual block (He et al. 2016): the last norm output plus the shortcut, activated."""
+    shortcut = _shortcut(x, ndim, filters, name, strides=strides, norm=norm, norm_groups=norm_groups)
+    for i in range(1, convs + 1):
+        conv_name = f"{name}_conv{i}"
+        x = _conv(ndim, filters, strides=strides if i == 1 else 1, name=conv_name, use_bias=norm == "none")(x)
+        norm_layer = _norm(norm, filters, f"{conv_name}_norm", norm_groups)
+        x = x if norm_layer is None else norm_layer(x)
+        if i < convs:
+            x = _activation(activation, ndim, f"{conv_name}_act")(x)
+    x = layers.Add(name=f"{name}_add")([x, shortcut])
+    return _activation(activation, ndim, f"{name}_act")(x)
+
+
+def _preact_block(x, ndim, filters, name, *, convs, norm, activation, strides, norm_groups, first=False):
+    """Pre-activation residual unit (He et al. 2016, "Identity mappings in deep residual networks").
+
+    ``convs`` × (norm → act → conv) plus an identity or 1×1 shortcut; the output is not activated. ``first``
+    skips the pre-activation of the raw input image.
+    """
+    shortcut = _shortcut(x, ndim, filters, name, strides=strides, norm="none", norm_groups=norm_groups)
+    for i in range(1, convs + 1):
+        conv_name = f"{name}_conv{i}"
+        if not (first and i == 1):
+            norm_layer = _norm(norm, x.shape[-1], f"{conv_name}_norm", norm_groups)
+            x = x if norm_layer is None else norm_layer(x)
+            x = _activation(activation, ndim, f"{conv_name}_act")(x)
+        x = _conv(ndim, filters, strides=strides if i == 1 else 1, name=conv_name)(x)
+    return layers.Add(name=f"{name}_add")([x, shortcut])
+
+
+_BLOCKS = {"conv": _conv_block, "residual": _residual_block, "preact": _preact_block}
+
+
+def _attention_gate(skip, gate, ndim, name):
+    """Additive attention gate (Oktay et al. 2018) with the gating signal already at the skip's resolution.
+
+    ``alpha = sigmoid(psi(relu(theta(skip) + phi(gate))))`` with 1×1 convolutions to ``channels // 2``
+    features and one attention map ``(B, *spatial, 1)``; returns ``skip * alpha``, shape ``(B, *spatial,
+    C_skip)``.
+    """
+    inter = max(skip.shape[-1] // 2, 1)
+    theta = _conv(ndim, inter, kernel_size=1, name=f"{name}_theta")(skip)
+    phi = _conv(ndim, inter, kernel_size=1, name=f"{name}_phi")(gate)
+    f = layers.Add(name=f"{name}_add")([theta, phi])
+    f = layers.Activation("relu", name=f"{name}_relu")(f)
+    psi = _conv(ndim, 1, kernel_size=1, name=f"{name}_psi", kernel_initializer="glorot_uniform")(f)
+    alpha = layers.Activation("sigmoid", name=f"{name}_alpha")(psi)
+    return layers.Multiply(name=f"{name}_mul")([skip, alpha])
+
+
+def _upsample(x, ndim, filters, name, *, mode, norm, activation, norm_groups, plain):
+    """Doubles the resolution.
+
+    ``mode="transpose"``: a 2×2 transposed convolution ``{name}``. ``mode="interp"``: interpolation ``{name}``
+    (bilinear in 2D, nearest in 3D) then a 3×3 convolution ``{name}conv`` (conv → norm → act; a bare conv if
+    ``plain``).
+    """
+    if mode == "transpose":
+        return _conv_transpose(ndim, filters, 2, 2, name)(x)
+    if ndim == 2:
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=name)(x)
+    else:
+        x = layers.UpSampling3D(2, name=name)(x)
+    if plain:
+        return _conv(ndim, filters, name=f"{name}conv")(x)
+    return _conv_norm_act(x, ndim, filters, f"{name}conv", norm, activation, groups=norm_groups)
+
+
+def _unet_graph(
+    input_shape,
+    num_classes,
+    *,
+    model_name,
+    block,
+    attention,
+    depth,
+    filters,
+    filter_growth,
+    max_filters,
+    convs_per_level,
+    norm,
+    norm_groups,
+    activation,
+    dropout,
+    upsample,
+    downsample,
+    deep_supervision,
+    output_activation,
+    stem_stride,
+):
+    """The encoder-decoder shared by unet, resunet and attention_unet (see ``unet`` for the options)."""
+    ndim = _spatial_ndim(input_shape)
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("upsample", upsample, UPSAMPLES)
+    _check_choice("downsample", downsample, DOWNSAMPLES)
+    _check_choice("stem_stride", stem_stride, (1, 2))
+    for option, value, low in (
+        ("depth", depth, 1),
+        ("filters", filters, 1),
+        ("convs_per_level", convs_per_level, 1),
+        ("max_filters", max_filters, 1),
+    ):
+        if int(value) < low:
+            raise ValueError(f"{option} must be at least {low}; got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    if deep_supervision and depth - 1 + (stem_stride == 2) < 2:
+        raise ValueError(f"deep_supervision needs at least two decoder resolutions; got depth={depth}")
+    factor = stem_stride * 2 ** (depth - 1)
+    _check_divisible(input_shape, factor, model_name, f"stem_stride={stem_stride}, depth={depth}")
+
+    run_block = _BLOCKS[block]
+    common = dict(convs=convs_per_level, norm=norm, activation=activation, norm_groups=norm_groups)
+    preact = block == "preact"
+
+    def features(level):
+        return _level_filters(level, filters, filter_growth, max_filters)
+
+    def finish(x, name):
+        return _norm_act(x, ndim, norm, activation, name, norm_groups) if preact else x
+
+    def drop(x, name):
+        return layers.Dropout(dropout, name=f"{name}_drop")(x) if dropout > 0 else x
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    skips = {}
+    for level in range(1, depth + 1):
+        name = f"enc{level}"
+        strides = stem_stride if level == 1 else 1
+        if level > 1 and downsample == "maxpool":
+            x = _max_pool(ndim, name=f"{name}_pool")(x)
+        elif level > 1:
+            strides = 2
+        extra = {"first": level == 1} if preact else {}
+        x = drop(run_block(x, ndim, features(level), name, strides=strides, **common, **extra), name)
+        skips[level] = x
+
+    outputs = []
+    for level in range(depth - 1, 0, -1):
+        name = f"dec{level}"
+        x = _upsample(
+            x,
+            ndim,
+            features(level),
+            f"{name}_up",
+            mode=upsample,
+            norm=norm,
+            activation=activation,
+            norm_groups=norm_groups,
+            plain=preact,
+        )
+        skip = skips[level]
+        if attention:
+            skip = _attention_gate(skip, x, ndim, f"{name}_gate")
+        x = layers.Concatenate(name=f"{name}_concat")([skip, x])
+        x = drop(run_block(x, ndim, features(level), name, strides=1, **common), name)
+        scale = level - 1 + (stem_stride == 2)
+        if deep_supervision and scale > 0:
+            aux = finish(x, f"ds{scale}")
+            outputs.append(_output_head(aux, ndim, num_classes, output_activation, name=f"ds{scale}_out"))
+
+    x = finish(x, "head")
+    if stem_stride == 2:
+        x = _conv_transpose(ndim, features(1), 2, 2, "dec0_up")(x)
+        x = _norm_act(x, ndim, norm, activation, "dec0_up", norm_groups)
+    main = _output_head(x, ndim, num_classes, output_activation, name="out")
+    outputs = [main, *outputs[::-1]] if deep_supervision else main
+    return keras.Model(inputs, outputs, name=model_name)
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """Loss weights for the outputs of a deep-supervised model, full resolution first.
+
+    Output ``k`` (``k = 0`` the full-resolution output) sits at 1/2**k of the input resolution and gets a
+    weight proportional to 1/2**k; the weights sum to 1 (nnU-Net's scheme). Targets for output ``k`` are the
+    label maps down-sampled by 2**k (nearest neighbour, or average pooling of the one-hot maps).
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be at least 1; got {num_outputs!r}")
+    raw = [0.5**k for k in range(num_outputs)]
+    return [w / sum(raw) for w in raw]
+
+
+def unet(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    depth: int = 4,
+    filters: int = 16,
+    filter_growth: float = 2,
+    max_filters: int = 320,
+    convs_per_level: int = 2,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    activation: str = "leaky_relu",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    downsample: str = "maxpool",
+    residual: bool = False,
+    deep_supervision: bool = False,
+    output_activation: str = "softmax",
+    stem_stride: int = 1,
+    name: str | None = None,
+) -> keras.Model:
+    """U-Net for 2D or 3D images (Ronneberger et al. 2015; 3D: Çiçek et al. 2016; options as in nnU-Net,
+    Isensee et al. 2021).
+
+    Level 1 works at full resolution with ``filters`` channels; each further level halves the resolution (max
+    pooling or a strided first convolution) and multiplies the channels by ``filter_growth`` up to
+    ``max_filters``. The decoder up-samples, concatenates the skip of the same level and applies the same
+    block. Layers are named ``enc{l}_conv{i}``, ``enc{l}_pool``, ``dec{l}_up``, ``dec{l}_concat``,
+    ``dec{l}_conv{i}``, ``out_conv``, ``out``.
+
+    Args:
+        input_shape: ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        depth: number of resolution levels (``depth - 1`` down-samplings).
+        filters: channels at level 1.
+        filter_growth: channel multiplier per level.
+        max_filters: cap on the channels of any level.
+        convs_per_level: 3×3 convolutions per block.
+        norm: ``"batch"``, ``"instance"`` (GroupNormalization with one group per channel), ``"group"`` or
+            ``"none"``.
+        norm_groups: groups for ``norm="group"`` (the largest divisor of the channel count up to this).
+        activation: ``"leaky_relu"`` (slope 0.01), ``"prelu"`` or any Keras activation name.
+        dropout: dropout rate after each block (0 disables).
+        upsample: ``"transpose"`` (2×2 transposed convolution) or ``"interp"`` (bilinear in 2D, nearest in 3D,
+            then a 3×3 convolution).
+        downsample: ``"maxpool"`` or ``"strided"`` (the first convolution of each level has stride 2).
+        residual: use residual blocks (the block output is added to an identity or 1×1 shortcut).
+        deep_supervision: also return auxiliary outputs at lower resolutions, one per decoder level below full
+            resolution. The model then returns a list ``[out, ds1_out, ds2_out, ...]`` where output ``k`` has
+            shape ``(B, *spatial / 2**k, num_classes)``; weight the losses with ``deep_supervision_weights``.
+        output_activation: ``"softmax"``, ``"sigmoid"`` (one class, or independent overlapping labels) or
+            ``"linear"`` (logits); always computed in float32.
+        stem_stride: 1, or 2 for a cheap variant with no full-resolution convolutions: the first convolution
+            has stride 2 (as in MONAI's UNet) and the decoder ends with a 2×2 transposed convolution
+            ``dec0_up`` back to full resolution before the 1×1 output convolution. About 3× faster on CPU. The
+            total down-sampling factor becomes ``2 ** depth``.
+        name: model name (default ``unet2d`` / ``unet3d``).
+
+    Returns:
+        A model mapping ``(B, *spatial, C)`` to ``(B, *spatial, num_classes)`` probabilities (or a list of
+        outputs with ``deep_supervision``).
+
+    Raises:
+        ValueError: for an unknown option value, or when a fixed spatial size is not divisible by the total
+            down-sampling factor ``stem_stride * 2 ** (depth - 1)``.
+    """
+    ndim = _spatial_ndim(input_shape)
+    return _unet_graph(
+        input_shape,
+        num_classes,
+        model_name=name or f"unet{ndim}d",
+        block="residual" if residual else "conv",
+        attention=False,
+        depth=depth,
+        filters=filters,
+        filter_growth=filter_growth,
+        max_filters=max_filters,
+        convs_per_level=convs_per_level,
+        norm=norm,
+        norm_groups=norm_groups,
+        activation=activation,
+        dropout=dropout,
+        upsample=upsample,
+        downsample=downsample,
+        deep_supervision=deep_supervision,
+        output_activation=output_activation,
+        stem_stride=stem_stride,
+    )
+
+
+# The registry and the single way in.
+
+MODELS: dict[str, Callable[..., keras.Model]] = {
+    "unet2d": unet,
+    "unet3d": unet,
+}
+
+
+def build_model(name: str, input_shape: Sequence[int | None], num_classes: int, **kwargs) -> keras.Model:
+    """Builds the architecture ``name`` (a key of ``MODELS``) for ``input_shape`` and ``num_classes``.
+
+    Args:
+        name: e.g. ``"unet3d"``; the ``2d``/``3d`` suffix must match ``len(input_shape) - 1``.
+        input_shape: channels last, ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels (classes including background for softmax).
+        **kwargs: options of the builder (see its docstring), e.g. ``depth=3, filters=8``.
+
+    Returns:
+        The ``keras.Model`` (not compiled), named ``name`` unless ``kwargs`` sets ``name``.
+
+    Raises:
+        ValueError: for an unknown name, a dimension that does not match the name, an unknown option, or a bad
+            value.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    ndim = _spatial_ndim(input_shape)
+    if name.endswith(("2d", "3d")) and int(name[-2]) != ndim:
+        raise ValueError(
+            f"model {name!r} is {name[-2]}D but input_shape {tuple(input_shape)!r} has {ndim} spatial axes"
+        )
+    builder = MODELS[name]
+    allowed = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for model {name!r}; options are {allowed}")
+    kwargs.setdefault("name", name)
+    return builder(tuple(input_shape), int(num_classes), **kwargs)
+
+
+def model_summary_text(model: keras.Model) -> str:
+    """The text of ``model.summary()`` (plain text, for ``runs/<name>/model_summary.txt``)."""
+    lines = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=110)
+    return "\n".join(lines).rstrip() + "\n"
