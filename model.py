@@ -14,10 +14,11 @@ The final activation always runs in float32, so the models work under mixed prec
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 NORMS = ("batch", "instance", "group", "none")
 UPSAMPLES = ("transpose", "interp")
@@ -37,9 +38,7 @@ def _spatial_ndim(input_shape: Sequence[int | None]) -> int:
     """
     shape = tuple(input_shape)
     if len(shape) not in (3, 4):
-        raise ValueError(
-            f"input_shape must be channels last, (H, W, C) for 2D or (D, H, W, C) for 3D; got {shape!r}"
-        )
+        raise ValueError(f"input_shape must be channels last, (H, W, C) for 2D or (D, H, W, C) for 3D; got {shape!r}")
     if shape[-1] is None or int(shape[-1]) < 1:
         raise ValueError(f"input_shape must end with a positive channel count; got {shape!r}")
     for size in shape[:-1]:
@@ -64,21 +63,15 @@ def _check_choice(option: str, value, choices: Sequence) -> None:
         raise ValueError(f"{option} must be one of {list(choices)}; got {value!r}")
 
 
-def _conv(
-    ndim: int, filters: int, kernel_size=3, strides=1, dilation_rate=1, padding="same", name=None, **kw
-):
+def _conv(ndim: int, filters: int, kernel_size=3, strides=1, dilation_rate=1, padding="same", name=None, **kw):
     conv = layers.Conv2D if ndim == 2 else layers.Conv3D
     kw.setdefault("kernel_initializer", "he_normal")
-    return conv(
-        filters, kernel_size, strides=strides, dilation_rate=dilation_rate, padding=padding, name=name, **kw
-    )
+    return conv(filters, kernel_size, strides=strides, dilation_rate=dilation_rate, padding=padding, name=name, **kw)
 
 
 def _conv_transpose(ndim: int, filters: int, kernel_size: int, strides: int, name: str):
     conv = layers.Conv2DTranspose if ndim == 2 else layers.Conv3DTranspose
-    return conv(
-        filters, kernel_size, strides=strides, padding="same", kernel_initializer="he_normal", name=name
-    )
+    return conv(filters, kernel_size, strides=strides, padding="same", kernel_initializer="he_normal", name=name)
 
 
 def _max_pool(ndim: int, pool_size=2, strides=None, padding="valid", name=None):
@@ -119,9 +112,7 @@ def _norm_act(x, ndim: int, norm: str, activation: str, name: str, norm_groups: 
     return _activation(activation, ndim, f"{name}_act")(x)
 
 
-def _conv_norm_act(
-    x, ndim, filters, name, norm, activation, strides=1, kernel_size=3, dilation_rate=1, groups=8
-):
+def _conv_norm_act(x, ndim, filters, name, norm, activation, strides=1, kernel_size=3, dilation_rate=1, groups=8):
     """Conv → norm → activation, named ``{name}``, ``{name}_norm``, ``{name}_act`` (no bias before a norm)."""
     x = _conv(ndim, filters, kernel_size, strides, dilation_rate, name=name, use_bias=norm == "none")(x)
     return _norm_act(x, ndim, norm, activation, name, groups)
@@ -453,11 +444,424 @@ def unet(
     )
 
 
+def resunet(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    depth: int = 4,
+    filters: int = 16,
+    filter_growth: float = 2,
+    max_filters: int = 320,
+    convs_per_level: int = 2,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    activation: str = "prelu",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    deep_supervision: bool = False,
+    output_activation: str = "softmax",
+    stem_stride: int = 1,
+    name: str | None = None,
+) -> keras.Model:
+    """Residual U-Net with pre-activation units, as in the BraTS seed (Zhang, Liu & Wang 2018, "Road
+    extraction by deep residual U-Net"; units from He et al. 2016, "Identity mappings in deep residual
+    networks").
+
+    Every level is one pre-activation unit, ``convs_per_level`` × (norm → PReLU → 3×3 conv) plus an identity
+    or 1×1 shortcut; levels below the first down-sample with a stride-2 first convolution (and a strided 1×1
+    shortcut). The decoder up-samples, concatenates the skip and applies a unit; a final norm → activation
+    precedes the 1×1 output convolution. Layers are named ``enc{l}_conv{i}``, ``enc{l}_skip``, ``enc{l}_add``,
+    ``dec{l}_up``, ``dec{l}_concat``, ``head_norm``, ``out``.
+
+    Args:
+        input_shape: ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        depth, filters, filter_growth, max_filters, convs_per_level, norm, norm_groups, dropout, upsample,
+            deep_supervision, output_activation, stem_stride: as in ``unet``.
+        activation: ``"prelu"`` (one learned slope per channel), ``"leaky_relu"`` or any Keras activation.
+        name: model name (default ``resunet2d`` / ``resunet3d``).
+
+    Returns:
+        A model mapping ``(B, *spatial, C)`` to ``(B, *spatial, num_classes)`` (a list with deep supervision).
+
+    Raises:
+        ValueError: for an unknown option value, or when a fixed spatial size is not divisible by
+            ``stem_stride * 2 ** (depth - 1)``.
+    """
+    ndim = _spatial_ndim(input_shape)
+    return _unet_graph(
+        input_shape, num_classes, model_name=name or f"resunet{ndim}d", block="preact", attention=False,
+        depth=depth, filters=filters, filter_growth=filter_growth, max_filters=max_filters,
+        convs_per_level=convs_per_level, norm=norm, norm_groups=norm_groups, activation=activation,
+        dropout=dropout, upsample=upsample, downsample="strided", deep_supervision=deep_supervision,
+        output_activation=output_activation, stem_stride=stem_stride,
+    )  # fmt: skip
+
+
+def attention_unet(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    depth: int = 4,
+    filters: int = 16,
+    filter_growth: float = 2,
+    max_filters: int = 320,
+    convs_per_level: int = 2,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    activation: str = "leaky_relu",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    downsample: str = "maxpool",
+    residual: bool = False,
+    deep_supervision: bool = False,
+    output_activation: str = "softmax",
+    stem_stride: int = 1,
+    name: str | None = None,
+) -> keras.Model:
+    """Attention U-Net (Oktay et al. 2018, "Attention U-Net: learning where to look for the pancreas").
+
+    The ``unet`` with an additive attention gate on every skip connection: the up-sampled decoder features
+    ``g`` gate the encoder features ``x`` of the same level, ``x * sigmoid(psi(relu(theta(x) + phi(g))))``,
+    with one attention coefficient per voxel (as in MONAI's AttentionUnet). Gate layers are named
+    ``dec{l}_gate_theta``, ``dec{l}_gate_phi``, ``dec{l}_gate_psi``, ``dec{l}_gate_alpha`` (the attention map,
+    ``(B, *spatial, 1)``).
+
+    Args:
+        input_shape: ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        depth, filters, filter_growth, max_filters, convs_per_level, norm, norm_groups, activation, dropout,
+            upsample, downsample, residual, deep_supervision, output_activation, stem_stride: as in ``unet``.
+        name: model name (default ``attention_unet2d`` / ``attention_unet3d``).
+
+    Returns:
+        A model mapping ``(B, *spatial, C)`` to ``(B, *spatial, num_classes)`` (a list with deep supervision).
+
+    Raises:
+        ValueError: for an unknown option value, or when a fixed spatial size is not divisible by
+            ``stem_stride * 2 ** (depth - 1)``.
+    """
+    ndim = _spatial_ndim(input_shape)
+    return _unet_graph(
+        input_shape, num_classes, model_name=name or f"attention_unet{ndim}d",
+        block="residual" if residual else "conv", attention=True, depth=depth, filters=filters,
+        filter_growth=filter_growth, max_filters=max_filters, convs_per_level=convs_per_level, norm=norm,
+        norm_groups=norm_groups, activation=activation, dropout=dropout, upsample=upsample,
+        downsample=downsample, deep_supervision=deep_supervision, output_activation=output_activation,
+        stem_stride=stem_stride,
+    )  # fmt: skip
+
+
+# Networks without a U-shaped decoder: dilated context network, FCN-8s, two-pathway CNN.
+
+
+def dilated(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    filters: int = 32,
+    front_convs: int = 2,
+    dilations: Sequence[int] = (1, 1, 2, 4, 8, 16, 1),
+    context_filters: int | None = None,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    output_activation: str = "softmax",
+    name: str | None = None,
+) -> keras.Model:
+    """Dilated convolutional network of the sarcoma seed: a front end plus the context-aggregation module of
+    Yu & Koltun 2016 ("Multi-scale context aggregation by dilated convolutions").
+
+    No down-sampling, so any input size works and the output is at input resolution. The front end is
+    ``front_convs`` 3×3 convolutions (``front_conv{i}``); the context module is one 3×3 convolution per entry
+    of ``dilations`` (``ctx_conv{i}``, dilation rates 1, 1, 2, 4, 8, 16, 1 as in the paper's basic module; the
+    receptive field grows exponentially) followed by a 1×1 convolution (``ctx_conv{n+1}``) and the 1×1 output
+    convolution. Every convolution is followed by ``norm`` and ``activation``.
+
+    Args:
+        input_shape: ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        filters: channels of the front end.
+        front_convs: number of front-end convolutions (0 allowed).
+        dilations: dilation rate of each 3×3 context convolution.
+        context_filters: channels of the context module (default ``filters``).
+        norm, norm_groups, activation, output_activation: as in ``unet`` (activation default ``"relu"``).
+        dropout: dropout rate before the output convolution.
+        name: model name (default ``dilated2d`` / ``dilated3d``).
+
+    Returns:
+        A model mapping ``(B, *spatial, C)`` to ``(B, *spatial, num_classes)``.
+
+    Raises:
+        ValueError: for an unknown option value or a non-positive dilation.
+    """
+    ndim = _spatial_ndim(input_shape)
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("norm", norm, NORMS)
+    dilations = tuple(int(d) for d in dilations)
+    if not dilations or min(dilations) < 1:
+        raise ValueError(f"dilations must be a non-empty list of positive integers; got {dilations!r}")
+    if front_convs < 0 or filters < 1:
+        raise ValueError(f"front_convs must be >= 0 and filters >= 1; got {front_convs!r}, {filters!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    context_filters = context_filters or filters
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    for i in range(1, front_convs + 1):
+        x = _conv_norm_act(x, ndim, filters, f"front_conv{i}", norm, activation, groups=norm_groups)
+    for i, rate in enumerate(dilations, start=1):
+        x = _conv_norm_act(
+            x, ndim, context_filters, f"ctx_conv{i}", norm, activation, dilation_rate=rate, groups=norm_groups
+        )
+    x = _conv_norm_act(
+        x, ndim, context_filters, f"ctx_conv{len(dilations) + 1}", norm, activation, kernel_size=1,
+        groups=norm_groups,
+    )  # fmt: skip
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="head_drop")(x)
+    outputs = _output_head(x, ndim, num_classes, output_activation)
+    return keras.Model(inputs, outputs, name=name or f"dilated{ndim}d")
+
+
+def fcn(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    depth: int | None = None,
+    filters: int = 16,
+    filter_growth: float = 2,
+    max_filters: int = 320,
+    convs_per_level: int = 2,
+    head_filters: int | None = None,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    output_activation: str = "softmax",
+    name: str | None = None,
+) -> keras.Model:
+    """FCN-8s style fully convolutional network (Long, Shelhamer & Darrell 2015, "Fully convolutional networks
+    for semantic segmentation").
+
+    A VGG-like encoder of ``depth`` levels, each ``convs_per_level`` 3×3 convolutions (``enc{l}_conv{i}``) and
+    a 2× max pooling (``enc{l}_pool``); a head of a 3×3 and a 1×1 convolution (``fc6``, ``fc7``, the paper's
+    convolutionalised fully connected layers). Class scores are taken at three depths (``score{depth}`` from
+    ``fc7``, ``score{depth-1}`` and ``score{depth-2}`` from the pooled features), the coarsest is up-sampled
+    2× by a transposed convolution (``up{l}``) and added to the next (``fuse{l}``), twice, and the result is
+    up-sampled by ``2 ** (depth - 2)`` to input resolution (``up_out``) before the float32 activation ``out``.
+    With ``depth=5`` this is FCN-8s (scores at 1/8, 1/16, 1/32).
+
+    Args:
+        input_shape: ``(H, W, C)`` or ``(D, H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        depth: number of 2× poolings, at least 3; default 5 (FCN-8s) in 2D and 3 in 3D (scores at 1/2, 1/4,
+            1/8, which fits small 3D patches such as 40×56×40).
+        filters, filter_growth, max_filters, convs_per_level: encoder channels, as in ``unet``.
+        head_filters: channels of ``fc6``/``fc7`` (default the next level's channels, capped by
+        ``max_filters``). norm, norm_groups, activation, output_activation: as in ``unet`` (activation default
+        ``"relu"``). dropout: dropout rate after ``fc6`` and ``fc7``.
+        name: model name (default ``fcn2d`` / ``fcn3d``).
+
+    Returns:
+        A model mapping ``(B, *spatial, C)`` to ``(B, *spatial, num_classes)``.
+
+    Raises:
+        ValueError: for an unknown option value, ``depth < 3``, or a fixed spatial size not divisible by
+            ``2 ** depth``.
+    """
+    ndim = _spatial_ndim(input_shape)
+    model_name = name or f"fcn{ndim}d"
+    depth = (5 if ndim == 2 else 3) if depth is None else int(depth)
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("norm", norm, NORMS)
+    if depth < 3:
+        raise ValueError(f"fcn needs depth >= 3 (scores at three depths); got depth={depth}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    _check_divisible(input_shape, 2**depth, model_name, f"depth={depth} poolings")
+    head_filters = head_filters or _level_filters(depth + 1, filters, filter_growth, max_filters)
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    pooled = {}
+    for level in range(1, depth + 1):
+        channels = _level_filters(level, filters, filter_growth, max_filters)
+        x = _conv_block(
+            x, ndim, channels, f"enc{level}", convs=convs_per_level, norm=norm, activation=activation,
+            strides=1, norm_groups=norm_groups,
+        )  # fmt: skip
+        x = pooled[level] = _max_pool(ndim, name=f"enc{level}_pool")(x)
+    for head_name, kernel in (("fc6", 3), ("fc7", 1)):
+        x = _conv_norm_act(x, ndim, head_filters, head_name, norm, activation, kernel_size=kernel, groups=norm_groups)
+        if dropout > 0:
+            x = layers.Dropout(dropout, name=f"{head_name}_drop")(x)
+
+    def score(features, level):
+        return _conv(ndim, num_classes, kernel_size=1, name=f"score{level}", kernel_initializer="zeros")(features)
+
+    x = score(x, depth)
+    for level in (depth - 1, depth - 2):
+        x = _conv_transpose(ndim, num_classes, 4, 2, f"up{level + 1}")(x)
+        x = layers.Add(name=f"fuse{level}")([x, score(pooled[level], level)])
+    factor = 2 ** (depth - 2)
+    x = _conv_transpose(ndim, num_classes, 2 * factor, factor, "up_out")(x)
+    outputs = layers.Activation(output_activation, dtype="float32", name="out")(x)
+    return keras.Model(inputs, outputs, name=model_name)
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class Maxout(layers.Layer):
+    """Maxout over groups of channels (Goodfellow et al. 2013, "Maxout networks").
+
+    Maps ``(B, *spatial, units * pieces)`` to ``(B, *spatial, units)``: output channel ``c`` is the maximum of
+    the input channels ``c, units + c, ..., (pieces - 1) * units + c``.
+
+    Args:
+        pieces: number of linear pieces per unit.
+    """
+
+    def __init__(self, pieces: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if int(pieces) < 1:
+            raise ValueError(f"pieces must be at least 1; got {pieces!r}")
+        self.pieces = int(pieces)
+
+    def build(self, input_shape):
+        if input_shape[-1] is None or input_shape[-1] % self.pieces:
+            raise ValueError(f"Maxout: channels {input_shape[-1]} are not divisible by pieces={self.pieces}")
+        self.built = True
+
+    def call(self, inputs):
+        units = inputs.shape[-1] // self.pieces
+        outputs = inputs[..., :units]
+        for i in range(1, self.pieces):
+            outputs = ops.maximum(outputs, inputs[..., i * units : (i + 1) * units])
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] // self.pieces)
+
+    def get_config(self):
+        return {**super().get_config(), "pieces": self.pieces}
+
+
+TWOPATH_CONTEXT = 32  # the two-pathway network's receptive field is 33 × 33: it trims 16 pixels on each side
+
+
+def _twopath_trunk(x, num_classes, prefix, *, local_filters, global_filters, pieces, dropout):
+    """Local and global pathway, concatenated, then the 21×21 class-score convolution (all 'valid').
+
+    ``(B, H, W, C)`` → logits ``(B, H - 32, W - 32, num_classes)``.
+    """
+
+    def maxout_conv(inputs, filters, kernel, name):
+        y = layers.Conv2D(filters * pieces, kernel, padding="valid", name=name)(inputs)
+        y = Maxout(pieces, name=f"{name}_maxout")(y)
+        return layers.Dropout(dropout, name=f"{name}_drop")(y) if dropout > 0 else y
+
+    local = maxout_conv(x, local_filters, 7, f"{prefix}local_conv1")
+    local = layers.MaxPooling2D(4, strides=1, name=f"{prefix}local_pool1")(local)
+    local = maxout_conv(local, local_filters, 3, f"{prefix}local_conv2")
+    local = layers.MaxPooling2D(2, strides=1, name=f"{prefix}local_pool2")(local)
+    glob = maxout_conv(x, global_filters, 13, f"{prefix}global_conv1")
+    y = layers.Concatenate(name=f"{prefix}concat")([local, glob])
+    return layers.Conv2D(num_classes, 21, padding="valid", name=f"{prefix}score")(y)
+
+
+def twopath(
+    input_shape: Sequence[int | None],
+    num_classes: int,
+    *,
+    local_filters: int = 64,
+    global_filters: int = 160,
+    pieces: int = 2,
+    dropout: float = 0.0,
+    padding: str = "same",
+    cascade: bool = False,
+    output_activation: str = "softmax",
+    name: str | None = None,
+) -> keras.Model:
+    """Two-pathway CNN of Havaei et al. 2017 ("Brain tumor segmentation with deep neural networks"), 2D only.
+
+    A local path (7×7 maxout convolution, 4×4 max pooling with stride 1, 3×3 maxout convolution, 2×2 max
+    pooling with stride 1; ``local_conv1`` ...) and a global path (13×13 maxout convolution, ``global_conv1``)
+    see the same input; their features are concatenated and a 21×21 convolution (``score``) gives the class
+    scores of the centre pixel of each 33×33 window. All convolutions are 'valid', so the network labels the
+    centre of a patch during training and runs fully convolutionally on whole slices at inference.
+
+    With ``cascade=True`` this is the paper's InputCascadeCNN: the class probabilities of a first two-pathway
+    net (layers prefixed ``stage1_``) are concatenated to the input of a second one, which doubles the
+    context.
+
+    Args:
+        input_shape: ``(H, W, C)``; spatial sizes may be None.
+        num_classes: output channels.
+        local_filters: maxout units of the local path's convolutions (64 in the paper).
+        global_filters: maxout units of the global path (160 in the paper).
+        pieces: linear pieces per maxout unit.
+        dropout: dropout rate after each maxout convolution.
+        padding: ``"same"`` zero-pads the input by 16 pixels per side (32 with ``cascade``) so that the output
+            has the input's size, as the other models; ``"valid"`` is the paper's network, whose output is
+            ``(B, H - 32, W - 32, num_classes)`` (``H - 64`` with ``cascade``), the centre of the input.
+        cascade: build the InputCascadeCNN.
+        output_activation: as in ``unet``.
+        name: model name (default ``twopath2d``).
+
+    Returns:
+        A model mapping ``(B, H, W, C)`` to ``(B, H, W, num_classes)`` (smaller with ``padding="valid"``).
+
+    Raises:
+        ValueError: for a 3D ``input_shape``, an unknown option value, or (``padding="valid"``) a fixed
+            spatial size smaller than the receptive field, 33 (65 with ``cascade``).
+    """
+    ndim = _spatial_ndim(input_shape)
+    if ndim != 2:
+        raise ValueError(f"twopath is a 2D network; got input_shape {tuple(input_shape)!r}")
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("padding", padding, ("same", "valid"))
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    context = TWOPATH_CONTEXT * (2 if cascade else 1)
+    for size in tuple(input_shape)[:-1]:
+        if padding == "valid" and size is not None and size <= context:
+            raise ValueError(
+                f"twopath with padding='valid' needs spatial sizes above {context} (its receptive field is "
+                f"{context + 1}); got input_shape {tuple(input_shape)!r}"
+            )
+    options = dict(local_filters=local_filters, global_filters=global_filters, pieces=pieces, dropout=dropout)
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    if padding == "same":
+        x = layers.ZeroPadding2D(context // 2, name="pad")(x)
+    if cascade:
+        first = _twopath_trunk(x, num_classes, "stage1_", **options)
+        first = layers.Activation(output_activation, name="stage1_out")(first)
+        half = TWOPATH_CONTEXT // 2
+        x = layers.Cropping2D(half, name="cascade_crop")(x)
+        x = layers.Concatenate(name="cascade_concat")([x, first])
+    x = _twopath_trunk(x, num_classes, "", **options)
+    outputs = layers.Activation(output_activation, dtype="float32", name="out")(x)
+    return keras.Model(inputs, outputs, name=name or "twopath2d")
+
+
 # The registry and the single way in.
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "unet2d": unet,
     "unet3d": unet,
+    "resunet2d": resunet,
+    "resunet3d": resunet,
+    "attention_unet2d": attention_unet,
+    "attention_unet3d": attention_unet,
+    "dilated2d": dilated,
+    "dilated3d": dilated,
+    "fcn2d": fcn,
+    "fcn3d": fcn,
+    "twopath2d": twopath,
 }
 
 
@@ -493,8 +897,20 @@ def build_model(name: str, input_shape: Sequence[int | None], num_classes: int, 
     return builder(tuple(input_shape), int(num_classes), **kwargs)
 
 
-def model_summary_text(model: keras.Model) -> str:
-    """The text of ``model.summary()`` (plain text, for ``runs/<name>/model_summary.txt``)."""
+def model_summary_text(model: keras.Model, line_length: int = 140) -> str:
+    """The text of ``model.summary()`` (plain text, for ``runs/<name>/model_summary.txt``).
+
+    Keras draws the table with ``rich``, which cuts it at the terminal width (80 columns when not a terminal);
+    ``COLUMNS`` is raised while the table is drawn so that no column is cut.
+    """
     lines = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=110)
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(line_length + 10)
+    try:
+        model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=line_length)
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
     return "\n".join(lines).rstrip() + "\n"
