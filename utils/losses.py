@@ -35,8 +35,7 @@ def _check_inputs(y_true, y_pred):
     y_true = ops.cast(ops.convert_to_tensor(y_true), y_pred.dtype)
     if len(y_pred.shape) < 3 or len(y_pred.shape) > 5:
         raise ValueError(
-            f"y_pred must have shape (B, *spatial, C) with 1 to 3 spatial axes, "
-            f"got shape {tuple(y_pred.shape)}."
+            f"y_pred must have shape (B, *spatial, C) with 1 to 3 spatial axes, got shape {tuple(y_pred.shape)}."
         )
     if len(y_true.shape) != len(y_pred.shape):
         raise ValueError(
@@ -47,8 +46,7 @@ def _check_inputs(y_true, y_pred):
     channels_true, channels_pred = y_true.shape[-1], y_pred.shape[-1]
     if channels_true is not None and channels_pred is not None and channels_true != channels_pred:
         raise ValueError(
-            f"y_true has {channels_true} channels but y_pred has {channels_pred}; "
-            "y_true must be one-hot encoded."
+            f"y_true has {channels_true} channels but y_pred has {channels_pred}; y_true must be one-hot encoded."
         )
     return y_true, y_pred
 
@@ -146,8 +144,9 @@ def generalized_dice_loss(
     """Generalized dice loss: dice with class weights `1 / volume**2`, `1 / volume` or 1 (`w_type`).
 
     Sudre et al., "Generalised Dice overlap as a deep learning loss function for highly unbalanced
-    segmentations", DLMIA 2017. Equals MONAI's `GeneralizedDiceLoss`: a class absent from the truth gets the
-    largest weight of the present classes (all weights are 0 when no class is present, giving a loss of 0).
+    segmentations", DLMIA 2017. Equals MONAI's `GeneralizedDiceLoss`: with `square` or `simple` weights a class absent
+    from the truth gets the largest weight of the present classes, and when no class is present every weight is
+    0 and the loss is 0 whatever the prediction (use `dice` to penalise false positives on empty images).
 
     Args:
         y_true: one-hot truth, shape `(B, *spatial, C)`.
@@ -172,17 +171,15 @@ def generalized_dice_loss(
     intersection = ops.sum(y_true * y_pred, axis=axes)
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     volume = ops.sum(y_true, axis=axes)
-    present = volume > 0
-    safe_volume = ops.where(present, volume, ops.ones_like(volume))
-    if w_type == "square":
-        weights = 1.0 / ops.square(safe_volume)
-    elif w_type == "simple":
-        weights = 1.0 / safe_volume
-    else:
+    if w_type == "uniform":
         weights = ops.ones_like(volume)
-    weights = ops.where(present, weights, ops.zeros_like(weights))
-    largest = ops.max(weights, axis=-1, keepdims=True)
-    weights = ops.stop_gradient(ops.where(present, weights, largest))
+    else:
+        present = volume > 0
+        safe_volume = ops.where(present, volume, ops.ones_like(volume))
+        weights = 1.0 / (ops.square(safe_volume) if w_type == "square" else safe_volume)
+        weights = ops.where(present, weights, ops.zeros_like(weights))
+        largest = ops.max(weights, axis=-1, keepdims=True)
+        weights = ops.stop_gradient(ops.where(present, weights, largest))
     numerator = 2.0 * ops.sum(intersection * weights, axis=-1) + smooth_nr
     denominator = ops.sum(total * weights, axis=-1) + smooth_dr
     return _per_sample(1.0 - numerator / denominator, y_true)
@@ -581,6 +578,123 @@ class DiceFocalLoss(_OptionsLoss):
         super().__init__(dice_focal_loss, options, reduction, name, dtype)
 
 
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """Weights `1, 1/2, 1/4, ...` for outputs ordered from full to coarsest resolution, normalised to sum 1.
+
+    Raises:
+        ValueError: when `num_outputs` < 1.
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}.")
+    weights = [0.5**level for level in range(num_outputs)]
+    return [weight / sum(weights) for weight in weights]
+
+
+def downsample_target(y_true, spatial_shape: Sequence[int]):
+    """Down-samples a one-hot target to `spatial_shape` by nearest-neighbour striding (`y[:, ::2, ::2]`, ...).
+
+    Striding keeps one voxel of each block, so the result stays one-hot (no interpolated labels).
+
+    Args:
+        y_true: one-hot truth, shape `(B, *spatial, C)`.
+        spatial_shape: the target spatial shape; each full size must be a whole multiple of it.
+
+    Returns:
+        `y_true` at `spatial_shape`, shape `(B, *spatial_shape, C)`.
+
+    Raises:
+        ValueError: when a size is not a whole multiple of the target size.
+    """
+    full_shape = tuple(y_true.shape[1:-1])
+    spatial_shape = tuple(spatial_shape)
+    if full_shape == spatial_shape:
+        return y_true
+    if len(full_shape) != len(spatial_shape) or any(
+        full is None or size is None or size < 1 or full % size
+        for full, size in zip(full_shape, spatial_shape, strict=True)
+    ):
+        raise ValueError(
+            f"Cannot down-sample a target of spatial shape {full_shape} to {spatial_shape}: "
+            "each size must be a whole multiple of the output size."
+        )
+    strides = [full // size for full, size in zip(full_shape, spatial_shape, strict=True)]
+    return y_true[(slice(None), *(slice(None, None, stride) for stride in strides), slice(None))]
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class DeepSupervisionLoss(keras.losses.Loss):
+    """Applies a loss to deep-supervision outputs, from full to coarsest resolution.
+
+    Called with a list of predictions `[(B, *spatial, C), (B, *spatial / 2, C), ...]`, it returns
+    `sum_i weights[i] * loss(downsample_target(y_true, shape_i), y_pred[i])`, with `weights` halving per level
+    and normalised to sum 1 by default (nnU-Net's scheme). Called with a single prediction, it down-samples
+    `y_true` to that prediction's shape and applies the loss, which is how `fit` uses it, since Keras applies
+    one loss to each output of a multi-output model (see `deep_supervision_compile_args`)::
+
+        model.compile(optimizer=..., **deep_supervision_compile_args("dice_ce", num_outputs=3))
+        model.fit(images, (labels, labels, labels), ...)  # the full-resolution target for every output
+
+    Args:
+        loss: a loss name from `LOSSES`, or a `keras.losses.Loss`.
+        weights: optional weight per output; defaults to `deep_supervision_weights(len(y_pred))`.
+        loss_kwargs: options for the loss when it is given by name.
+    """
+
+    def __init__(
+        self,
+        loss: str | keras.losses.Loss = "dice_ce",
+        weights: Sequence[float] | None = None,
+        loss_kwargs: dict | None = None,
+        reduction: str = "sum_over_batch_size",
+        name: str = "deep_supervision",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if isinstance(loss, dict):
+            loss = keras.saving.deserialize_keras_object(loss)
+        self.loss = get_loss(loss, **(loss_kwargs or {})) if isinstance(loss, str) else loss
+        self.weights = None if weights is None else [float(weight) for weight in weights]
+
+    def _single(self, y_true, y_pred):
+        y_true = downsample_target(y_true, y_pred.shape[1:-1])
+        return self.loss.call(y_true, y_pred)
+
+    def call(self, y_true, y_pred):
+        if not isinstance(y_pred, (list, tuple)):
+            return self._single(y_true, y_pred)
+        weights = self.weights or deep_supervision_weights(len(y_pred))
+        if len(weights) != len(y_pred):
+            raise ValueError(f"Got {len(weights)} weights for {len(y_pred)} deep-supervision outputs.")
+        return sum(weight * self._single(y_true, output) for weight, output in zip(weights, y_pred, strict=True))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(loss=keras.saving.serialize_keras_object(self.loss), weights=self.weights)
+        return config
+
+
+def deep_supervision_compile_args(
+    loss: str | keras.losses.Loss, num_outputs: int, weights: Sequence[float] | None = None, **loss_kwargs
+) -> dict:
+    """The `loss` and `loss_weights` arguments of `model.compile` for a model with deep-supervision outputs.
+
+    Args:
+        loss: a loss name from `LOSSES`, or a `keras.losses.Loss`.
+        num_outputs: the number of outputs, ordered from full to coarsest resolution.
+        weights: optional weight per output; defaults to `deep_supervision_weights(num_outputs)`.
+        **loss_kwargs: options for the loss when it is given by name.
+
+    Returns:
+        `{"loss": [DeepSupervisionLoss, ...], "loss_weights": [...]}`, one entry per output. Feed the
+        full-resolution target for every output; each loss down-samples it to its output's shape.
+    """
+    weights = list(weights) if weights is not None else deep_supervision_weights(num_outputs)
+    if len(weights) != num_outputs:
+        raise ValueError(f"Got {len(weights)} weights for {num_outputs} deep-supervision outputs.")
+    wrapper = DeepSupervisionLoss(loss, loss_kwargs=loss_kwargs)
+    return {"loss": [wrapper] * num_outputs, "loss_weights": weights}
+
+
 LOSSES: dict[str, type[keras.losses.Loss]] = {
     "dice": DiceLoss,
     "gdl": GeneralizedDiceLoss,
@@ -613,7 +727,5 @@ def get_loss(name: str, **kwargs) -> keras.losses.Loss:
     accepted = [param for param in inspect.signature(loss_class.__init__).parameters if param != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"Loss {name!r} does not take option(s) {unknown}; valid options: {', '.join(accepted)}."
-        )
+        raise ValueError(f"Loss {name!r} does not take option(s) {unknown}; valid options: {', '.join(accepted)}.")
     return loss_class(**kwargs)
