@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: create .venv if needed, install, then pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k metrics`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+export TF_CPP_MIN_LOG_LEVEL=2
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
