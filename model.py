@@ -237,6 +237,48 @@ def _upsample(x, ndim, filters, name, *, mode, norm, activation, norm_groups, pl
     return _conv_norm_act(x, ndim, filters, f"{name}conv", norm, activation, groups=norm_groups)
 
 
+def _check_unet_options(
+    input_shape,
+    num_classes,
+    model_name,
+    *,
+    depth,
+    filters,
+    max_filters,
+    convs_per_level,
+    norm,
+    dropout,
+    upsample,
+    downsample,
+    deep_supervision,
+    output_activation,
+    stem_stride,
+):
+    """Raises ValueError, naming the option and its value, for a bad U-Net option or input size."""
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("upsample", upsample, UPSAMPLES)
+    _check_choice("downsample", downsample, DOWNSAMPLES)
+    _check_choice("stem_stride", stem_stride, (1, 2))
+    for option, value in (
+        ("depth", depth),
+        ("filters", filters),
+        ("convs_per_level", convs_per_level),
+        ("max_filters", max_filters),
+    ):
+        if int(value) < 1:
+            raise ValueError(f"{option} must be at least 1; got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    if deep_supervision and depth - 1 + (stem_stride == 2) < 2:
+        raise ValueError(
+            f"deep_supervision needs a decoder level below full resolution (depth >= 3, or >= 2 with "
+            f"stem_stride=2); got depth={depth}, stem_stride={stem_stride}"
+        )
+    factor = stem_stride * 2 ** (depth - 1)
+    _check_divisible(input_shape, factor, model_name, f"stem_stride={stem_stride}, depth={depth}")
+
+
 def _unet_graph(
     input_shape,
     num_classes,
@@ -261,25 +303,11 @@ def _unet_graph(
 ):
     """The encoder-decoder shared by unet, resunet and attention_unet (see ``unet`` for the options)."""
     ndim = _spatial_ndim(input_shape)
-    _check_output_activation(output_activation, num_classes)
-    _check_choice("norm", norm, NORMS)
-    _check_choice("upsample", upsample, UPSAMPLES)
-    _check_choice("downsample", downsample, DOWNSAMPLES)
-    _check_choice("stem_stride", stem_stride, (1, 2))
-    for option, value, low in (
-        ("depth", depth, 1),
-        ("filters", filters, 1),
-        ("convs_per_level", convs_per_level, 1),
-        ("max_filters", max_filters, 1),
-    ):
-        if int(value) < low:
-            raise ValueError(f"{option} must be at least {low}; got {value!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-    if deep_supervision and depth - 1 + (stem_stride == 2) < 2:
-        raise ValueError(f"deep_supervision needs at least two decoder resolutions; got depth={depth}")
-    factor = stem_stride * 2 ** (depth - 1)
-    _check_divisible(input_shape, factor, model_name, f"stem_stride={stem_stride}, depth={depth}")
+    _check_unet_options(
+        input_shape, num_classes, model_name, depth=depth, filters=filters, max_filters=max_filters,
+        convs_per_level=convs_per_level, norm=norm, dropout=dropout, upsample=upsample, downsample=downsample,
+        deep_supervision=deep_supervision, output_activation=output_activation, stem_stride=stem_stride,
+    )  # fmt: skip
 
     run_block = _BLOCKS[block]
     common = dict(convs=convs_per_level, norm=norm, activation=activation, norm_groups=norm_groups)
@@ -341,19 +369,6 @@ def _unet_graph(
     return keras.Model(inputs, outputs, name=model_name)
 
 
-def deep_supervision_weights(num_outputs: int) -> list[float]:
-    """Loss weights for the outputs of a deep-supervised model, full resolution first.
-
-    Output ``k`` (``k = 0`` the full-resolution output) sits at 1/2**k of the input resolution and gets a
-    weight proportional to 1/2**k; the weights sum to 1 (nnU-Net's scheme). Targets for output ``k`` are the
-    label maps down-sampled by 2**k (nearest neighbour, or average pooling of the one-hot maps).
-    """
-    if num_outputs < 1:
-        raise ValueError(f"num_outputs must be at least 1; got {num_outputs!r}")
-    raw = [0.5**k for k in range(num_outputs)]
-    return [w / sum(raw) for w in raw]
-
-
 def unet(
     input_shape: Sequence[int | None],
     num_classes: int,
@@ -403,7 +418,8 @@ def unet(
         residual: use residual blocks (the block output is added to an identity or 1×1 shortcut).
         deep_supervision: also return auxiliary outputs at lower resolutions, one per decoder level below full
             resolution. The model then returns a list ``[out, ds1_out, ds2_out, ...]`` where output ``k`` has
-            shape ``(B, *spatial / 2**k, num_classes)``; weight the losses with ``deep_supervision_weights``.
+            shape ``(B, *spatial / 2**k, num_classes)``; weight the losses with
+            ``utils.losses.deep_supervision_compile_args``.
         output_activation: ``"softmax"``, ``"sigmoid"`` (one class, or independent overlapping labels) or
             ``"linear"`` (logits); always computed in float32.
         stem_stride: 1, or 2 for a cheap variant with no full-resolution convolutions: the first convolution

@@ -149,20 +149,13 @@ def test_deep_supervision_outputs(name, stem_stride, expected_scales, tmp_path):
 
     images, targets = _batch(spatial, 1, 3)
     pyramid = [targets[(slice(None), *[slice(None, None, k)] * ndim)] for k in expected_scales]
-    weights = model.deep_supervision_weights(len(net.outputs))
+    weights = [0.5**k for k in range(len(net.outputs))]
     first, last = _train(net, images, pyramid, loss=["categorical_crossentropy"] * len(pyramid), loss_weights=weights)
     assert last < first
     net.save(tmp_path / "ds.keras")
     loaded = keras.saving.load_model(tmp_path / "ds.keras")
     for before, after in zip(_predict(net, images), _predict(loaded, images), strict=True):
         np.testing.assert_allclose(after, before, atol=1e-5)
-
-
-def test_deep_supervision_weights():
-    np.testing.assert_allclose(model.deep_supervision_weights(3), [4 / 7, 2 / 7, 1 / 7])
-    assert model.deep_supervision_weights(1) == [1.0]
-    with pytest.raises(ValueError, match="num_outputs"):
-        model.deep_supervision_weights(0)
 
 
 BAD_SIZES = [
@@ -200,6 +193,8 @@ def test_bad_input_size_raises(name, shape, options, bad):
         (lambda: model.build_model("unet2d", (16, 16, None), 2), "channel count"),
         (lambda: model.build_model("dilated2d", (16, 16, 1), 2, dilations=(1, 0)), "dilations"),
         (lambda: model.build_model("fcn2d", (16, 16, 1), 2, depth=2), "depth"),
+        (lambda: model.build_model("unet2d", (16, 16, 1), 2, depth=2, deep_supervision=True), "deep_supervision"),
+        (lambda: model.build_model("unet2d", (16, 16, 1), 2, dropout=1.0), "dropout"),
     ],
 )
 def test_bad_arguments_raise(call, match):
