@@ -360,6 +360,7 @@ def tiny_model(deep_supervision: bool = False):
     return keras.Model(inputs, [full, half])
 
 
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_saved_model_loads_its_loss_without_custom_objects(tmp_path):
     model = tiny_model()
     model.compile(optimizer="adam", loss=losses.get_loss("dice_ce", include_background=False, lambda_ce=0.5))

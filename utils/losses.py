@@ -329,7 +329,9 @@ def dice_focal_loss(
     lambda_dice: float = 1.0,
     lambda_focal: float = 1.0,
 ):
-    """`lambda_dice * dice_loss + lambda_focal * focal_loss`; the focal term always includes the background.
+    """`lambda_dice * dice_loss + lambda_focal * focal_loss` (MONAI's `DiceFocalLoss` divides its focal term by C).
+
+    The focal term always includes the background channel, and `gamma` and `class_weights` apply to it only.
 
     Returns:
         The loss per sample, shape `(B,)`.
