@@ -424,8 +424,9 @@ def unet(
             ``"linear"`` (logits); always computed in float32.
         stem_stride: 1, or 2 for a cheap variant with no full-resolution convolutions: the first convolution
             has stride 2 (as in MONAI's UNet) and the decoder ends with a 2×2 transposed convolution
-            ``dec0_up`` back to full resolution before the 1×1 output convolution. About 3× faster on CPU. The
-            total down-sampling factor becomes ``2 ** depth``.
+            ``dec0_up`` back to full resolution before the 1×1 output convolution. The total down-sampling
+            factor becomes ``2 ** depth``. Training steps are 3-4× faster on CPU (unet3d, depth 3, a
+            (40, 56, 40) patch).
         name: model name (default ``unet2d`` / ``unet3d``).
 
     Returns:
