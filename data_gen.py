@@ -1,9 +1,13 @@
 """Turn raw medical images into a prepared dataset: normalised ``.npy`` volumes and the JSON files that record them.
 
-Example:
+Examples (``--format auto`` detects each input format; README.md has one line per format):
     python data_gen.py --input data/hippocampus_sample --output data/hippocampus
+    python data_gen.py --input scans/ --image-pattern '*_image.nrrd' --label-pattern '*_label.nrrd' --output data/x
+    python data_gen.py --input lab_petct_vox_5.00mm.h5 --binarize --export slices --output data/sts
+    python data_gen.py --input ct_series/ --label seg.nii.gz --window-preset soft_tissue --output data/ct
 
-Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/`` into ``--output`` (DESIGN.md).
+Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/`` into ``--output`` (DESIGN.md), and
+with ``--export slices patches`` the ``slices/`` and ``patches/`` arrays of the classic 2D and patch workflows.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ import logging
 import sys
 
 from utils.dataset import PreparationError, prepare_dataset
-from utils.preprocessing import CROPS, NORMALIZATIONS, WINDOW_PRESETS, PreprocessSettings
+from utils.exports import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, ExportSettings
+from utils.preprocessing import (
+    CROPS,
+    EQUALIZATIONS,
+    INTERPOLATIONS,
+    NORMALIZATIONS,
+    WINDOW_PRESETS,
+    PreprocessSettings,
+)
 from utils.readers import DISCOVERERS, discover
 
 
@@ -27,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", *sorted(DISCOVERERS)],
         help="input layout; auto detects it (default: auto)",
     )
+    _add_reader_flags(parser)
     parser.add_argument(
         "--spacing",
         nargs="+",
@@ -60,8 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
         choices=NORMALIZATIONS,
         help="auto: z-score per case for MR, dataset-percentile clip + z-score for CT (default)",
     )
+    parser.add_argument(
+        "--equalize",
+        default="none",
+        choices=EQUALIZATIONS,
+        help="histogram equalisation into [0, 1] after the window: hist (whole volume) or clahe (per slice); "
+        "with --normalize auto nothing more is done (default: none)",
+    )
+    parser.add_argument(
+        "--interpolation",
+        default="linear",
+        choices=sorted(INTERPOLATIONS),
+        help="image resampling: linear, bspline (cubic) or nearest; labels always use nearest (default: linear)",
+    )
+    parser.add_argument(
+        "--downsample",
+        type=int,
+        default=1,
+        metavar="N",
+        help="integer in-plane downsampling on top of --spacing, e.g. 2 turns 512x512 into 256x256 (default: 1)",
+    )
     parser.add_argument("--crop", default="none", choices=CROPS, help="crop to a bounding box (default: none)")
     parser.add_argument("--crop-margin", type=int, default=0, help="voxels kept around the crop box")
+    _add_export_flags(parser)
     parser.add_argument(
         "--split",
         nargs=3,
@@ -73,6 +107,144 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
     parser.add_argument("--workers", type=int, default=1, help="processes over cases (default: 1)")
     return parser
+
+
+def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading the input")
+    group.add_argument(
+        "--label",
+        metavar="PATH",
+        help="labels that sit apart from the images: for one DICOM series a NIfTI/NRRD/MHA file in the same physical "
+        "space (any axis order), a DICOM-SEG or an RTSTRUCT; for PNG the mask folder; for one image file its label",
+    )
+    group.add_argument(
+        "--image-pattern",
+        nargs="+",
+        metavar="GLOB",
+        help="file-name pattern(s) of images (files, png), e.g. '*_image.nrrd'; the text the wildcards match "
+        "pairs each image with its label (default files: '*_image.*'; png: same name in both folders)",
+    )
+    group.add_argument(
+        "--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels, e.g. '*_label.nrrd'"
+    )
+    group.add_argument(
+        "--patient-pattern",
+        metavar="REGEX",
+        help="regex searched in file names: group 1 is the patient (splits stay per patient); for png a group 2 "
+        "(slice number) stacks each patient's slices into one volume, e.g. 'STS_(\\d+)_(\\d+)'",
+    )
+    group.add_argument(
+        "--hdf5-image-keys",
+        nargs="+",
+        metavar="KEY",
+        help="HDF5 image datasets or groups, one channel each (default: ct_data [pet_data], or images)",
+    )
+    group.add_argument(
+        "--hdf5-label-key", metavar="KEY", help="HDF5 label dataset or group (default: label_data/labels)"
+    )
+    group.add_argument(
+        "--hdf5-spacing",
+        "--source-spacing",
+        dest="source_spacing",
+        nargs="+",
+        type=float,
+        metavar="MM",
+        help="voxel spacing Z Y X (or one number) of HDF5 and PNG inputs, which store none "
+        "(default: HDF5 attributes, a '5.00mm' in the file name, else 1)",
+    )
+    group.add_argument("--binarize", action="store_true", help="merge every label > 0 into class 1")
+    group.add_argument(
+        "--label-map",
+        nargs="+",
+        metavar="SRC:DST",
+        help="remap label values before use, e.g. 4:3 (BraTS); classes are then made contiguous 0..K-1 and writers "
+        "put the source values back",
+    )
+    group.add_argument(
+        "--label-names", nargs="+", metavar="VALUE=NAME", help="names of source label values, e.g. 1=liver 2=spine"
+    )
+
+
+def _add_export_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("exports (slices/, patches/)")
+    group.add_argument(
+        "--export",
+        nargs="+",
+        default=["volumes"],
+        choices=EXPORT_KINDS,
+        help="what to write besides the manifest: volumes (always written), slices, patches (default: volumes)",
+    )
+    group.add_argument(
+        "--slice-filter",
+        default="all",
+        choices=SLICE_FILTERS,
+        help="slices export of train/val: all slices or only those with foreground; test keeps all (default: all)",
+    )
+    group.add_argument("--slice-size", nargs=2, type=int, metavar=("H", "W"), help="resize exported slices to H x W")
+    group.add_argument(
+        "--patch-size", nargs="+", type=int, metavar="N", help="patch size D H W (3D) or H W (2D) for --export patches"
+    )
+    group.add_argument(
+        "--patch-sampling",
+        default="random",
+        choices=PATCH_SAMPLINGS,
+        help="random centres (see --patch-ratio) or a grid covering each volume (default: random)",
+    )
+    group.add_argument("--patches-per-case", type=int, default=8, help="random patches per case (default: 8)")
+    group.add_argument(
+        "--patch-ratio",
+        nargs=2,
+        type=float,
+        default=[1.0, 1.0],
+        metavar=("FG", "BG"),
+        help="weights of patch centres on foreground and background voxels, e.g. 1 1.5; 1 0 = always on "
+        "foreground (default: 1 1)",
+    )
+
+
+def reader_options(args: argparse.Namespace) -> dict:
+    """Reader options for :func:`utils.readers.discover` from the flags (raises ValueError on bad values)."""
+    return {
+        "label": args.label,
+        "image_pattern": args.image_pattern,
+        "label_pattern": args.label_pattern,
+        "patient_pattern": args.patient_pattern,
+        "hdf5_image_keys": args.hdf5_image_keys,
+        "hdf5_label_key": args.hdf5_label_key,
+        "source_spacing": args.source_spacing,
+        "binarize": args.binarize,
+        "label_map": _pairs(args.label_map, ":", int, "--label-map", "SRC:DST"),
+        "label_names": _pairs(args.label_names, "=", str, "--label-names", "VALUE=NAME"),
+    }
+
+
+def _pairs(items: list[str] | None, separator: str, cast, flag: str, form: str) -> dict | None:
+    if not items:
+        return None
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition(separator)
+        try:
+            if not sep:
+                raise ValueError(item)
+            pairs[int(key)] = cast(value)
+        except ValueError as error:
+            raise ValueError(f"{flag} takes {form} pairs of integers, got {item!r}") from error
+    return pairs
+
+
+def export_settings(args: argparse.Namespace) -> ExportSettings:
+    """Resolve the export flags (raises ValueError on bad values)."""
+    return ExportSettings(
+        kinds=list(dict.fromkeys(args.export)),
+        slice_filter=args.slice_filter,
+        slice_size=list(args.slice_size) if args.slice_size else None,
+        patch_size=list(args.patch_size) if args.patch_size else None,
+        patch_sampling=args.patch_sampling,
+        patches_per_case=args.patches_per_case,
+        patch_ratio=list(args.patch_ratio),
+        seed=args.seed,
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> PreprocessSettings:
@@ -98,6 +270,11 @@ def settings_from_args(args: argparse.Namespace) -> PreprocessSettings:
         normalize=args.normalize,
         crop=args.crop,
         crop_margin=args.crop_margin,
+        image_order=INTERPOLATIONS[args.interpolation],
+        equalize=args.equalize,
+        downsample=args.downsample,
+        label_map=_pairs(args.label_map, ":", int, "--label-map", "SRC:DST"),
+        binarize=args.binarize,
     )
 
 
@@ -107,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
+        exports = export_settings(args)
         if args.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
-        source = discover(args.input, args.format)
+        source = discover(args.input, args.format, reader_options(args))
+        settings.label_values = list(source.label_values)
     except (ValueError, FileNotFoundError) as error:
         print(f"data_gen.py: error: {error}", file=sys.stderr)
         return 2
     print(f"{source.name}: {len(source.cases)} cases ({source.format}) from {args.input}")
     try:
-        manifest = prepare_dataset(source, args.output, settings, args.split, args.seed, args.workers)
+        manifest = prepare_dataset(source, args.output, settings, args.split, args.seed, args.workers, exports)
     except PreparationError as error:
         print(f"data_gen.py: {error}", file=sys.stderr)
         print(f"The other cases were written to {args.output}.", file=sys.stderr)
@@ -123,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"data_gen.py: error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"Wrote {len(manifest['cases'])} cases to {args.output} "
-        "(manifest.json, fingerprint.json, splits.json, volumes/)"
+    written = ", ".join(
+        ["manifest.json", "fingerprint.json", "splits.json", "volumes/"]
+        + [f"{kind}/" for kind in exports.kinds if kind != "volumes"]
     )
+    print(f"Wrote {len(manifest['cases'])} cases to {args.output} ({written})")
     return 0
 
 

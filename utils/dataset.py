@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import fileio
+from utils.exports import ExportSettings, export_dataset
 from utils.preprocessing import PreprocessSettings, aggregate_fingerprint, case_fingerprint, prepare_case
 from utils.readers import DatasetSource, load_case
 
@@ -187,8 +188,11 @@ def prepare_dataset(
     split: Sequence[float] = (0.8, 0.2, 0.0),
     seed: int = 0,
     workers: int = 1,
+    exports: ExportSettings | None = None,
 ) -> dict:
     """Fingerprint, preprocess and write every case of ``source`` into ``output``; return the manifest.
+
+    ``exports`` adds the slice and patch exports of :mod:`utils.exports` once the manifest is written.
 
     Raises:
         PreparationError: after writing every case that worked and the dataset files, when some cases failed.
@@ -231,6 +235,7 @@ def prepare_dataset(
         "name": source.name,
         "source": {"path": str(Path(source.path).resolve()), "format": source.format},
         "labels": source.labels,
+        "label_values": source.label_values or [int(k) for k in sorted(source.labels, key=int)],
         "channels": source.channels,
         "preprocessing": settings.to_dict(),
         "resolved": resolved,
@@ -240,6 +245,8 @@ def prepare_dataset(
     }
     fileio.write_json(out / "splits.json", splits)
     fileio.write_json(out / "manifest.json", manifest)
+    if exports is not None:
+        export_dataset(out, manifest, splits, exports)
     if failures:
         raise PreparationError(failures)
     return manifest

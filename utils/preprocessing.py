@@ -24,8 +24,10 @@ WINDOW_PRESETS = {
     "brain": (0.0, 80.0),
     "bone": (-450.0, 1050.0),
 }
-NORMALIZATIONS = ("auto", "zscore", "minmax", "ct", "none")
+NORMALIZATIONS = ("auto", "zscore", "zscore_dataset", "zscore_nonzero", "minmax", "ct", "none")
+EQUALIZATIONS = ("none", "hist", "clahe")
 CROPS = ("none", "foreground", "nonzero")
+INTERPOLATIONS = {"nearest": 0, "linear": 1, "bspline": 3}
 _FOREGROUND_SAMPLES = 10_000
 
 
@@ -37,12 +39,24 @@ class PreprocessSettings:
         spacing: ``"median"`` (the dataset's median), ``"original"`` (no resampling) or ``[z, y, x]`` in mm.
         window: ``[low, high]`` intensity window (e.g. HU) applied to every channel before normalisation.
         clip_percentiles: ``[low, high]`` per-case percentiles to clip to (after the window).
-        normalize: ``auto`` (``ct`` for CT channels, ``zscore`` otherwise), ``zscore`` (per case), ``minmax``
-            (to [0, 1]), ``ct`` (clip to the dataset's 0.5/99.5 foreground percentiles, then z-score with the
-            dataset's foreground mean and std, as nnU-Net does), or ``none``.
+        normalize: ``auto`` (``ct`` for CT channels, ``zscore`` otherwise; nothing more after ``equalize``),
+            ``zscore`` (per case), ``zscore_dataset`` (the dataset's mean and std of all voxels, from the fingerprint),
+            ``zscore_nonzero`` (per case, inside the voxels where some channel is non-zero; 0 outside, as nnU-Net does
+            for skull-stripped MR), ``minmax`` (to [0, 1]), ``ct`` (clip to the dataset's 0.5/99.5 foreground
+            percentiles, then z-score with the dataset's foreground mean and std, as nnU-Net does), or ``none``.
+        equalize: ``none``, ``hist`` (histogram equalisation of the whole volume) or ``clahe`` (contrast-limited
+            adaptive histogram equalisation, slice by slice), both from scikit-image, output in [0, 1]; applied
+            after the window and percentile clipping, before ``normalize``.
         crop: ``none``, ``foreground`` (label bounding box, labelled cases only) or ``nonzero`` (image).
         crop_margin: voxels kept around the crop box.
-        image_order: spline order for resampling images (labels are always nearest).
+        image_order: spline order for resampling images: 0 nearest, 1 linear, 3 cubic B-spline (labels are always
+            nearest).
+        downsample: integer in-plane (Y, X) downsampling factor applied on top of the target spacing (512 → 256
+            with 2): the in-plane target spacing is multiplied by it, so images are interpolated with
+            ``image_order`` (linear with 2: each pixel is the mean of a 2x2 block) and labels take the nearest
+            voxel; ``restore_label`` inverts it like any resampling.
+        label_map, binarize, label_values: the label remapping that the reader applied (``{source: target}``,
+            ``> 0``) and the source value of each resulting class; recorded here, applied in :mod:`utils.readers`.
     """
 
     spacing: str | list[float] = "median"
@@ -52,11 +66,26 @@ class PreprocessSettings:
     crop: str = "none"
     crop_margin: int = 0
     image_order: int = 1
+    equalize: str = "none"
+    downsample: int = 1
+    label_map: dict | None = None
+    binarize: bool = False
+    label_values: list[int] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.equalize not in EQUALIZATIONS:
+            raise ValueError(f"equalize must be one of {EQUALIZATIONS}, got {self.equalize!r}")
+        if self.image_order not in INTERPOLATIONS.values():
+            raise ValueError(f"image_order must be 0, 1 or 3, got {self.image_order!r}")
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ValueError(f"downsample must be a positive integer, got {self.downsample!r}")
+        if self.equalize != "none" and self.normalize == "ct":
+            raise ValueError(
+                "normalize 'ct' uses HU statistics and cannot follow equalize; pick zscore, minmax or none"
+            )
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if not (self.spacing in ("median", "original") or _is_spacing(self.spacing)):
@@ -75,9 +104,12 @@ def _is_spacing(value) -> bool:
 
 
 def channel_normalization(settings: PreprocessSettings, channel_name: str) -> str:
-    """The normalisation a channel gets: ``auto`` becomes ``ct`` for CT channels and ``zscore`` for the rest."""
+    """The normalisation a channel gets: ``auto`` becomes ``ct`` for CT channels and ``zscore`` for the rest
+    (``none`` after histogram equalisation, whose output is already in [0, 1])."""
     if settings.normalize != "auto":
         return settings.normalize
+    if settings.equalize != "none":
+        return "none"
     return "ct" if channel_name.strip().upper() == "CT" else "zscore"
 
 
@@ -100,7 +132,14 @@ def case_fingerprint(case: CaseData, num_classes: int) -> dict:
         if values.size > _FOREGROUND_SAMPLES:
             values = rng.choice(values, _FOREGROUND_SAMPLES, replace=False)
         record["channels"].append(
-            {"min": float(channel.min()), "max": float(channel.max()), "foreground_sample": values.tolist()}
+            {
+                "min": float(channel.min()),
+                "max": float(channel.max()),
+                "sum": float(channel.sum(dtype=np.float64)),
+                "sum_sq": float(np.square(channel, dtype=np.float64).sum()),
+                "count": int(channel.size),
+                "foreground_sample": values.tolist(),
+            }
         )
     return record
 
@@ -124,11 +163,17 @@ def aggregate_fingerprint(records: Sequence[dict], channels: dict[str, str], lab
         samples = np.concatenate(
             [np.asarray(r["channels"][int(index)]["foreground_sample"], dtype=np.float64) for r in records]
         )
+        per_case = [r["channels"][int(index)] for r in records]
         entry = {
             "name": name,
-            "min": float(min(r["channels"][int(index)]["min"] for r in records)),
-            "max": float(max(r["channels"][int(index)]["max"] for r in records)),
+            "min": float(min(c["min"] for c in per_case)),
+            "max": float(max(c["max"] for c in per_case)),
         }
+        if all("count" in c for c in per_case):
+            count = sum(c["count"] for c in per_case)
+            mean = sum(c["sum"] for c in per_case) / count
+            variance = max(sum(c["sum_sq"] for c in per_case) / count - mean**2, 0.0)
+            entry.update(dataset_mean=float(mean), dataset_std=float(np.sqrt(variance)))
         if samples.size:
             entry.update(
                 mean=float(samples.mean()),
@@ -186,7 +231,8 @@ def prepare_case(
 
     Returns:
         ``(image, label, record)``: image ``(Z, Y, X, C)`` float32, label ``(Z, Y, X)`` uint8 or ``None``, and the
-        geometry record that :func:`restore_label` inverts.
+        geometry record that :func:`restore_label` inverts. The record's ``spacing`` is the prepared grid's true
+        voxel size (the field of view is kept, so it differs from ``target_spacing`` by the rounding of the shape).
     """
     image, affine, source_codes = geometry.reorient(case.image, case.affine)
     label = None if case.label is None else geometry.reorient(case.label, case.affine)[0]
@@ -198,11 +244,13 @@ def prepare_case(
     crop_affine[:3, 3] = affine[:3, :3] @ np.array([b[0] for b in box], dtype=float) + affine[:3, 3]
     spacing = geometry.spacing_from_affine(affine)
     new_spacing = target_spacing(settings, fingerprint, spacing)
+    new_spacing = [new_spacing[0], new_spacing[1] * settings.downsample, new_spacing[2] * settings.downsample]
     new_shape = geometry.resampled_shape(cropped_shape, spacing, new_spacing)
     image = geometry.resize_volume(image, new_shape, settings.image_order)
     if label is not None:
         label = geometry.resize_volume(label, new_shape, 0)
     image = normalize_image(image, settings, fingerprint, channel_names)
+    new_affine = geometry.resampled_affine(crop_affine, cropped_shape, new_shape)
     record = {
         "source_shape": list(case.image.shape[:3]),
         "source_affine": np.asarray(case.affine).tolist(),
@@ -212,8 +260,10 @@ def prepare_case(
         "crop_box": box,
         "cropped_shape": cropped_shape,
         "shape": list(new_shape),
-        "spacing": [float(v) for v in new_spacing],
-        "affine": geometry.resampled_affine(crop_affine, cropped_shape, new_shape).tolist(),
+        "spacing": list(geometry.spacing_from_affine(new_affine)),
+        "target_spacing": [float(v) for v in new_spacing],
+        "downsample": settings.downsample,
+        "affine": new_affine.tolist(),
     }
     return image.astype(np.float32, copy=False), label, record
 
@@ -229,24 +279,66 @@ def _crop_box(image: np.ndarray, label: np.ndarray | None, settings: PreprocessS
 def normalize_image(
     image: np.ndarray, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
 ) -> np.ndarray:
-    """Window, clip and normalise each channel of a ``(Z, Y, X, C)`` image as ``settings`` say."""
+    """Window, clip, equalise and normalise each channel of a ``(Z, Y, X, C)`` image as ``settings`` say.
+
+    Raises:
+        ValueError: a dataset-level normalisation without the fingerprint statistics it needs.
+    """
     out = np.empty(image.shape, dtype=np.float32)
+    nonzero = np.any(image != 0, axis=-1)
     for c in range(image.shape[-1]):
         channel = image[..., c].astype(np.float32)
         if settings.window is not None:
             channel = np.clip(channel, *settings.window)
         if settings.clip_percentiles is not None:
             channel = np.clip(channel, *np.percentile(channel, settings.clip_percentiles))
+        channel = equalize_channel(channel, settings.equalize)
         method = channel_normalization(settings, channel_names[c] if c < len(channel_names) else "")
-        out[..., c] = _normalize_channel(
-            channel, method, settings, (fingerprint or {}).get("intensity", {}).get(str(c))
-        )
+        stats = (fingerprint or {}).get("intensity", {}).get(str(c))
+        if method == "zscore_nonzero":
+            out[..., c] = _zscore_inside(channel, nonzero)
+        else:
+            out[..., c] = _normalize_channel(channel, method, settings, stats)
     return out
+
+
+def equalize_channel(channel: np.ndarray, method: str) -> np.ndarray:
+    """Histogram equalisation of a ``(Z, Y, X)`` channel into [0, 1]: ``hist`` over the volume, ``clahe`` per slice.
+
+    A constant channel becomes zeros.
+    """
+    if method == "none":
+        return channel
+    from skimage import exposure
+
+    low, high = float(channel.min()), float(channel.max())
+    if high <= low:
+        return np.zeros_like(channel, dtype=np.float32)
+    if method == "hist":
+        return exposure.equalize_hist(channel, nbins=256).astype(np.float32)
+    scaled = (channel - low) / (high - low)
+    return np.stack([exposure.equalize_adapthist(plane, clip_limit=0.01) for plane in scaled]).astype(np.float32)
+
+
+def _zscore_inside(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Z-score with the mean and std of the voxels inside ``mask``; 0 outside (all voxels if the mask is empty)."""
+    if not mask.any():
+        return (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+    values = channel[mask]
+    out = (channel - values.mean()) / max(float(values.std()), 1e-8)
+    return np.where(mask, out, 0.0).astype(np.float32)
 
 
 def _normalize_channel(channel: np.ndarray, method: str, settings: PreprocessSettings, stats: dict | None):
     if method == "zscore":
         return (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+    if method == "zscore_dataset":
+        if not stats or "dataset_mean" not in stats:
+            raise ValueError(
+                "zscore_dataset needs the dataset's mean and std in the fingerprint; "
+                "delete the output's .cache folder if it was made by an older version"
+            )
+        return (channel - stats["dataset_mean"]) / max(stats["dataset_std"], 1e-8)
     if method == "minmax":
         low, high = settings.window or (float(channel.min()), float(channel.max()))
         return (channel - low) / max(high - low, 1e-8)

@@ -1,0 +1,196 @@
+"""Preprocessing: each step by hand-checked values, and prepare_case → restore_label giving back the source label."""
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, SHARED_DATA
+
+from utils import geometry, readers
+from utils.preprocessing import (
+    PreprocessSettings,
+    aggregate_fingerprint,
+    case_fingerprint,
+    normalize_image,
+    prepare_case,
+    restore_label,
+)
+from utils.readers import CaseData
+
+RAW = PreprocessSettings(spacing="original", normalize="none")
+
+
+def volume_ml(label: np.ndarray, spacing, num_classes: int) -> np.ndarray:
+    return np.bincount(label.ravel().astype(np.int64), minlength=num_classes)[1:] * float(np.prod(spacing)) / 1000
+
+
+@pytest.fixture(scope="module")
+def sample_case():
+    return readers.load_case(readers.discover(SAMPLE).cases[0], {0, 1, 2})
+
+
+def lps_case() -> CaseData:
+    """A case stored LPS-style: array axes (z, y, x) point to (S, P, L), with an anisotropic spacing and an offset."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(6, 9, 11, 2)).astype(np.float32)
+    label = np.zeros((6, 9, 11), np.uint8)
+    label[1:4, 2:5, 3:9] = 1
+    label[4, 6:8, 1:3] = 2
+    affine = geometry.affine_from_sitk((0.8, 0.7, 2.5), (10.0, -20.0, 30.0), np.eye(3).ravel())
+    return CaseData("lps", image, label, affine, {"kind": "sitk"})
+
+
+def test_identity_round_trip_on_the_sample(sample_case):
+    image, label, record = prepare_case(sample_case, RAW, None, ["MRI"])
+    assert image.shape == sample_case.image.shape and record["crop_box"] == [[0, n] for n in label.shape]
+    assert np.array_equal(image, sample_case.image) and np.array_equal(label, sample_case.label)
+    assert np.array_equal(restore_label(label, record), sample_case.label)
+    assert record["source_affine"] == sample_case.affine.tolist() and record["spacing"] == [1.0, 1.0, 1.0]
+
+
+def test_lps_case_is_reoriented_exactly_and_restored():
+    case = lps_case()
+    assert geometry.axcodes(case.affine) == ("S", "P", "L")
+    image, label, record = prepare_case(case, RAW, None, ["a", "b"])
+    assert geometry.axcodes(np.asarray(record["affine"])) == ("S", "A", "R")
+    assert np.array_equal(image, case.image[:, ::-1, ::-1]) and np.array_equal(label, case.label[:, ::-1, ::-1])
+    assert record["source_axcodes"] == ["S", "P", "L"] and record["spacing"] == pytest.approx([2.5, 0.7, 0.8])
+    assert np.array_equal(restore_label(label, record), case.label)
+    world = np.asarray(record["affine"]) @ [0, 0, 0, 1]  # prepared voxel (0, 0, 0) is source voxel (0, 8, 10)
+    assert np.allclose(world, case.affine @ [0, 8, 10, 1])
+
+
+def test_foreground_crop_with_margin_is_recorded_and_undone():
+    case = lps_case()
+    settings = PreprocessSettings(spacing="original", normalize="none", crop="foreground", crop_margin=1)
+    image, label, record = prepare_case(case, settings, None, ["a", "b"])
+    # foreground after flipping y and x: z 1..4, y 1..6 (flipped 2..7), x 2..9 (flipped 1..8), grown by 1
+    assert record["crop_box"] == [[0, 6], [0, 8], [1, 11]] and label.shape == (6, 8, 10)
+    assert np.array_equal(restore_label(label, record), case.label)
+    assert np.array_equal(volume_ml(label, record["spacing"], 3), volume_ml(case.label, case.spacing, 3))
+
+
+def test_upsampling_round_trip_is_exact(sample_case):
+    settings = PreprocessSettings(spacing=[0.5, 0.5, 0.5], normalize="none")
+    image, label, record = prepare_case(sample_case, settings, None, ["MRI"])
+    assert label.shape == tuple(2 * n for n in sample_case.label.shape) and image.shape[:3] == label.shape
+    assert np.allclose(volume_ml(label, record["spacing"], 3), volume_ml(sample_case.label, sample_case.spacing, 3))
+    assert np.array_equal(restore_label(label, record), sample_case.label)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout")
+def test_resampled_liver_keeps_its_volume_within_one_percent():
+    source = readers.discover(SHARED_DATA / "sts_layout" / "lab_petct_vox_5.00mm.h5")
+    case = readers.load_case(source.cases[1], {0, 1})  # STS_102: 8263 liver voxels at 5 mm
+    image, label, record = prepare_case(
+        case, PreprocessSettings(spacing=[3.0, 3.0, 3.0], normalize="none"), None, ["CT"]
+    )
+    assert record["shape"] == [30, 102, 122] and record["spacing"] == pytest.approx([3.0, 2.99, 2.992], abs=1e-3)
+    source_ml, prepared_ml = volume_ml(case.label, case.spacing, 2), volume_ml(label, record["spacing"], 2)
+    assert prepared_ml == pytest.approx(source_ml, rel=0.01)
+    assert np.array_equal(restore_label(label, record), case.label)
+
+
+def test_downsampling_averages_2x2_blocks_and_restores_the_grid():
+    rng = np.random.default_rng(2)
+    label = (rng.random((3, 8, 10)) > 0.7).astype(np.uint8)
+    case = CaseData(
+        "d", rng.normal(size=(3, 8, 10, 1)).astype(np.float32), label, readers.axis_aligned_affine([2, 1, 1])
+    )
+    settings = PreprocessSettings(spacing="original", normalize="none", downsample=2)
+    image, prepared, record = prepare_case(case, settings, None, ["MR"])
+    assert image.shape == (3, 4, 5, 1) and record["downsample"] == 2 and record["spacing"] == [2.0, 2.0, 2.0]
+    blocks = case.image[..., 0].reshape(3, 4, 2, 5, 2).mean(axis=(2, 4))
+    assert np.allclose(image[..., 0], blocks, atol=1e-6)
+    assert np.array_equal(prepared, label[:, 1::2, 1::2])  # nearest picks one voxel of each block
+    assert np.array_equal(restore_label(prepared, record), np.repeat(np.repeat(prepared, 2, axis=1), 2, axis=2))
+
+
+def test_bspline_and_linear_resampling_differ_but_agree_on_labels(sample_case):
+    results = [
+        prepare_case(sample_case, PreprocessSettings(spacing=[0.7] * 3, normalize="none", image_order=o), None, ["MRI"])
+        for o in (1, 3)
+    ]
+    assert not np.allclose(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+def test_probability_predictions_are_restored_by_argmax():
+    case = lps_case()
+    _, label, record = prepare_case(case, PreprocessSettings(spacing=[2.5, 0.35, 0.4], normalize="none"), None, ["a"])
+    probabilities = np.eye(3, dtype=np.float32)[label]
+    assert np.array_equal(restore_label(probabilities, record), case.label)
+
+
+def channel(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).reshape(1, 1, -1, 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "values", "expected"),
+    [
+        (dict(normalize="zscore"), [1, 2, 3, 4], (np.array([1, 2, 3, 4]) - 2.5) / np.sqrt(1.25)),
+        (dict(normalize="minmax"), [2, 4, 6], [0.0, 0.5, 1.0]),
+        (dict(normalize="minmax", window=[0, 10]), [-5, 5, 20], [0.0, 0.5, 1.0]),
+        (dict(normalize="none", window=[-135, 250]), [-1000, 0, 300], [-135, 0, 250]),
+        (dict(normalize="none", clip_percentiles=[0, 50]), [0, 1, 2, 3, 4], [0, 1, 2, 2, 2]),
+        (dict(normalize="zscore_nonzero"), [0, 2, 4, 0], [0.0, -1.0, 1.0, 0.0]),
+        (dict(normalize="zscore_dataset"), [10, 12], [0.0, 1.0]),
+        (dict(normalize="ct"), [-2000, 50, 3000], [-1.0, 0.0, 1.0]),
+        (dict(normalize="auto"), [-2000, 50, 3000], [-1.0, 0.0, 1.0]),
+        (dict(normalize="none", equalize="hist"), [0, 0, 5, 100], [0.5, 0.5, 0.75, 1.0]),
+    ],
+)
+def test_normalisation_values(settings, values, expected):
+    stats = {"0": {"dataset_mean": 10.0, "dataset_std": 2.0, "mean": 50.0, "std": 100.0}}
+    stats["0"].update(percentile_00_5=-50.0, percentile_99_5=150.0)
+    out = normalize_image(channel(values), PreprocessSettings(**settings), {"intensity": stats}, ["CT"])
+    assert out.ravel() == pytest.approx(np.asarray(expected, dtype=float), abs=1e-5)
+
+
+def test_clahe_stays_in_unit_range_and_keeps_order(sample_case):
+    out = normalize_image(sample_case.image, PreprocessSettings(equalize="clahe"), None, ["MRI"])
+    assert out.min() >= 0 and out.max() <= 1
+    flat_in, flat_out = sample_case.image[5, ..., 0].ravel(), out[5, ..., 0].ravel()
+    assert np.corrcoef(flat_in, flat_out)[0, 1] > 0.8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(normalize="ct", equalize="hist"), "cannot follow equalize"),
+        (dict(downsample=0), "downsample must be a positive integer"),
+        (dict(equalize="gamma"), "equalize must be one of"),
+        (dict(image_order=2), "image_order must be 0, 1 or 3"),
+        (dict(window=[5, 1]), "LOW < HIGH"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessSettings(**kwargs)
+
+
+def test_dataset_zscore_needs_fingerprint_statistics():
+    with pytest.raises(ValueError, match="zscore_dataset needs the dataset's mean and std"):
+        normalize_image(channel([1, 2]), PreprocessSettings(normalize="zscore_dataset"), {"intensity": {}}, ["MR"])
+
+
+def test_fingerprint_values_by_hand():
+    first = CaseData(
+        "a",
+        channel([1, 2, 3, 4]).reshape(1, 2, 2, 1),
+        np.array([[[0, 1], [1, 2]]], np.uint8),
+        readers.axis_aligned_affine([2, 1, 1]),
+    )
+    second = CaseData(
+        "b", channel([5, 6]).reshape(1, 1, 2, 1), np.array([[[0, 0]]], np.uint8), readers.axis_aligned_affine([4, 1, 1])
+    )
+    records = [case_fingerprint(first, 3), case_fingerprint(second, 3)]
+    assert records[0]["class_voxels"] == [1, 2, 1] and records[0]["channels"][0]["foreground_sample"] == [2, 3, 4]
+    fingerprint = aggregate_fingerprint(records, {"0": "MR"}, {"0": "background", "1": "a", "2": "b"})
+    assert fingerprint["median_spacing"] == [3.0, 1.0, 1.0] and fingerprint["num_cases"] == 2
+    intensity = fingerprint["intensity"]["0"]
+    assert intensity["mean"] == pytest.approx(3.0) and intensity["std"] == pytest.approx(np.std([2, 3, 4]))
+    assert intensity["dataset_mean"] == pytest.approx(3.5) and intensity["dataset_std"] == pytest.approx(
+        np.std(range(1, 7))
+    )
+    assert intensity["min"] == 1 and intensity["max"] == 6
+    assert fingerprint["class_fraction"] == pytest.approx({"0": 0.5, "1": 2 / 6, "2": 1 / 6})
+    assert fingerprint["cases_with_class"] == {"0": 2, "1": 1, "2": 1}
