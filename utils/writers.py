@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,12 +146,10 @@ def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike)
     """``masks/<id>_seg.dcm``: a DICOM-SEG (one segment per class) referencing the source series.
 
     Segment numbers are the classes ``1..K`` (source values mapped back through ``label_values``), named by the
-    dataset's labels. Series whose files lack the
-    UIDs a SEG must reference get no SEG (a warning says so); ``masks/<id>.nii.gz`` holds the mask anyway.
+    dataset's labels. Series whose files lack the UIDs a SEG must reference get no SEG (a warning says so);
+    ``masks/<id>.nii.gz`` holds the mask anyway.
     """
-    import highdicom as hd
     import pydicom
-    from pydicom.sr.codedict import codes
 
     writer = case["writer"]
     classes = class_indices(mask, writer.get("label_values"))
@@ -160,43 +159,53 @@ def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike)
         log.warning("%s: empty mask, no DICOM-SEG written", case["id"])
         return []
     try:
-        sources = [pydicom.dcmread(f) for f in writer["files"]]
-        for source in sources:
-            if "SpecificCharacterSet" in source and not source.SpecificCharacterSet:
-                del source.SpecificCharacterSet
-        algorithm = hd.AlgorithmIdentificationSequence(
-            name=SOFTWARE[0], version=SOFTWARE[1], family=codes.cid7162.ArtificialIntelligence
-        )
-        descriptions = [
-            hd.seg.SegmentDescription(
-                segment_number=k,
-                segment_label=str(labels.get(str(k), f"label_{k}"))[:64],
-                segmented_property_category=codes.cid7150.Tissue,
-                segmented_property_type=codes.cid7166.ConnectiveTissue,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-            )
-            for k in range(1, count + 1)
-        ]
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=classes.astype(np.uint8 if count < 256 else np.uint16),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=900,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=SOFTWARE[0],
-            manufacturer_model_name=SOFTWARE[0],
-            software_versions=SOFTWARE[1],
-            device_serial_number="0",
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            sources = [pydicom.dcmread(f) for f in writer["files"]]
+            seg = _segmentation(sources, classes, labels, count)
     except (ValueError, KeyError, AttributeError, TypeError) as error:
         log.warning("%s: no DICOM-SEG written (%s: %s)", case["id"], type(error).__name__, error)
         return []
     path = Path(output_dir) / "masks" / f"{case['id']}_seg.dcm"
     return [fileio.write_with(path, lambda tmp: seg.save_as(str(tmp)), suffix=".dcm")]
+
+
+def _segmentation(sources: list, classes: np.ndarray, labels: dict, count: int):
+    """A highdicom BINARY Segmentation of ``classes`` ``(Z, Y, X)`` (frames in the order of ``sources``)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    for source in sources:
+        if "SpecificCharacterSet" in source and not source.SpecificCharacterSet:
+            del source.SpecificCharacterSet  # an empty value, which highdicom refuses
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=SOFTWARE[0], version=SOFTWARE[1], family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=k,
+            segment_label=str(labels.get(str(k), f"label_{k}"))[:64],
+            segmented_property_category=codes.cid7150.Tissue,
+            segmented_property_type=codes.cid7166.ConnectiveTissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for k in range(1, count + 1)
+    ]
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=classes.astype(np.uint8 if count < 256 else np.uint16),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE[0],
+        manufacturer_model_name=SOFTWARE[0],
+        software_versions=SOFTWARE[1],
+        device_serial_number="0",
+    )
 
 
 WRITERS: dict[str, Callable[..., list[Path]]] = {
