@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalize",
         default="auto",
         choices=NORMALIZATIONS,
-        help="auto: z-score per case for MR, dataset-percentile clip + z-score for CT (default)",
+        help="auto: z-score per case for MR, dataset-percentile clip + z-score for CT (default); zscore: per case; "
+        "zscore_dataset: the dataset's mean and std; zscore_nonzero: per case inside the non-zero voxels, 0 outside; "
+        "minmax: to [0, 1] (or the window); none",
     )
     parser.add_argument(
         "--equalize",
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--interpolation",
         default="linear",
         choices=sorted(INTERPOLATIONS),
-        help="image resampling: linear, bspline (cubic) or nearest; labels always use nearest (default: linear)",
+        help="image resampling: linear, bspline (cubic) or nearest; labels use nearest, then each class keeps its "
+        "source volume (default: linear)",
     )
     parser.add_argument(
         "--downsample",
@@ -157,8 +160,8 @@ def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
         "--label-map",
         nargs="+",
         metavar="SRC:DST",
-        help="remap label values before use, e.g. 4:3 (BraTS); classes are then made contiguous 0..K-1 and writers "
-        "put the source values back",
+        help="remap label values before use, e.g. 4:3 (BraTS); classes are then made contiguous 0..K-1, with the "
+        "source values on record as label_values in manifest.json so that masks are written with them",
     )
     group.add_argument(
         "--label-names", nargs="+", metavar="VALUE=NAME", help="names of source label values, e.g. 1=liver 2=spine"

@@ -11,6 +11,7 @@ from utils.preprocessing import (
     case_fingerprint,
     normalize_image,
     prepare_case,
+    resample_label,
     restore_label,
 )
 from utils.readers import CaseData
@@ -89,6 +90,21 @@ def test_resampled_liver_keeps_its_volume_within_one_percent():
     assert np.array_equal(restore_label(label, record), case.label)
 
 
+@pytest.mark.parametrize("shape", [(7, 17, 13), (20, 40, 33), (9, 31, 31)])
+def test_resampled_labels_keep_each_class_volume(shape):
+    label = np.zeros((12, 30, 25), np.uint8)
+    label[2:9, 5:20, 4:15] = 1
+    label[5:7, 22:27, 18:23] = 2
+    label[10, 1, 1] = 3  # one voxel: kept as at least one voxel
+    out = resample_label(label, shape)
+    scale = np.prod(shape) / label.size
+    counts = np.bincount(out.ravel(), minlength=4)
+    assert out.shape == shape and out.dtype == label.dtype
+    assert counts[1] == round(7 * 15 * 11 * scale) and counts[2] == round(2 * 5 * 5 * scale) and counts[3] >= 1
+    nearest = geometry.resize_volume(label, shape, 0)
+    assert np.mean(out == nearest) > 0.97  # only boundary voxels move
+
+
 def test_downsampling_averages_2x2_blocks_and_restores_the_grid():
     rng = np.random.default_rng(2)
     label = (rng.random((3, 8, 10)) > 0.7).astype(np.uint8)
@@ -100,7 +116,7 @@ def test_downsampling_averages_2x2_blocks_and_restores_the_grid():
     assert image.shape == (3, 4, 5, 1) and record["downsample"] == 2 and record["spacing"] == [2.0, 2.0, 2.0]
     blocks = case.image[..., 0].reshape(3, 4, 2, 5, 2).mean(axis=(2, 4))
     assert np.allclose(image[..., 0], blocks, atol=1e-6)
-    assert np.array_equal(prepared, label[:, 1::2, 1::2])  # nearest picks one voxel of each block
+    assert prepared.sum() == round(label.sum() / 4)  # nearest voxels, then the class volume is kept
     assert np.array_equal(restore_label(prepared, record), np.repeat(np.repeat(prepared, 2, axis=1), 2, axis=2))
 
 

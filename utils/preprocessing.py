@@ -49,8 +49,8 @@ class PreprocessSettings:
             after the window and percentile clipping, before ``normalize``.
         crop: ``none``, ``foreground`` (label bounding box, labelled cases only) or ``nonzero`` (image).
         crop_margin: voxels kept around the crop box.
-        image_order: spline order for resampling images: 0 nearest, 1 linear, 3 cubic B-spline (labels are always
-            nearest).
+        image_order: spline order for resampling images: 0 nearest, 1 linear, 3 cubic B-spline (labels: nearest,
+            then each class's volume is restored, see :func:`resample_label`).
         downsample: integer in-plane (Y, X) downsampling factor applied on top of the target spacing (512 → 256
             with 2): the in-plane target spacing is multiplied by it, so images are interpolated with
             ``image_order`` (linear with 2: each pixel is the mean of a 2x2 block) and labels take the nearest
@@ -248,7 +248,7 @@ def prepare_case(
     new_shape = geometry.resampled_shape(cropped_shape, spacing, new_spacing)
     image = geometry.resize_volume(image, new_shape, settings.image_order)
     if label is not None:
-        label = geometry.resize_volume(label, new_shape, 0)
+        label = resample_label(label, new_shape)
     image = normalize_image(image, settings, fingerprint, channel_names)
     new_affine = geometry.resampled_affine(crop_affine, cropped_shape, new_shape)
     record = {
@@ -266,6 +266,71 @@ def prepare_case(
         "affine": new_affine.tolist(),
     }
     return image.astype(np.float32, copy=False), label, record
+
+
+def resample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a ``(Z, Y, X)`` label map onto ``shape`` (same field of view) keeping each class's volume.
+
+    Nearest-neighbour resampling first; then each class is brought to the voxel count that holds its source volume
+    (``count * new voxels / old voxels``, rounded, at least one voxel for a class that is present): surplus voxels
+    with the lowest linearly interpolated class fraction go to background, missing ones are taken from background
+    voxels with the highest fraction. Integer upsampling needs no change, so it stays an exact inverse of nearest
+    downsampling (:func:`restore_label`).
+
+    Returns:
+        The resampled label map, same dtype.
+    """
+    shape = tuple(int(n) for n in shape)
+    out = geometry.resize_volume(label, shape, 0)
+    if tuple(label.shape) == shape:
+        return out
+    scale = float(np.prod(shape)) / float(np.prod(label.shape))
+    counts = np.bincount(label.ravel().astype(np.int64))
+    new_counts = np.bincount(out.ravel().astype(np.int64), minlength=len(counts))
+    for value in np.flatnonzero(counts)[1:] if counts.size > 1 else []:
+        target = max(1, int(round(counts[value] * scale)))
+        if new_counts[value] != target:
+            _adjust_class(out, label, int(value), target - int(new_counts[value]))
+    return out
+
+
+def _adjust_class(out: np.ndarray, label: np.ndarray, value: int, change: int) -> None:
+    """Add (``change > 0``) or remove voxels of class ``value`` in ``out``, ranked by its interpolated fraction."""
+    box = geometry.bounding_box(label == value)
+    target_box = []
+    for (start, stop), old, new in zip(box, label.shape, out.shape, strict=True):
+        ratio = new / old
+        target_box.append([max(0, int(np.floor(start * ratio)) - 1), min(new, int(np.ceil(stop * ratio)) + 1)])
+    fraction = _linear_fraction(label == value, out.shape, target_box)
+    region = np.array(geometry.crop(out, target_box))
+    if change < 0:
+        candidates = np.flatnonzero(region == value)
+        chosen = candidates[np.argsort(fraction.ravel()[candidates], kind="stable")[:-change]]
+        fill = 0
+    else:
+        candidates = np.flatnonzero((region == 0) & (fraction > 0))
+        chosen = candidates[np.argsort(-fraction.ravel()[candidates], kind="stable")[:change]]
+        fill = value
+    region.reshape(-1)[chosen] = fill
+    out[tuple(slice(a, b) for a, b in target_box)] = region
+
+
+def _linear_fraction(mask: np.ndarray, shape: Sequence[int], box: Sequence[Sequence[int]]) -> np.ndarray:
+    """Linear interpolation of a boolean ``mask`` at the voxel centres of ``box`` on a grid of ``shape`` (edges of both
+    grids aligned, as :func:`utils.geometry.resize_volume` does)."""
+    axes = []
+    for (start, stop), old, new in zip(box, mask.shape, shape, strict=True):
+        position = np.clip((np.arange(start, stop) + 0.5) * old / new - 0.5, 0, old - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, old - 1)
+        axes.append((low, high, (position - low).astype(np.float32)))
+    result = np.zeros([b - a for a, b in box], dtype=np.float32)
+    for corner in range(8):
+        picks = [axes[a][(corner >> a) & 1] for a in range(3)]
+        weights = [axes[a][2] if (corner >> a) & 1 else 1 - axes[a][2] for a in range(3)]
+        weight = weights[0][:, None, None] * weights[1][None, :, None] * weights[2][None, None, :]
+        result += weight * mask[np.ix_(*picks)]
+    return result
 
 
 def _crop_box(image: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings) -> list[list[int]]:

@@ -158,6 +158,7 @@ def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike)
     if count == 0:
         log.warning("%s: empty mask, no DICOM-SEG written", case["id"])
         return []
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
