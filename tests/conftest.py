@@ -11,3 +11,19 @@ SAMPLE = ROOT / "data" / "hippocampus_sample"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory):
+    """The shipped sample prepared once per test session with the demo's split (28 / 6 / 6 cases)."""
+    import data_gen
+
+    out = tmp_path_factory.mktemp("prepared") / "hippocampus"
+    code = data_gen.main(
+        ["--input", str(SAMPLE), "--output", str(out), "--split", "0.7", "0.15", "0.15", "--workers", "2"]
+    )
+    assert code == 0
+    return out

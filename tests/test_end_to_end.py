@@ -6,23 +6,16 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SAMPLE
 
-import data_gen
 import evaluation
 import train
 
 DICE_FLOOR = 0.6  # an untrained or broken model scores below 0.1 on these cases; a short run reaches ~0.75
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "data"
-    code = data_gen.main(
-        ["--input", str(SAMPLE), "--output", str(out), "--split", "0.7", "0.15", "0.15", "--workers", "2"]
-    )
-    assert code == 0
-    return out
+@pytest.fixture()
+def prepared(prepared_sample):
+    return prepared_sample
 
 
 def test_data_gen_writes_the_prepared_dataset(prepared):

@@ -64,7 +64,8 @@ def check_compatible(config: dict, dataset: PreparedDataset) -> None:
         )
     if config.get("num_channels") != dataset.num_channels:
         raise ValueError(
-            f"{dataset.path}: {dataset.num_channels} channel(s), but the run was trained on {config.get('num_channels')}"
+            f"{dataset.path}: {dataset.num_channels} channel(s), "
+            f"but the run was trained on {config.get('num_channels')}"
         )
 
 

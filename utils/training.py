@@ -26,7 +26,7 @@ from utils import fileio
 from utils.dataset import PreparedDataset
 from utils.inference import predict_volume
 from utils.losses import get_loss
-from utils.metrics import compute_case_metrics
+from utils.metrics import MeanForegroundDice, compute_case_metrics
 from utils.plots import plot_curves
 from utils.sampling import PatchSampler, random_flips
 
@@ -347,7 +347,11 @@ def train(config_overrides: dict) -> dict:
         model = load_model(run_dir / "last.keras")
     else:
         model = build(config, dataset.num_channels, dataset.num_classes)
-        model.compile(optimizer=make_optimizer(config), loss=get_loss(config["loss"], **config["loss_args"]))
+        model.compile(
+            optimizer=make_optimizer(config),
+            loss=get_loss(config["loss"], **config["loss_args"]),
+            metrics=[MeanForegroundDice(dataset.num_classes)],
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     fileio.write_json(run_dir / "config.json", config)
     fileio.write_text(run_dir / "model_summary.txt", model_zoo.model_summary_text(model))
