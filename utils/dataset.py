@@ -50,7 +50,7 @@ class PreparationError(RuntimeError):
 def _source_key(spec: dict) -> dict:
     """Size and modification time of every source file of a case (changes invalidate cached results)."""
     stats = {}
-    for path in [*spec.get("image", []), spec.get("label")]:
+    for path in [*spec.get("image", []), spec.get("label"), *spec.get("masks", [])]:
         if path and os.path.exists(path):
             st = os.stat(path)
             stats[str(path)] = [st.st_size, int(st.st_mtime_ns)]
@@ -80,7 +80,7 @@ def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descr
 
 
 def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str) -> tuple:
-    key = _digest(spec, _source_key(spec), "fingerprint-v1")
+    key = _digest(spec, _source_key(spec), "fingerprint-v2")
     cache = Path(cache_dir) / f"{spec['id']}.json"
     if cache.is_file():
         try:
