@@ -1,9 +1,19 @@
 """Sliding-window inference: exact reproduction of an identity model, windows, blending, mirroring."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
-from utils.inference import importance_map, predict_volume, sliding_window, window_starts
+from utils.geometry import resize_volume
+from utils.inference import (
+    importance_map,
+    output_dtype,
+    predict_volume,
+    probabilities_to_labels,
+    sliding_window,
+    window_starts,
+)
 
 
 def one_hot_identity(num_classes):
@@ -72,3 +82,82 @@ def test_gaussian_blending_weights_window_centres_more():
     out = sliding_window(image, predict, (8,), 2, overlap=0.5, blend="gaussian", batch_size=1)
     assert out[0, 2, 1] < 0.5 < out[0, 9, 1]
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.75])
+def test_identity_is_reproduced_for_other_overlaps(overlap):
+    labels = np.random.default_rng(1).integers(0, 4, size=(11, 30, 23))
+    probabilities = predict_volume(
+        None, labels[..., None].astype(np.float32), (6, 8, 8), 4, overlap=overlap, predict=one_hot_identity(4)
+    )
+    np.testing.assert_allclose(probabilities, np.eye(4)[labels], atol=1e-6)
+
+
+def test_2d_windows_of_several_slices_share_a_batch():
+    sizes = []
+
+    def predict(batch):
+        sizes.append(batch.shape)
+        return one_hot_identity(2)(batch)
+
+    labels = np.random.default_rng(2).integers(0, 2, size=(10, 8, 8))
+    out = predict_volume(None, labels[..., None].astype(np.float32), (8, 8), 2, batch_size=4, predict=predict)
+    assert sizes == [(4, 8, 8, 1), (4, 8, 8, 1), (2, 8, 8, 1)]
+    np.testing.assert_array_equal(out.argmax(-1), labels)
+
+
+def test_float16_output_agrees_with_float32():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(20, 24, 24, 1)).astype(np.float32)
+
+    def soft(batch):
+        logits = np.concatenate([batch, -batch, 0.5 * batch], axis=-1)
+        return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+    full = predict_volume(None, image, (8, 16, 16), 3, predict=soft, dtype="float32")
+    half = predict_volume(None, image, (8, 16, 16), 3, predict=soft, dtype="float16")
+    assert full.dtype == np.float32 and half.dtype == np.float16
+    np.testing.assert_allclose(half, full, atol=2e-3)
+
+
+def test_output_dtype_switches_to_float16_for_large_outputs():
+    assert output_dtype((300, 512, 512, 3)) == np.float32  # 0.94 GB
+    assert output_dtype((300, 512, 512, 8)) == np.float16  # 2.5 GB in float32
+    with pytest.raises(ValueError, match="float32 or float16"):
+        output_dtype((2, 2), "int8")
+
+
+def test_peak_memory_is_the_output_plus_one_batch(tmp_path):
+    """A memory-mapped 64x192x192 volume, 32x64x64 windows, 4 classes, float16 output: tracemalloc sees the output
+    (18.9 MB) and one batch of windows, not a float32 output plus a volume of summed weights (47 MB)."""
+    shape, patch, classes, batch_size = (64, 192, 192), (32, 64, 64), 4, 2
+    path = tmp_path / "image.npy"
+    np.save(path, np.zeros((*shape, 1), dtype=np.float32))
+    image = np.load(path, mmap_mode="r")
+    window = np.full((batch_size, *patch, classes), 0.25, dtype=np.float32)
+    tracemalloc.start()
+    out = predict_volume(
+        None, image, patch, classes, batch_size=batch_size, predict=lambda b: window[: len(b)], dtype="float16"
+    )
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    output_bytes = np.prod(shape) * classes * 2
+    batch_bytes = window.nbytes
+    assert out.dtype == np.float16 and out.shape == (*shape, classes)
+    np.testing.assert_allclose(out[::7, ::7, ::7].astype(np.float32), 0.25, atol=1e-3)
+    assert peak < output_bytes + 4 * batch_bytes, (peak, output_bytes, batch_bytes)
+    assert peak < 0.5 * np.prod(shape) * (classes + 1) * 4
+
+
+def test_probabilities_to_labels_matches_resampling_all_classes_at_once():
+    rng = np.random.default_rng(4)
+    probabilities = rng.dirichlet(np.ones(3), size=(6, 9, 7)).astype(np.float32)
+    shape = (12, 14, 10)
+    expected = np.argmax(resize_volume(probabilities, shape, 1), axis=-1)
+    np.testing.assert_array_equal(probabilities_to_labels(probabilities, shape), expected)
+    np.testing.assert_array_equal(probabilities_to_labels(probabilities, (6, 9, 7)), probabilities.argmax(-1))
+
+
+def test_a_predict_function_with_the_wrong_output_shape_is_named():
+    with pytest.raises(ValueError, match="predict returned shape"):
+        predict_volume(None, np.zeros((4, 8, 8, 1), np.float32), (8, 8), 3, predict=lambda b: b)
