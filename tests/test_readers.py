@@ -276,7 +276,7 @@ def make_brats(root, cases=("BraTS20_001", "BraTS20_002"), modalities=("flair", 
         folder = root / case
         folder.mkdir(parents=True)
         for c, modality in enumerate(modalities):
-            write_nifti(folder / f"{case}{sep}{modality}.nii.gz", np.full((3, 4, 5), 10 * c + i, np.float32))
+            write_nifti(folder / f"{case}{sep}{modality}.nii.gz", np.full((3, 4, 5), 10 * c + i + 1, np.float32))
         label = np.zeros((3, 4, 5), np.uint8)
         label[0, 0, :4] = [1, 2, 4, 4]
         write_nifti(folder / f"{case}{sep}seg.nii.gz", label)
@@ -291,7 +291,7 @@ def test_brats_folders_give_four_channels_and_classes(tmp_path, label_map):
     assert source.channels == {"0": "FLAIR", "1": "T1", "2": "T1CE", "3": "T2"}
     assert source.labels["3"] == "enhancing tumour" and source.label_values == [0, 1, 2, 4]
     case = readers.load_case(source.cases[1], {0, 1, 2, 3})
-    assert case.image[0, 0, 0].tolist() == [1.0, 11.0, 21.0, 31.0]
+    assert case.image[0, 0, 0].tolist() == [2.0, 12.0, 22.0, 32.0]
     assert counts_by_value(case.label) == {0: 56, 1: 1, 2: 1, 3: 2}
 
 

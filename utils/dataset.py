@@ -26,7 +26,7 @@ from tqdm import tqdm
 from utils import fileio
 from utils.exports import ExportSettings, export_dataset
 from utils.preprocessing import PreprocessSettings, aggregate_fingerprint, case_fingerprint, prepare_case
-from utils.readers import DatasetSource, load_case
+from utils.readers import CaseError, DatasetSource, load_case
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
@@ -79,7 +79,28 @@ def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descr
     return results
 
 
-def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str) -> tuple:
+def _load_checked(spec: dict, allowed: set, num_channels: int):
+    """Read a case and check it has the dataset's number of channels and is not all zero."""
+    case = load_case(spec, allowed)
+    if not case.image.any():
+        raise CaseError(f"{spec['image'][0] if spec.get('image') else spec['id']}: image is all zero")
+    if case.image.shape[-1] != num_channels:
+        raise CaseError(
+            f"{spec['image'][0] if spec.get('image') else spec['id']}: image has {case.image.shape[-1]} channel(s) "
+            f"(shape {case.image.shape[:-1]} x {case.image.shape[-1]}), the dataset lists {num_channels}"
+        )
+    return case
+
+
+def _failure_message(spec: dict, error: Exception) -> str:
+    """A one-line message naming the case's file for any error a reader raised (no traceback)."""
+    if isinstance(error, ValueError | OSError):
+        return str(error)
+    files = ", ".join(str(p) for p in [*spec.get("image", []), spec.get("label")] if p) or spec["id"]
+    return f"{files}: cannot read ({type(error).__name__}: {error})"
+
+
+def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str, num_channels: int) -> tuple:
     key = _digest(spec, _source_key(spec), "fingerprint-v2")
     cache = Path(cache_dir) / f"{spec['id']}.json"
     if cache.is_file():
@@ -90,9 +111,9 @@ def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str)
         except ValueError:
             pass
     try:
-        record = case_fingerprint(load_case(spec, allowed), num_classes)
-    except (ValueError, OSError) as error:
-        return "error", str(error)
+        record = case_fingerprint(_load_checked(spec, allowed, num_channels), num_classes)
+    except Exception as error:  # any reader failure is this case's failure, reported with its file
+        return "error", _failure_message(spec, error)
     fileio.write_json(cache, {"key": key, "record": record})
     return "ok", record
 
@@ -119,10 +140,10 @@ def _prepare_job(
         except (ValueError, KeyError):
             pass
     try:
-        case = load_case(spec, allowed)
+        case = _load_checked(spec, allowed, len(channel_names))
         image, label, record = prepare_case(case, settings_obj, fingerprint, channel_names)
-    except (ValueError, OSError) as error:
-        return "error", str(error)
+    except Exception as error:  # any reader failure is this case's failure, reported with its file
+        return "error", _failure_message(spec, error)
     image_rel = f"volumes/{spec['id']}_image.npy"
     fileio.write_npy(out / image_rel, image)
     label_rel = None
@@ -197,15 +218,19 @@ def prepare_dataset(
     Raises:
         PreparationError: after writing every case that worked and the dataset files, when some cases failed.
     """
-    out = Path(output)
+    out = fileio.check_writable(output)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
+    fileio.remove_stale_temporaries(out)
     allowed = {int(k) for k in source.labels}
     num_classes = max(allowed) + 1
     cache_dir = str(out / ".cache")
     failures = []
 
     results = _run_parallel(
-        _fingerprint_job, [(s, allowed, num_classes, cache_dir) for s in source.cases], workers, "fingerprint"
+        _fingerprint_job,
+        [(s, allowed, num_classes, cache_dir, len(source.channels)) for s in source.cases],
+        workers,
+        "fingerprint",
     )
     records = []
     for spec, (status, value) in zip(source.cases, results, strict=True):

@@ -98,6 +98,36 @@ def _fsync(path: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove that a file can be written there, before any work starts.
+
+    Raises:
+        OutputError: the folder cannot be created or written (permissions, read-only or full disk).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write into {folder}: {error.strerror}") from error
+    return folder
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files that an interrupted run left in ``folder`` (recursively); returns how many.
+
+    Only names this module creates are touched: a leading dot and a ``.tmp`` part, e.g. ``.case_01.x1y2.tmp.npy``.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp*"):
+        if path.is_file() and ".tmp" in path.name:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any], suffix: str | None = None) -> Path:
     """Atomically write ``path`` by calling ``writer(temporary_path)``."""
     with atomic_path(path, suffix) as tmp:

@@ -1,0 +1,288 @@
+"""Reliability of data_gen.py: killed anywhere it resumes to the same bytes; bad input gets a clear error and the
+other cases finish; an unwritable or full disk stops with a clear error without losing finished cases."""
+
+import errno
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT, SAMPLE, SHARED_DATA
+
+import data_gen
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def start_data_gen(output: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        str(ROOT / "data_gen.py"),
+        "--input",
+        str(SAMPLE),
+        "--output",
+        str(output),
+        "--workers",
+        "1",
+    ]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+    """SIGKILL ``process`` as soon as ``ready()`` holds; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if ready():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    raise AssertionError("data_gen.py did not reach the kill point in time")
+
+
+@pytest.fixture(scope="module")
+def reference_output(tmp_path_factory):
+    output = tmp_path_factory.mktemp("reference") / "out"
+    process = start_data_gen(output)
+    assert process.wait() == 0, process.stderr.read().decode()
+    return tree_bytes(output)
+
+
+def volumes(output: Path) -> int:
+    folder = output / "volumes"
+    return len(list(folder.glob("*.npy"))) if folder.is_dir() else 0
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        pytest.param(
+            lambda out: (out / ".cache").is_dir() and len(list((out / ".cache").iterdir())) >= 5,
+            id="during-fingerprint",
+        ),
+        pytest.param(lambda out: volumes(out) >= 3, id="early-prepare"),
+        pytest.param(lambda out: volumes(out) >= 41, id="mid-prepare"),
+        pytest.param(lambda out: volumes(out) >= 70, id="late-prepare"),
+    ],
+)
+def test_killed_data_gen_resumes_to_identical_bytes(tmp_path, reference_output, moment):
+    output = tmp_path / "out"
+    killed = kill_when(start_data_gen(output), lambda: moment(output))
+    assert killed, "data_gen.py finished before the kill point"
+    leftovers = [p for p in output.rglob("*") if p.is_file() and ".tmp" not in p.name]
+    for path in leftovers:  # every file under a final name is complete: its bytes equal the reference's
+        relative = str(path.relative_to(output))
+        if relative in reference_output and not relative.startswith(".cache"):
+            assert path.read_bytes() == reference_output[relative], relative
+    rerun = start_data_gen(output)
+    assert rerun.wait() == 0, rerun.stderr.read().decode()
+    result = tree_bytes(output)
+    assert sorted(result) == sorted(reference_output)
+    assert all(result[k] == reference_output[k] for k in result)
+
+
+def make_msd(root: Path, cases: int = 3) -> Path:
+    """A small MSD folder with ``cases`` copies of sample cases; returns its root."""
+    meta = json.loads((SAMPLE / "dataset.json").read_text())
+    meta["training"] = meta["training"][:cases]
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for entry in meta["training"]:
+        for key in ("image", "label"):
+            shutil.copy(SAMPLE / entry[key], root / entry[key])
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def first_case(root: Path) -> tuple[Path, Path]:
+    entry = json.loads((root / "dataset.json").read_text())["training"][0]
+    return root / entry["image"], root / entry["label"]
+
+
+def save_like(path: Path, data: np.ndarray, affine=None, reference: Path | None = None):
+    affine = nib.load(reference).affine if reference is not None else (np.eye(4) if affine is None else affine)
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def damage_truncate(root):
+    image, _ = first_case(root)
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    return image.name, "cannot read NIfTI"
+
+
+def damage_garbage(root):
+    image, _ = first_case(root)
+    image.write_bytes(gzip.compress(os.urandom(2000)))
+    return image.name, "cannot read NIfTI"
+
+
+def damage_nan(root):
+    image, _ = first_case(root)
+    data = np.asanyarray(nib.load(image).dataobj).astype(np.float32)
+    data[1, 2, 3] = np.nan
+    save_like(image, data, reference=image)
+    return image.name, "NaN or Inf"
+
+
+def damage_all_zero(root):
+    image, _ = first_case(root)
+    save_like(image, np.zeros(nib.load(image).shape, np.float32), reference=image)
+    return image.name, "all zero"
+
+
+def damage_2d(root):
+    image, _ = first_case(root)
+    save_like(image, np.ones((20, 30), np.float32))
+    return image.name, "expected a 3D"
+
+
+def damage_4d(root):
+    image, _ = first_case(root)
+    data = np.asanyarray(nib.load(image).dataobj).astype(np.float32)
+    save_like(image, np.stack([data, data], axis=-1), reference=image)
+    return image.name, "2 channel"
+
+
+def damage_label_values(root):
+    _, label = first_case(root)
+    data = np.asanyarray(nib.load(label).dataobj).astype(np.uint8)
+    data[0, 0, 0] = 7
+    save_like(label, data, reference=label)
+    return label.name, "not among the dataset's labels"
+
+
+def damage_shape(root):
+    _, label = first_case(root)
+    data = np.asanyarray(nib.load(label).dataobj)
+    save_like(label, data[:-2], reference=label)
+    return label.name, "shape"
+
+
+def damage_geometry(root):
+    _, label = first_case(root)
+    reference = nib.load(label)
+    affine = reference.affine.copy()
+    affine[:3, :3] *= 1.5
+    save_like(label, np.asanyarray(reference.dataobj), affine=affine)
+    return label.name, "geometry"
+
+
+def damage_missing_label(root):
+    _, label = first_case(root)
+    label.unlink()
+    return label.name, "does not exist"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        damage_truncate,
+        damage_garbage,
+        damage_nan,
+        damage_all_zero,
+        damage_2d,
+        damage_4d,
+        damage_label_values,
+        damage_shape,
+        damage_geometry,
+    ],
+)
+def test_a_damaged_case_is_named_and_the_others_finish(tmp_path, capsys, damage):
+    root = make_msd(tmp_path / "raw")
+    file_name, phrase = damage(root)
+    output = tmp_path / "out"
+    assert data_gen.main(["--input", str(root), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert file_name in err and phrase in err, err
+    assert "Traceback" not in err
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 2  # the two intact cases were written
+
+
+def test_a_dataset_json_naming_a_missing_file_stops_before_work(tmp_path, capsys):
+    root = make_msd(tmp_path / "raw")
+    file_name, phrase = damage_missing_label(root)
+    assert data_gen.main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert file_name in err and phrase in err and "dataset.json" in err
+
+
+def test_an_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    root = make_msd(tmp_path / "raw")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"] = []
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert data_gen.main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert "lists no cases" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..hidden", "-flag"])
+def test_unsafe_case_ids_are_refused(tmp_path, capsys, name):
+    root = make_msd(tmp_path / "raw", cases=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0]["image"] = f"./imagesTr/{name}.nii.gz"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert data_gen.main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "case id" in err or "does not exist" in err
+    assert not (tmp_path / "escape").exists()
+
+
+def test_unwritable_output_is_refused_before_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert data_gen.main(["--input", str(SAMPLE), "--output", str(blocker / "out")]) == 2
+    assert "cannot write into" in capsys.readouterr().err
+
+
+def test_disk_full_stops_with_a_clear_error_and_keeps_finished_cases(tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out"
+    real_save = np.save
+    calls = {"n": 0}
+
+    def save_until_full(handle, array, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(handle, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    assert data_gen.main(["--input", str(SAMPLE), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not [p for p in output.rglob("*.tmp*")]  # no temporary left behind
+    finished = sorted(p.name for p in (output / "volumes").glob("*.json"))
+    assert len(finished) == 3  # three complete cases (image + label each) survive for the rerun
+    monkeypatch.setattr(np, "save", real_save)
+    assert data_gen.main(["--input", str(SAMPLE), "--output", str(output)]) == 0
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "totalsegmentator").is_dir(), reason="needs ../shared/data")
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, capsys):
+    series = tmp_path / "series"
+    shutil.copytree(SHARED_DATA / "totalsegmentator" / "example_ct_dicom", series)
+    files = sorted(series.iterdir())
+    middle = sorted(files, key=lambda p: p.name)[len(files) // 2]
+    import pydicom
+
+    positions = sorted((float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]), p) for p in files)
+    positions[len(positions) // 2][1].unlink()
+    assert middle  # a slice in the middle of the stack is gone
+    code = data_gen.main(["--input", str(series), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "spacing" in err.lower() or "missing" in err.lower() or "uneven" in err.lower(), err
