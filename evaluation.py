@@ -1,10 +1,22 @@
-"""Predict with a trained run, write masks in the source images' geometry, and score them.
+"""Predict with a trained run, write masks in the source images' geometry, score them, draw them, report.
 
-Example:
+Examples:
     python evaluation.py --run runs/hippocampus --data data/hippocampus --split test --output results/hippocampus
+    python evaluation.py --run runs/hippocampus --data data/hippocampus --tta --postprocess auto --output results/h
+    python evaluation.py --run runs/ct --input new_scans/ --format dicom --output results/new_scans
+    python evaluation.py --run runs/brats --data data/brats --output results/brats \\
+        --regions '{"whole_tumour": [1, 2, 3], "tumour_core": [1, 3], "enhancing": [3]}'
 
-Writes masks/<id>.nii.gz (same shape, spacing, origin and direction as the source image), metrics.csv (one row per
-case and class), summary.json (per-class statistics and the foreground mean) and dice_boxplot.png into --output.
+With --data, a split of a prepared dataset (data_gen.py) is predicted and scored against its labels. With --input,
+raw images of any supported format (NIfTI/MSD, NRRD/MHA, DICOM, HDF5, BraTS, PNG) are read and prepared exactly as
+the run's training data was (settings from the training dataset's manifest.json and fingerprint.json), predicted,
+and scored when they have labels.
+
+Writes into --output: masks/<id>.nii.gz on the source grid (same shape, spacing, origin, direction) plus a copy in
+the source's own format where it has one (NRRD/MHA, .h5, PNG slices, DICOM-SEG); metrics.csv (one row per case and
+class or region); summary.json (per class and region: mean, std, median, quartiles, empty cases; the foreground
+mean; the settings); dice_boxplot.png; overlays/<id>.png and overlays/<id>.gif; report.html (one self-contained page).
+Per-case results are kept in cases/<id>.json: a rerun with the same settings resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,53 +30,188 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
+FORMATS = ("auto", "msd", "files", "hdf5", "brats", "dicom", "png")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by train.py (runs/NAME)")
-    parser.add_argument("--data", required=True, help="prepared dataset folder written by data_gen.py (data/NAME)")
-    parser.add_argument("--split", default="test", help="train, val, test or all (default: test)")
-    parser.add_argument("--output", required=True, help="results folder to write (results/NAME)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: 0.5)")
     parser.add_argument(
+        "--data",
+        help="prepared dataset folder written by data_gen.py (data/NAME) whose --split is evaluated; with --input, "
+        "the run's training dataset when it is no longer where the run's config.json says",
+    )
+    parser.add_argument("--input", help="raw images to predict (a folder or file of any supported format)")
+    parser.add_argument("--split", default="test", help="with --data: train, val, test or all (default: test)")
+    parser.add_argument("--output", required=True, help="results folder to write (results/NAME)")
+    _add_inference_flags(parser)
+    _add_postprocess_flags(parser)
+    _add_scoring_flags(parser)
+    _add_reader_flags(parser)
+    return parser
+
+
+def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inference")
+    group.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
+    group.add_argument(
         "--blend",
         choices=["gaussian", "constant"],
         default="gaussian",
-        help="weighting of overlapping windows (default: gaussian)",
+        help="weighting of overlapping windows: gaussian (sigma = patch/8) or constant (default: gaussian)",
     )
-    parser.add_argument("--tta", action="store_true", help="average over all mirrored copies of the input")
-    parser.add_argument(
+    group.add_argument(
+        "--tta", action="store_true", help="test-time mirroring: average over all flips (4 in 2D, 8 in 3D)"
+    )
+    group.add_argument("--batch-size", type=int, help="windows per model call (default: the run's batch size)")
+    group.add_argument(
+        "--pictures",
+        choices=["all", "overlays", "none"],
+        default="all",
+        help="per-case pictures: all (overlays/<id>.png and an animated .gif), overlays (png only) or none "
+        "(default: all)",
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_postprocess_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("post-processing")
+    group.add_argument(
+        "--postprocess",
+        choices=["none", "lcc", "auto"],
+        default="none",
+        help="lcc: keep the largest connected component of every class; auto: only for the classes where that "
+        "raises the mean dice on the training dataset's validation split (decided once, stored in the run folder's "
+        "postprocessing.json) (default: none)",
+    )
+    group.add_argument(
+        "--min-size",
+        metavar="SIZE",
+        help="remove connected components smaller than SIZE: voxels (50), mm3 (30mm3) or ml (0.5ml)",
+    )
+    group.add_argument(
+        "--connectivity",
+        type=int,
+        choices=[1, 2, 3],
+        default=1,
+        help="neighbours of connected components: 1 faces, 2 edges, 3 corners (default: 1)",
+    )
+
+
+def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring")
+    group.add_argument(
         "--metrics",
         nargs="+",
         choices=METRIC_NAMES,
-        default=["dice", "iou", "hd95", "assd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml"],
-        help="metrics to compute (default: all but nsd)",
+        default=list(METRIC_NAMES),
+        help="metrics to compute (default: all)",
     )
-    return parser
+    group.add_argument("--nsd-tolerance", type=float, default=1.0, help="tolerance of nsd in mm (default: 1)")
+    group.add_argument(
+        "--regions",
+        metavar="JSON",
+        help="regions scored besides the classes, as label values of the masks, "
+        'e.g. \'{"whole_tumour": [1, 2, 4], "tumour_core": [1, 4]}\'',
+    )
+
+
+def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reading --input (as in data_gen.py)")
+    group.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: auto)")
+    group.add_argument("--label", metavar="PATH", help="labels apart from the images (one DICOM series, PNG masks)")
+    group.add_argument("--image-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of images")
+    group.add_argument("--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels")
+    group.add_argument("--patient-pattern", metavar="REGEX", help="patient (and PNG slice) pattern in file names")
+    group.add_argument("--hdf5-image-keys", nargs="+", metavar="KEY", help="HDF5 image datasets or groups")
+    group.add_argument("--hdf5-label-key", metavar="KEY", help="HDF5 label dataset or group")
+    group.add_argument(
+        "--source-spacing", nargs="+", type=float, metavar="MM", help="voxel spacing Z Y X of HDF5 and PNG inputs"
+    )
+
+
+def parse_regions(text: str | None) -> dict:
+    """``--regions`` JSON into ``{name: [label values]}``.
+
+    Raises:
+        ValueError: text that is not a JSON object.
+    """
+    if not text:
+        return {}
+    try:
+        regions = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--regions must be a JSON object such as '{{\"whole_tumour\": [1, 2, 4]}}': {error}"
+        ) from error
+    if not isinstance(regions, dict):
+        raise ValueError(f"--regions must be a JSON object of name: [label values], got {text!r}")
+    return regions
+
+
+def options_from_args(args: argparse.Namespace):
+    """The :class:`utils.evaluate.Options` of the flags (raises ValueError on bad values)."""
+    from utils.evaluate import Options
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.overlap < 1:
+        raise ValueError(f"--overlap must be within [0, 1), got {args.overlap}")
+    return Options(
+        overlap=args.overlap,
+        blend=args.blend,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        postprocess=args.postprocess,
+        min_size=args.min_size,
+        connectivity=args.connectivity,
+        regions=parse_regions(args.regions),
+        metrics=list(dict.fromkeys(args.metrics)),
+        nsd_tolerance=args.nsd_tolerance,
+        pictures=args.pictures,
+        progress=not args.quiet,
+    )
+
+
+def reader_options(args: argparse.Namespace) -> dict:
+    return {
+        "label": args.label,
+        "image_pattern": args.image_pattern,
+        "label_pattern": args.label_pattern,
+        "patient_pattern": args.patient_pattern,
+        "hdf5_image_keys": args.hdf5_image_keys,
+        "hdf5_label_key": args.hdf5_label_key,
+        "source_spacing": args.source_spacing,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.data and not args.input:
+        parser.error("give --data (a prepared dataset to evaluate) or --input (new images to predict)")
     try:
-        from utils.evaluate import evaluate
+        options = options_from_args(args)
+        if args.input:
+            from utils.predict import predict_images
 
-        summary = evaluate(
-            args.run,
-            args.data,
-            args.output,
-            split=args.split,
-            overlap=args.overlap,
-            blend=args.blend,
-            tta=args.tta,
-            metrics=args.metrics,
-        )
+            summary = predict_images(
+                args.run, args.input, args.output, args.format, reader_options(args), args.data, options
+            )
+        else:
+            from utils.evaluate import evaluate
+
+            summary = evaluate(args.run, args.data, args.output, split=args.split, options=options)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"evaluation.py: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"cases": summary["num_cases"], "foreground_mean": summary["foreground_mean"]}, indent=2))
-    print(f"Masks, metrics.csv, summary.json and dice_boxplot.png are in {args.output}")
+    print(f"Masks, metrics.csv, summary.json, overlays and report.html are in {args.output}")
+    if summary["failures"]:
+        for failure in summary["failures"]:
+            print(f"evaluation.py: case {failure['id']} failed: {failure['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

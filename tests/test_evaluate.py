@@ -1,10 +1,21 @@
-"""Evaluation summaries and compatibility checks, with hand-computed values."""
+"""Evaluation: summaries with hand-computed values, compatibility checks, and a whole evaluation of a synthetic
+dataset whose images spell out their labels, so that a fake model predicts them exactly (no training needed)."""
 
+import csv
+import json
 import math
 
+import nibabel as nib
+import numpy as np
 import pytest
 
-from utils.evaluate import check_compatible, summarize
+import data_gen
+from utils.evaluate import Options, check_compatible, check_regions, evaluate, summarize
+
+LABELS = {"0": "background", "1": "core", "2": "rim"}
+SHAPE_IJK = (16, 20, 12)
+# i runs posterior at 1.2 mm, j right at 0.9 mm, k superior at 2.5 mm: the prepared grid is reoriented.
+AFFINE = np.array([[0, 0.9, 0, -10.0], [-1.2, 0, 0, 30.0], [0, 0, 2.5, -5.0], [0, 0, 0, 1]])
 
 
 def record(case_id, dice_1, dice_2):
@@ -32,6 +43,21 @@ def test_summary_statistics_and_the_empty_rule():
     assert "NaN" in summary["empty_rule"]
 
 
+def test_regions_are_summarised_but_left_out_of_the_foreground_mean():
+    records = [{"id": "a", "metrics": {"1": {"dice": 0.5}, "2": {"dice": 0.7}, "tumour": {"dice": 0.9}}}]
+    summary = summarize(records, {"1": "core", "2": "rim"}, ["dice"])
+    assert summary["classes"]["tumour"]["region"] is True
+    assert summary["foreground_mean"]["dice"] == pytest.approx(0.6)
+
+
+def test_bad_regions_are_refused():
+    assert check_regions({"whole": [1, "2"]}) == {"whole": [1, 2]}
+    with pytest.raises(ValueError, match="list of label values"):
+        check_regions({"whole": 1})
+    with pytest.raises(ValueError, match="must not be empty or a number"):
+        check_regions({"3": [1]})
+
+
 class FakeDataset:
     path = "data/other"
     labels = {"0": "background", "1": "liver"}
@@ -43,3 +69,149 @@ def test_incompatible_dataset_is_refused():
         check_compatible({"labels": {"0": "background", "1": "tumour"}, "num_channels": 1}, FakeDataset())
     with pytest.raises(ValueError, match="channel"):
         check_compatible({"labels": FakeDataset.labels, "num_channels": 4}, FakeDataset())
+
+
+def synthetic_label(index):
+    """A core box (1) inside a rim box (2), shifted per case, in the file's (i, j, k) order."""
+    label = np.zeros(SHAPE_IJK, dtype=np.uint8)
+    a = index % 3
+    label[3 + a : 12 + a, 4:15, 2:9] = 2
+    label[5 + a : 10 + a, 6:12, 3:7] = 1
+    return label
+
+
+def synthetic_image(label, island):
+    """100 x label inside a body of intensity 10 (zero outside, so ``--crop nonzero`` crops); an ``island`` adds a
+    bright unlabelled spot that a label-reading model calls 'core'."""
+    image = np.zeros(SHAPE_IJK, dtype=np.float32)
+    image[1:15, 2:18, 1:11] = 10.0
+    image += 100.0 * label
+    if island:
+        image[13, 16, 9] = 100.0
+    return image
+
+
+def write_msd(root, cases=8, unlabelled=0, islands=(1, 2, 5, 6)):
+    """An MSD folder of ``cases`` labelled and ``unlabelled`` test images."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTs").mkdir()
+    training, test = [], []
+    for index in range(cases + unlabelled):
+        name = f"case_{index:03d}.nii.gz"
+        label = synthetic_label(index)
+        folder = "imagesTr" if index < cases else "imagesTs"
+        nib.save(nib.Nifti1Image(synthetic_image(label, index in islands), AFFINE), root / folder / name)
+        if index < cases:
+            nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+    meta = {"name": "synthetic", "modality": {"0": "MRI"}, "labels": LABELS, "training": training, "test": test}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def label_reader(batch):
+    """The fake model: class = intensity / 100, rounded (the synthetic images spell out their labels)."""
+    classes = np.clip(np.rint(batch[..., 0] / 100.0), 0, 2).astype(int)
+    return np.eye(3, dtype=np.float32)[classes]
+
+
+def make_run(run_dir, dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    run_dir.mkdir(parents=True)
+    config = {
+        "model": "unet3d",
+        "patch_size": [8, 16, 16],
+        "batch_size": 2,
+        "num_classes": 3,
+        "num_channels": 1,
+        "labels": manifest["labels"],
+        "channels": manifest["channels"],
+        "data": str(dataset),
+        "dataset_preprocessing": manifest["preprocessing"],
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Raw MSD folder, the dataset prepared from it (original spacing, no normalisation, nonzero crop) and a run."""
+    root = tmp_path_factory.mktemp("synthetic")
+    raw = write_msd(root / "raw")
+    dataset = root / "data"
+    flags = ["--spacing", "original", "--normalize", "none", "--crop", "nonzero", "--split", "0.5", "0.25", "0.25"]
+    assert data_gen.main(["--input", str(raw), "--output", str(dataset), "--seed", "1", *flags]) == 0
+    return raw, dataset, make_run(root / "run", dataset)
+
+
+def read_rows(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluation_writes_masks_on_the_source_grid_scores_pictures_and_report(synthetic, tmp_path):
+    raw, dataset, run = synthetic
+    options = Options(regions={"whole": [1, 2]}, progress=False)
+    summary = evaluate(run, dataset, tmp_path, split="all", options=options, predict=label_reader)
+    assert summary["failures"] == []
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for case in manifest["cases"]:
+        mask, source = nib.load(tmp_path / "masks" / f"{case['id']}.nii.gz"), nib.load(case["source"]["label"])
+        assert mask.shape == source.shape
+        np.testing.assert_array_equal(mask.affine, source.affine)
+        island = int(case["id"][-1]) in (1, 2, 5, 6)
+        expected = np.asarray(source.dataobj).copy()
+        if island:
+            expected[13, 16, 9] = 1
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
+        for picture in ("overlays/{}.png", "overlays/{}.gif", "cases/{}.json"):
+            assert (tmp_path / picture.format(case["id"])).stat().st_size > 100
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert len(rows) == 8 * 3 and {r["class"] for r in rows} == {"core", "rim", "whole"}
+    assert set(rows[0]) == {"case", "label", "class", "dice", "iou", "hd95", "assd", "nsd", "precision",
+                            "sensitivity", "volume_truth_ml", "volume_pred_ml"}  # fmt: skip
+    assert all(float(r["dice"]) == 1.0 for r in rows if r["class"] == "rim")
+    assert summary["classes"]["1"]["dice"]["n"] == 8 and summary["classes"]["1"]["dice"]["mean"] < 1.0
+    assert summary["classes"]["whole"]["region"] and summary["postprocessing"]["lcc_classes"] == []
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["split"] == "all"
+    assert (tmp_path / "dice_boxplot.png").stat().st_size > 1000
+    report = (tmp_path / "report.html").read_text()
+    assert report.count('<tr id="case-') == 8 and report.count("data:image/png;base64,") == 9
+
+
+def test_auto_postprocessing_is_decided_on_validation_and_stored_in_the_run(synthetic, tmp_path, monkeypatch):
+    _, dataset, run = synthetic
+    splits = json.loads((dataset / "splits.json").read_text())
+    assert any(int(c[-1]) in (1, 2, 5, 6) for c in splits["val"]), splits  # a validation case has an island
+    options = Options(postprocess="auto", pictures="none", metrics=["dice"], progress=False)
+    summary = evaluate(run, dataset, tmp_path, split="test", options=options, predict=label_reader)
+    plan = summary["postprocessing"]
+    assert plan["lcc_classes"] == [1] and plan["decided_on"] == "validation"
+    assert plan["dice"]["1"]["with_lcc"] == 1.0 > plan["dice"]["1"]["without_lcc"]
+    assert summary["foreground_mean"]["dice"] == 1.0
+    stored = json.loads((run / "postprocessing.json").read_text())
+    assert stored["plan"] == plan
+    monkeypatch.setattr("utils.evaluate.decide_lcc", lambda *a, **k: pytest.fail("decided again"))
+    again = evaluate(run, dataset, tmp_path / "again", split="test", options=options, predict=label_reader)
+    assert again["postprocessing"] == plan and not again["failures"]
+    (run / "postprocessing.json").unlink()
+
+
+def test_a_rerun_reuses_finished_cases(synthetic, tmp_path):
+    _, dataset, run = synthetic
+    options = Options(pictures="none", metrics=["dice"], progress=False)
+    evaluate(run, dataset, tmp_path, split="val", options=options, predict=label_reader)
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return label_reader(batch)
+
+    evaluate(run, dataset, tmp_path, split="val", options=options, predict=counting)
+    assert calls == []
+    (tmp_path / "masks").joinpath(next(iter(sorted((tmp_path / "masks").iterdir()))).name).unlink()
+    evaluate(run, dataset, tmp_path, split="val", options=options, predict=counting)
+    assert calls  # the case whose mask went missing was predicted again

@@ -1,10 +1,20 @@
-"""Evaluation: predict prepared cases, write masks in the source geometry, score them, summarise and plot.
+"""Evaluation: predict cases, put the masks back in the source geometry, score them, summarise, draw and report.
 
-For each case: whole-volume inference (:func:`utils.inference.predict_volume`), every preprocessing step inverted
-(:func:`utils.preprocessing.restore_label`), ``masks/<id>.nii.gz`` on the source grid, and, when the case has a label,
-the metrics of :mod:`utils.metrics` computed on the source grid against the source label file. Per-case results are
-kept in ``cases/<id>.json`` so that an interrupted evaluation resumes; ``metrics.csv``, ``summary.json`` and
-``dice_boxplot.png`` are written from them at the end.
+Two entries share everything below them:
+
+- :func:`evaluate` takes a split of a prepared dataset (``data/<name>/``): the prepared volumes are predicted and
+  each case's source files give the truth and the image for the pictures.
+- :func:`utils.predict.predict_images` takes raw images of any supported format and prepares them first.
+
+Per case (:func:`segment`): whole-volume inference (:func:`utils.inference.predict_volume`), probabilities resampled
+to the source resolution one class at a time and arg-maxed (:func:`utils.inference.probabilities_to_labels`), every
+other preprocessing step inverted (:func:`utils.preprocessing.restore_label`), then post-processing
+(:mod:`utils.postprocess`). The mask is written as ``masks/<id>.nii.gz`` on the source grid plus the format's own copy
+(:func:`utils.writers.write_mask`); a labelled case is scored on the source grid with every metric of
+:mod:`utils.metrics`, per class and per region, in the label values of the source files. Each case leaves
+``cases/<id>.json``, so an interrupted evaluation resumes and a case that fails does not lose the others.
+At the end: ``metrics.csv``, ``summary.json``, ``dice_boxplot.png``, ``overlays/<id>.png`` and ``.gif``, and
+``report.html``.
 
 Empty classes: when a class is absent from both the truth and the prediction its dice is NaN; such values are left
 out of means and counted in ``summary.json`` as ``n_empty``.
@@ -16,7 +26,8 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -25,30 +36,109 @@ from tqdm import tqdm
 
 from utils import fileio
 from utils.dataset import PreparedDataset
-from utils.inference import predict_volume
-from utils.metrics import compute_case_metrics
-from utils.plots import plot_dice_boxplot
+from utils.inference import predict_volume, probabilities_to_labels
+from utils.metrics import METRICS, compute_case_metrics
+from utils.plots import DisplayVolume, plot_dice_boxplot, plot_overlay, write_overlay_gif
+from utils.postprocess import POSTPROCESS_CHOICES, apply_plan, decide_lcc, make_plan, parse_min_size
 from utils.preprocessing import restore_label
 from utils.readers import load_case
+from utils.report import write_report
 from utils.training import load_model
-from utils.writers import write_mask
+from utils.writers import source_values, write_mask
 
 log = logging.getLogger(__name__)
-DEFAULT_METRICS = ("dice", "iou", "hd95", "assd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
+DEFAULT_METRICS = METRICS
+PICTURES = ("all", "overlays", "none")
+POSTPROCESSING_FILE = "postprocessing.json"
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[dict, keras.Model]:
-    """The run's resolved config and its best model (``model.keras``, else ``last.keras``), loaded in safe mode.
+@dataclass
+class Options:
+    """Inference, post-processing, scoring and picture settings of one evaluation (the flags of evaluation.py).
+
+    Attributes:
+        overlap, blend, tta: sliding-window settings (:func:`utils.inference.predict_volume`).
+        batch_size: windows per model call; ``None`` takes the run's training batch size.
+        postprocess: ``none``, ``lcc`` (largest component of every class) or ``auto`` (per class, decided on the
+            validation split and stored in the run folder's ``postprocessing.json``).
+        min_size: ``--min-size`` text: components below it are removed (``"50"`` voxels, ``"30mm3"``, ``"0.5ml"``).
+        connectivity: 1 (faces) to 3 (corners) for connected components.
+        regions: BraTS-style regions scored besides the classes, ``{name: [label values]}``.
+        metrics: names from :data:`utils.metrics.METRICS`.
+        nsd_tolerance: the tolerance of ``nsd`` in mm.
+        pictures: ``all`` (overlay PNG and GIF per case), ``overlays`` (PNG only) or ``none``.
+        progress: progress bars over cases and windows.
+    """
+
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    tta: bool = False
+    batch_size: int | None = None
+    postprocess: str = "none"
+    min_size: str | None = None
+    connectivity: int = 1
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    nsd_tolerance: float = 1.0
+    pictures: str = "all"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.postprocess not in POSTPROCESS_CHOICES:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS_CHOICES}, got {self.postprocess!r}")
+        if self.pictures not in PICTURES:
+            raise ValueError(f"pictures must be one of {PICTURES}, got {self.pictures!r}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+        parse_min_size(self.min_size)
+        self.regions = check_regions(self.regions)
+
+    def key(self) -> dict:
+        """The settings that change a case's result (for the per-case cache)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("progress",)}
+
+
+def check_regions(regions: Mapping | None) -> dict[str, list[int]]:
+    """Validate ``{name: [label values]}``.
+
+    Raises:
+        ValueError: a name that is empty or all digits (those are class keys), or members that are not integers.
+    """
+    checked = {}
+    for name, members in (regions or {}).items():
+        if not str(name) or str(name).isdigit():
+            raise ValueError(f"region names must not be empty or a number, got {name!r}")
+        if isinstance(members, int | str) or not members:
+            raise ValueError(f"region {name!r} needs a list of label values, got {members!r}")
+        try:
+            checked[str(name)] = [int(v) for v in members]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"region {name!r}: label values must be integers, got {members!r}") from error
+    return checked
+
+
+def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[dict, keras.Model | None]:
+    """The run's resolved config and its best model (``model.keras``, else ``last.keras``), loaded in safe mode
+    (``None`` with ``load=False``).
 
     Raises:
         FileNotFoundError: the run folder, its config or both model files are missing.
         ValueError: the model file is not a readable Keras model.
     """
-    run_dir = Path(run_dir)
-    config = fileio.read_json(run_dir / "config.json")
+    config = fileio.read_json(Path(run_dir) / "config.json")
+    return config, load_model(model_path(run_dir)) if load else None
+
+
+def model_path(run_dir: str | os.PathLike) -> Path:
+    """``model.keras`` (best) or else ``last.keras`` of a run.
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
     for name in ("model.keras", "last.keras"):
-        if (run_dir / name).is_file():
-            return config, load_model(run_dir / name)
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
     raise FileNotFoundError(f"{run_dir}: neither model.keras nor last.keras found (train first)")
 
 
@@ -75,34 +165,218 @@ def label_values(manifest: dict) -> np.ndarray:
     return np.asarray(values if values is not None else sorted(int(k) for k in manifest["labels"]))
 
 
-def evaluate_case(model, config: dict, dataset: PreparedDataset, case_id: str, output: Path, options: dict) -> dict:
-    """Predict, write and score one case; returns its per-case record (written to ``cases/<id>.json``)."""
-    case = dataset.cases[case_id]
-    probabilities = predict_volume(
-        model,
-        dataset.image(case_id),
-        config["patch_size"],
-        config["num_classes"],
-        overlap=options["overlap"],
-        blend=options["blend"],
-        batch_size=config["batch_size"],
-        tta=options["tta"],
+def class_names(labels: Mapping[str, str], values: Sequence[int]) -> dict[str, str]:
+    """``{str(label value): name}`` for the foreground classes, as keys of metrics and summaries."""
+    return {str(int(v)): labels[str(k)] for k, v in enumerate(values) if k > 0}
+
+
+@dataclass
+class Predictor:
+    """What :func:`segment` needs from a run: the model (or a ``batch -> probabilities`` function) and its config."""
+
+    model: object
+    config: dict
+    predict: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def probabilities(self, image: np.ndarray, options: Options) -> np.ndarray:
+        return predict_volume(
+            self.model,
+            image,
+            self.config["patch_size"],
+            self.config["num_classes"],
+            overlap=options.overlap,
+            blend=options.blend,
+            batch_size=options.batch_size or self.config.get("batch_size") or 2,
+            tta=options.tta,
+            progress=options.progress,
+            predict=self.predict,
+        )
+
+
+def segment(predictor: Predictor, image: np.ndarray, record: dict, options: Options, plan: dict | None) -> np.ndarray:
+    """Classes ``(Z, Y, X)`` uint8 on the source grid for a prepared image and its geometry record.
+
+    The probabilities are resampled to the cropped source resolution one class at a time and arg-maxed; cropping and
+    reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last.
+    """
+    probabilities = predictor.probabilities(image, options)
+    labels = probabilities_to_labels(probabilities, record["cropped_shape"])
+    del probabilities
+    classes = restore_label(labels, record)
+    return apply_plan(classes, plan, record.get("source_spacing"))
+
+
+def score(
+    prediction: np.ndarray, truth: np.ndarray, values: Sequence[int], spacing: Sequence[float], options: Options
+) -> dict[str, dict[str, float]]:
+    """Metrics per foreground label value and per region, keys as strings (the keys of ``metrics.csv``)."""
+    results = compute_case_metrics(
+        prediction,
+        truth,
+        [int(v) for v in values[1:]],
+        spacing,
+        metrics=options.metrics,
+        nsd_tolerance=options.nsd_tolerance,
+        regions=options.regions or None,
     )
-    values = label_values(dataset.manifest)
-    mask = values[restore_label(probabilities, case["geometry"])]
-    written = write_mask(mask, case, output)
-    record = {"id": case_id, "masks": [str(Path(p).relative_to(output)) for p in written], "metrics": None}
-    if case["source"].get("label"):
-        source = load_case({"id": case_id, **case["source"]})
-        foreground = [int(v) for v in values[1:]]
-        spacing = source.spacing
-        record["metrics"] = {
-            str(k): v
-            for k, v in compute_case_metrics(
-                mask, source.label, foreground, spacing, metrics=options["metrics"]
-            ).items()
-        }
-    return record
+    return {str(k): v for k, v in results.items()}
+
+
+def predicted_volumes(classes: np.ndarray, values: Sequence[int], spacing: Sequence[float]) -> dict[str, float]:
+    """Predicted volume in ml of each foreground class, keyed by label value."""
+    counts = np.bincount(classes.ravel().astype(np.int64), minlength=len(values))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {str(int(v)): round(float(counts[k]) * voxel_ml, 4) for k, v in enumerate(values) if k > 0}
+
+
+def draw_case(
+    output: Path,
+    case_id: str,
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    prediction: np.ndarray,
+    affine: np.ndarray,
+    names: Mapping[int, str],
+    options: Options,
+    title: str,
+) -> dict:
+    """``overlays/<id>.png`` (and ``.gif`` with ``pictures='all'``); returns their paths relative to ``output``."""
+    if options.pictures == "none":
+        return {}
+    volume = DisplayVolume.from_source(image, truth, prediction, affine)
+    written = {"overlay": f"overlays/{case_id}.png"}
+    plot_overlay(volume, output / written["overlay"], names, title)
+    if options.pictures == "all":
+        written["gif"] = f"overlays/{case_id}.gif"
+        write_overlay_gif(volume, output / written["gif"])
+    return written
+
+
+def describe(record: dict, names: Mapping[str, str]) -> str:
+    """Title of a case's pictures: the id and the dice of each class."""
+    metrics = record.get("metrics") or {}
+    parts = [f"{names.get(k, k)} {v['dice']:.3f}" for k, v in metrics.items() if "dice" in v and np.isfinite(v["dice"])]
+    return f"{record['id']}" + (f"  dice: {', '.join(parts)}" if parts else "")
+
+
+def run_cases(
+    case_ids: Sequence[str], process: Callable[[str], dict], output: Path, settings_key: dict, progress: bool = True
+) -> tuple[list[dict], list[dict]]:
+    """Process every case (or take its cached ``cases/<id>.json`` when the settings and masks are unchanged).
+
+    A case that raises ``ValueError`` or ``OSError`` is logged and listed in the failures; the others go on.
+
+    Returns:
+        ``(records, failures)``; a failure is ``{"id", "error"}``.
+    """
+    records, failures = [], []
+    for case_id in tqdm(case_ids, desc="cases", unit="case", dynamic_ncols=True, disable=not progress):
+        fileio.check_case_id(case_id)
+        cache = output / "cases" / f"{case_id}.json"
+        if cache.is_file():
+            try:
+                cached = fileio.read_json(cache)
+            except ValueError:
+                cached = {}
+            files = [*cached.get("masks", []), *(cached[k] for k in ("overlay", "gif") if cached.get(k))]
+            if cached.get("settings") == settings_key and all((output / f).is_file() for f in files):
+                records.append(cached)
+                continue
+        try:
+            record = {**process(case_id), "settings": settings_key}
+        except (ValueError, OSError) as error:
+            log.error("case %s failed: %s", case_id, error)
+            failures.append({"id": case_id, "error": f"{type(error).__name__}: {error}"})
+            continue
+        fileio.write_json(cache, record)
+        records.append(record)
+    return records, failures
+
+
+def resolve_plan(
+    options: Options,
+    num_classes: int,
+    run_dir: str | os.PathLike | None,
+    validation: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, Sequence[float]]]] | None,
+    key: dict,
+) -> dict:
+    """The post-processing plan: from the flags, or for ``auto`` the decision stored in the run folder (when made
+    with the same settings) or a new one from ``validation()`` (``(prediction, truth, spacing)`` per validation case),
+    which is then stored there.
+
+    Raises:
+        ValueError: ``auto`` without a stored decision and without validation cases.
+    """
+    min_size = parse_min_size(options.min_size)
+    if options.postprocess != "auto":
+        return make_plan(options.postprocess, num_classes, min_size, options.connectivity)
+    stored = Path(run_dir) / POSTPROCESSING_FILE if run_dir else None
+    if stored is not None and stored.is_file():
+        try:
+            cached = fileio.read_json(stored)
+        except ValueError:
+            cached = {}
+        if cached.get("key") == key:
+            return cached["plan"]
+    if validation is None:
+        raise ValueError(
+            f"--postprocess auto needs a decision in {stored} or the training dataset's validation split to make one"
+        )
+    plan = decide_lcc(validation(), num_classes, min_size, options.connectivity)
+    if plan["num_cases"] == 0:
+        raise ValueError("--postprocess auto: the validation split has no labelled case to decide on")
+    log.info(
+        "post-processing decided on %d validation cases: lcc for classes %s", plan["num_cases"], plan["lcc_classes"]
+    )
+    if stored is not None:
+        try:
+            fileio.write_json(stored, {"key": key, "plan": plan})
+        except OSError as error:
+            log.warning("could not store the post-processing decision in %s: %s", stored, error)
+    return plan
+
+
+def plan_key(options: Options, run_dir: str | os.PathLike, data: str | os.PathLike) -> dict:
+    """What a stored ``auto`` decision depends on: the model file, validation data and the inference settings."""
+    try:
+        path = model_path(run_dir)
+        model = [path.name, path.stat().st_size, int(path.stat().st_mtime_ns)]
+    except FileNotFoundError:
+        model = None
+    return {
+        "model": model,
+        "data": str(Path(data).resolve()),
+        "overlap": options.overlap,
+        "blend": options.blend,
+        "tta": options.tta,
+        "min_size": options.min_size,
+        "connectivity": options.connectivity,
+    }
+
+
+def validation_cases(predictor: Predictor, dataset: PreparedDataset, options: Options) -> Callable:
+    """A generator factory over the validation split: ``(raw prediction, truth, spacing)`` on the source grid."""
+
+    def cases():
+        for case_id in dataset.split("val"):
+            case = dataset.cases[case_id]
+            if not case["source"].get("label"):
+                continue
+            prediction = segment(predictor, dataset.image(case_id), case["geometry"], options, None)
+            truth = load_case({"id": case_id, **case["source"]}).label
+            yield prediction, truth, case["geometry"]["source_spacing"]
+
+    return cases
+
+
+def training_dataset(config: dict, fallback: PreparedDataset | None = None) -> PreparedDataset | None:
+    """The run's training dataset (``config["data"]``) if it is still there, else ``fallback``."""
+    path = config.get("data")
+    if fallback is not None and path and Path(path).resolve() == fallback.path.resolve():
+        return fallback
+    if path and Path(path, "manifest.json").is_file():
+        return PreparedDataset(path)
+    return fallback
 
 
 def evaluate(
@@ -114,56 +388,139 @@ def evaluate(
     blend: str = "gaussian",
     tta: bool = False,
     metrics: Sequence[str] = DEFAULT_METRICS,
+    options: Options | None = None,
+    predict: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
-    """Evaluate a trained run on a split of a prepared dataset; returns the summary.
+    """Evaluate a trained run on a split of a prepared dataset; returns the summary (also in ``summary.json``).
+
+    Args:
+        run_dir: ``runs/<name>``.
+        data: the prepared dataset ``data/<name>`` (labels and channels must match the run's).
+        output: ``results/<name>``.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        overlap, blend, tta, metrics: shortcuts for the same fields of ``options``.
+        options: every other setting (:class:`Options`).
+        predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
 
     Raises:
         FileNotFoundError, ValueError: a missing or incompatible run or dataset, or an empty split.
     """
-    config, model = load_run(run_dir)
+    options = options or Options(overlap=overlap, blend=blend, tta=tta, metrics=list(metrics))
+    config, model = load_run(run_dir, load=predict is None)
+    predictor = Predictor(model, config, predict)
     dataset = PreparedDataset(data)
     check_compatible(config, dataset)
     case_ids = dataset.split(split)
     if not case_ids:
         raise ValueError(f"{dataset.path / 'splits.json'}: split {split!r} is empty")
     output = Path(output)
-    options = {"overlap": overlap, "blend": blend, "tta": tta, "metrics": list(metrics)}
-    settings_key = {"run": str(Path(run_dir).resolve()), "data": str(dataset.path.resolve()), **options}
-    records = []
-    for case_id in tqdm(case_ids, desc="evaluate", unit="case", dynamic_ncols=True):
-        fileio.check_case_id(case_id)
-        cache = output / "cases" / f"{case_id}.json"
-        if cache.is_file():
-            cached = fileio.read_json(cache)
-            if cached.get("settings") == settings_key and all((output / m).is_file() for m in cached["masks"]):
-                records.append(cached)
-                continue
-        record = {**evaluate_case(model, config, dataset, case_id, output, options), "settings": settings_key}
-        fileio.write_json(cache, record)
-        records.append(record)
-    names = {int(v): dataset.labels[str(i)] for i, v in enumerate(label_values(dataset.manifest))}
-    summary = summarize(records, names, list(metrics))
-    summary["settings"] = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
+    values = label_values(dataset.manifest)
+    names = class_names(dataset.labels, values)
+    decide_on = training_dataset(config, dataset) or dataset
+    plan = resolve_plan(
+        options,
+        dataset.num_classes,
+        run_dir,
+        validation_cases(predictor, decide_on, options),
+        plan_key(options, run_dir, decide_on.path),
+    )
+    settings_key = {
+        "run": str(Path(run_dir).resolve()),
+        "data": str(dataset.path.resolve()),
+        **options.key(),
+        "plan": plan,
+    }
+
+    def process(case_id: str) -> dict:
+        case = dataset.cases[case_id]
+        classes = segment(predictor, dataset.image(case_id), case["geometry"], options, plan)
+        source = load_case({"id": case_id, **case["source"]})
+        truth = source.label if case["source"].get("label") else None
+        return finish_case(output, case, classes, truth, source.image, source.affine, values, names, options)
+
+    records, failures = run_cases(case_ids, process, output, settings_key, options.progress)
+    settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
+    return write_results(output, records, failures, names, options, settings, plan, f"{config['model']} on {split}")
+
+
+def finish_case(
+    output: Path,
+    case: dict,
+    classes: np.ndarray,
+    truth: np.ndarray | None,
+    image: np.ndarray,
+    affine: np.ndarray,
+    values: Sequence[int],
+    names: Mapping[str, str],
+    options: Options,
+) -> dict:
+    """Write, score and draw one predicted case; returns its record (``cases/<id>.json``).
+
+    Args:
+        case: ``{"id", "geometry", "writer"}`` as in the manifest.
+        classes, truth: class maps on the source grid (truth ``None`` when unlabelled), classes of the run.
+        image, affine: the source image ``(Z, Y, X, C)`` and its affine, for the pictures.
+        values: label value of each class (``label_values``).
+    """
+    spacing = case["geometry"]["source_spacing"]
+    mask = source_values(classes, list(int(v) for v in values))
+    written = write_mask(mask, case, output)
+    record = {
+        "id": case["id"],
+        "masks": [str(Path(p).relative_to(output)) for p in written],
+        "metrics": None,
+        "predicted_ml": predicted_volumes(classes, values, spacing),
+    }
+    if truth is not None:
+        truth_values = source_values(truth, list(int(v) for v in values))
+        record["metrics"] = score(mask, truth_values, values, spacing, options)
+    title = describe(record, names)
+    by_class = {k: names[str(int(v))] for k, v in enumerate(values) if k > 0}
+    record.update(draw_case(output, case["id"], image, truth, classes, affine, by_class, options, title))
+    return record
+
+
+def write_results(
+    output: Path,
+    records: Sequence[dict],
+    failures: Sequence[dict],
+    names: Mapping[str, str],
+    options: Options,
+    settings: dict,
+    plan: dict,
+    title: str,
+) -> dict:
+    """``metrics.csv``, ``summary.json``, ``dice_boxplot.png`` and ``report.html`` from the case records."""
+    summary = summarize(records, names, options.metrics)
+    summary["settings"] = settings
+    summary["postprocessing"] = plan
+    summary["failures"] = list(failures)
     write_metrics_csv(output / "metrics.csv", records, names)
     fileio.write_json(output / "summary.json", summary)
     scored = [r for r in records if r["metrics"]]
-    if scored and "dice" in metrics:
+    if scored and "dice" in options.metrics:
+        keys = list(dict.fromkeys(k for r in scored for k in r["metrics"]))
         plot_dice_boxplot(
-            {names[int(k)]: [r["metrics"][k]["dice"] for r in scored] for k in scored[0]["metrics"]},
+            {names.get(k, k): [r["metrics"].get(k, {}).get("dice", np.nan) for r in scored] for k in keys},
             output / "dice_boxplot.png",
-            title=f"dice per case ({len(scored)} cases, split {split})",
+            title=f"dice per case ({len(scored)} cases)",
         )
+    write_report(summary, records, names, output, title=f"Segmentation results: {title}")
     return summary
 
 
-def summarize(records: Sequence[dict], names: dict[int, str], metrics: Sequence[str]) -> dict:
-    """Per class and metric: mean, std, median, quartiles, n, n_empty; plus the foreground mean of each metric."""
+def summarize(records: Sequence[dict], names: Mapping, metrics: Sequence[str]) -> dict:
+    """Per class (and region) and metric: mean, std, median, quartiles, n, n_empty; plus the foreground mean of each
+    metric over the classes (regions are left out of it)."""
+    names = {str(k): v for k, v in names.items()}
     scored = [r for r in records if r["metrics"]]
     classes = {}
-    for key in scored[0]["metrics"] if scored else []:
-        entry = {"name": names.get(int(key), key) if key.isdigit() else key}
+    for key in list(dict.fromkeys(k for r in scored for k in r["metrics"])):
+        entry = {"name": names.get(key, key)}
+        if not key.isdigit():
+            entry["region"] = True
         for metric in metrics:
-            values = np.array([r["metrics"][key].get(metric, np.nan) for r in scored], dtype=float)
+            values = np.array([r["metrics"].get(key, {}).get(metric, np.nan) for r in scored], dtype=float)
             finite = values[np.isfinite(values)]
             entry[metric] = {
                 "mean": _f(finite.mean()) if finite.size else None,
@@ -177,7 +534,7 @@ def summarize(records: Sequence[dict], names: dict[int, str], metrics: Sequence[
         classes[key] = entry
     foreground_mean = {}
     for metric in metrics:
-        means = [c[metric]["mean"] for c in classes.values() if c[metric]["mean"] is not None]
+        means = [c[metric]["mean"] for k, c in classes.items() if k.isdigit() and c[metric]["mean"] is not None]
         foreground_mean[metric] = _f(np.mean(means)) if means else None
     return {
         "num_cases": len(records),
@@ -193,19 +550,13 @@ def _f(value) -> float:
     return round(float(value), 6)
 
 
-def write_metrics_csv(path: Path, records: Sequence[dict], names: dict[int, str]) -> None:
-    """One row per (case, class): ``case, label, class, <metric>...``."""
+def write_metrics_csv(path: Path, records: Sequence[dict], names: Mapping) -> None:
+    """One row per (case, class or region): ``case, label, class, <metric>...``."""
+    names = {str(k): v for k, v in names.items()}
     rows = []
     for record in records:
         for key, values in (record["metrics"] or {}).items():
-            rows.append(
-                {
-                    "case": record["id"],
-                    "label": key,
-                    "class": names.get(int(key), key) if key.isdigit() else key,
-                    **values,
-                }
-            )
+            rows.append({"case": record["id"], "label": key, "class": names.get(key, key), **values})
     fields = list(dict.fromkeys(k for row in rows for k in row)) or ["case", "label", "class"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)

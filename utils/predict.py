@@ -1,0 +1,184 @@
+"""Prediction on new images: raw files of any supported format, prepared exactly as the run's training data was.
+
+``evaluation.py --run runs/NAME --input PATH --output results/NAME`` lands here. The run's ``config.json`` names its
+training dataset (``data``); that folder's ``manifest.json`` holds the preprocessing settings (spacing, window,
+normalisation, crop, label remapping) and ``fingerprint.json`` the dataset statistics some of them need (median
+spacing, CT intensity percentiles). Each new case is read by :func:`utils.readers.discover` /
+:func:`utils.readers.load_case` with the training's label remapping, prepared by
+:func:`utils.preprocessing.prepare_case` *without its label* (so a ``foreground`` crop cannot peek at the truth),
+predicted, written back on its source grid, and scored when it has a label. Results are laid out as in
+:mod:`utils.evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from utils import fileio
+from utils.evaluate import (
+    Options,
+    Predictor,
+    class_names,
+    finish_case,
+    label_values,
+    load_run,
+    plan_key,
+    resolve_plan,
+    run_cases,
+    segment,
+    training_dataset,
+    validation_cases,
+    write_results,
+)
+from utils.preprocessing import PreprocessSettings, prepare_case
+from utils.readers import discover, load_case
+from utils.writers import class_indices, source_values
+
+log = logging.getLogger(__name__)
+READER_OPTIONS = (
+    "label",
+    "image_pattern",
+    "label_pattern",
+    "patient_pattern",
+    "hdf5_image_keys",
+    "hdf5_label_key",
+    "source_spacing",
+)
+
+
+@dataclasses.dataclass
+class TrainingPreparation:
+    """How the run's training data was prepared: what a new image needs to be prepared the same way."""
+
+    path: Path
+    manifest: dict
+    fingerprint: dict
+    settings: PreprocessSettings
+
+    @classmethod
+    def of_run(cls, config: dict, data: str | os.PathLike | None = None) -> TrainingPreparation:
+        """From the training dataset folder (``data``, default the run config's ``data``).
+
+        Raises:
+            FileNotFoundError: the folder or its manifest is gone (name it with ``--data``).
+            ValueError: its labels or channels differ from the run's.
+        """
+        path = Path(data or config.get("data") or "")
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"{path / 'manifest.json'}: the run's training dataset is needed for its preprocessing settings; "
+                "pass its folder with --data if it moved"
+            )
+        manifest = fileio.read_json(path / "manifest.json")
+        fingerprint_path = path / "fingerprint.json"
+        fingerprint = fileio.read_json(fingerprint_path) if fingerprint_path.is_file() else None
+        if manifest.get("labels") != config.get("labels") or len(manifest.get("channels", {})) != config.get(
+            "num_channels"
+        ):
+            raise ValueError(f"{path}: labels or channels differ from those of the run ({config.get('labels')})")
+        recorded = config.get("dataset_preprocessing")
+        if recorded is not None and recorded != manifest["preprocessing"]:
+            log.warning("%s: preprocessing differs from the run's record of it; using the dataset's", path)
+        return cls(path, manifest, fingerprint, PreprocessSettings(**manifest["preprocessing"]))
+
+    @property
+    def channel_names(self) -> list[str]:
+        channels = self.manifest["channels"]
+        return [channels[k] for k in sorted(channels, key=int)]
+
+    def reader_options(self, options: dict | None) -> dict:
+        """The user's reader options plus the training's label remapping (``label_map``, ``binarize``)."""
+        unknown = sorted(set(options or {}) - set(READER_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reader option(s) {unknown}; known: {list(READER_OPTIONS)}")
+        return {
+            **{k: v for k, v in (options or {}).items() if v is not None},
+            "label_map": self.settings.label_map,
+            "binarize": self.settings.binarize,
+        }
+
+
+def predict_images(
+    run_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    fmt: str = "auto",
+    reader_options: dict | None = None,
+    data: str | os.PathLike | None = None,
+    options: Options | None = None,
+    predict: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """Predict every case found under ``input_path``; write masks, pictures and, for labelled cases, scores.
+
+    Args:
+        run_dir: ``runs/<name>``.
+        input_path: a folder or file in a format of :mod:`utils.readers`.
+        output: ``results/<name>``.
+        fmt: ``auto`` or a reader name (``msd``, ``files``, ``hdf5``, ``brats``, ``dicom``, ``png``).
+        reader_options: reader options of :data:`READER_OPTIONS` (``label``, ``image_pattern``, ...).
+        data: the run's training dataset folder when it is not where ``config.json`` says.
+        options: inference, post-processing and scoring settings (:class:`utils.evaluate.Options`).
+        predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
+
+    Returns:
+        The summary (also in ``summary.json``).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing run, training dataset or input, or images whose channel count
+            differs from the run's.
+    """
+    options = options or Options()
+    config, model = load_run(run_dir, load=predict is None)
+    predictor = Predictor(model, config, predict)
+    training = TrainingPreparation.of_run(config, data)
+    source = discover(input_path, fmt, training.reader_options(reader_options))
+    if len(source.channels) != config["num_channels"]:
+        raise ValueError(
+            f"{input_path}: {len(source.channels)} channel(s) {list(source.channels.values())}, but the run was "
+            f"trained on {config['num_channels']} {training.channel_names}"
+        )
+    output = Path(output)
+    values = label_values(training.manifest)
+    names = class_names(training.manifest["labels"], values)
+    validation_set = training_dataset({"data": str(training.path)})
+    plan = resolve_plan(
+        options,
+        config["num_classes"],
+        run_dir,
+        validation_cases(predictor, validation_set, options) if validation_set is not None else None,
+        plan_key(options, run_dir, training.path),
+    )
+    specs = {spec["id"]: spec for spec in source.cases}
+    settings_key = {
+        "run": str(Path(run_dir).resolve()),
+        "input": str(Path(input_path).resolve()),
+        "format": source.format,
+        "training_data": str(training.path.resolve()),
+        **options.key(),
+        "plan": plan,
+    }
+
+    def process(case_id: str) -> dict:
+        case = load_case(specs[case_id])
+        truth = None
+        if case.label is not None:
+            truth = class_indices(source_values(case.label, source.label_values or None), [int(v) for v in values])
+        image, _, record = prepare_case(
+            dataclasses.replace(case, label=None), training.settings, training.fingerprint, training.channel_names
+        )
+        classes = segment(predictor, image, record, options, plan)
+        del image
+        writer = {**case.writer, "label_values": [int(v) for v in values], "labels": training.manifest["labels"]}
+        entry = {"id": case_id, "geometry": record, "writer": writer}
+        return finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
+
+    records, failures = run_cases(list(specs), process, output, settings_key, options.progress)
+    settings = {**settings_key, "model": config["model"], "patch_size": config["patch_size"]}
+    title = f"{config['model']} on {Path(input_path).name}"
+    return write_results(output, records, failures, names, options, settings, plan, title)
