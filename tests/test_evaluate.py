@@ -189,11 +189,13 @@ def test_auto_postprocessing_is_decided_on_validation_and_stored_in_the_run(synt
     options = Options(postprocess="auto", pictures="none", metrics=["dice"], progress=False)
     summary = evaluate(run, dataset, tmp_path, split="test", options=options, predict=label_reader)
     plan = summary["postprocessing"]
-    assert plan["lcc_classes"] == [1] and plan["decided_on"] == "validation"
+    assert plan["lcc_classes"] == [1] and plan["lcc_class_names"] == ["core"] and plan["decided_on"] == "validation"
     assert plan["dice"]["1"]["with_lcc"] == 1.0 > plan["dice"]["1"]["without_lcc"]
     assert summary["foreground_mean"]["dice"] == 1.0
     stored = json.loads((run / "postprocessing.json").read_text())
-    assert stored["plan"] == plan
+    assert [d["plan"] for d in stored["decisions"]] == [
+        {k: v for k, v in plan.items() if k != "lcc_class_names"}
+    ] and stored["decisions"][0]["key"]["tta"] is False
     monkeypatch.setattr("utils.evaluate.decide_lcc", lambda *a, **k: pytest.fail("decided again"))
     again = evaluate(run, dataset, tmp_path / "again", split="test", options=options, predict=label_reader)
     assert again["postprocessing"] == plan and not again["failures"]

@@ -300,9 +300,9 @@ def resolve_plan(
     validation: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, Sequence[float]]]] | None,
     key: dict,
 ) -> dict:
-    """The post-processing plan: from the flags, or for ``auto`` the decision stored in the run folder (when made
-    with the same settings) or a new one from ``validation()`` (``(prediction, truth, spacing)`` per validation case),
-    which is then stored there.
+    """The post-processing plan: from the flags, or for ``auto`` the decision stored in the run folder's
+    ``postprocessing.json`` for the same ``key`` (model file, validation data, inference settings), or else a new
+    one from ``validation()`` (``(prediction, truth, spacing)`` per validation case), which is then added there.
 
     Raises:
         ValueError: ``auto`` without a stored decision and without validation cases.
@@ -311,13 +311,15 @@ def resolve_plan(
     if options.postprocess != "auto":
         return make_plan(options.postprocess, num_classes, min_size, options.connectivity)
     stored = Path(run_dir) / POSTPROCESSING_FILE if run_dir else None
+    decisions = []
     if stored is not None and stored.is_file():
         try:
-            cached = fileio.read_json(stored)
-        except ValueError:
-            cached = {}
-        if cached.get("key") == key:
-            return cached["plan"]
+            decisions = list(fileio.read_json(stored).get("decisions", []))
+        except (ValueError, AttributeError):
+            decisions = []
+        for decision in decisions:
+            if decision.get("key") == key:
+                return decision["plan"]
     if validation is None:
         raise ValueError(
             f"--postprocess auto needs a decision in {stored} or the training dataset's validation split to make one"
@@ -330,7 +332,7 @@ def resolve_plan(
     )
     if stored is not None:
         try:
-            fileio.write_json(stored, {"key": key, "plan": plan})
+            fileio.write_json(stored, {"decisions": [*decisions, {"key": key, "plan": plan}]})
         except OSError as error:
             log.warning("could not store the post-processing decision in %s: %s", stored, error)
     return plan
@@ -440,6 +442,7 @@ def evaluate(
 
     records, failures = run_cases(case_ids, process, output, settings_key, options.progress)
     settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
+    plan = {**plan, "lcc_class_names": [dataset.labels[str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, f"{config['model']} on {split}")
 
 

@@ -181,4 +181,5 @@ def predict_images(
     records, failures = run_cases(list(specs), process, output, settings_key, options.progress)
     settings = {**settings_key, "model": config["model"], "patch_size": config["patch_size"]}
     title = f"{config['model']} on {Path(input_path).name}"
+    plan = {**plan, "lcc_class_names": [training.manifest["labels"][str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, title)

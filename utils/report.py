@@ -167,6 +167,21 @@ def _sort_key(record: Mapping, keys: Sequence[str]) -> tuple:
     return (not math.isfinite(value), value if math.isfinite(value) else 0.0, record["id"])
 
 
+def describe_plan(plan: Mapping) -> str:
+    """One sentence on a post-processing plan of :mod:`utils.postprocess`."""
+    kept = plan.get("lcc_class_names") or [str(k) for k in plan.get("lcc_classes", [])]
+    text = f"largest connected component kept for {', '.join(kept)}" if kept else "no largest-component filtering"
+    if plan.get("decided_on"):
+        changes = "; ".join(
+            f"class {k}: {_number(v['without_lcc'])} → {_number(v['with_lcc'])}"
+            for k, v in plan.get("dice", {}).items()
+        )
+        text += f" (decided on {plan.get('num_cases', 0)} {plan['decided_on']} cases, dice without → with: {changes})"
+    if plan.get("min_size"):
+        text += f"; components under {plan['min_size']:g} {plan.get('min_size_unit', 'voxels')} removed"
+    return text + "."
+
+
 def render_report(
     summary: Mapping,
     records: Sequence[Mapping],
@@ -195,7 +210,7 @@ def render_report(
         summary_table(summary),
     ]
     if summary.get("postprocessing"):
-        parts.append(f'<p class="meta">Post-processing: <code>{html.escape(str(summary["postprocessing"]))}</code></p>')
+        parts.append(f'<p class="meta">Post-processing: {html.escape(describe_plan(summary["postprocessing"]))}</p>')
     if boxplot:
         parts.append(f'<h2>Dice per case</h2><img id="boxplot" src="{boxplot}" alt="dice box plot">')
     parts += [
