@@ -5,7 +5,7 @@ Examples:
     python evaluation.py --run runs/hippocampus --data data/hippocampus --tta --postprocess auto --output results/h
     python evaluation.py --run runs/ct --input new_scans/ --format dicom --output results/new_scans
     python evaluation.py --run runs/brats --data data/brats --output results/brats \\
-        --regions '{"whole_tumour": [1, 2, 3], "tumour_core": [1, 3], "enhancing": [3]}'
+        --regions '{"whole_tumour": [1, 2, 4], "tumour_core": [1, 4], "enhancing_tumour": [4]}'
 
 With --data, a split of a prepared dataset (data_gen.py) is predicted and scored against its labels. With --input,
 raw images of any supported format (NIfTI/MSD, NRRD/MHA, DICOM, HDF5, BraTS, PNG) are read and prepared exactly as
@@ -30,7 +30,6 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
-FORMATS = ("auto", "msd", "files", "hdf5", "brats", "dicom", "png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +110,18 @@ def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--regions",
         metavar="JSON",
-        help="regions scored besides the classes, as label values of the masks, "
+        help="regions scored besides the classes, as label values of the written masks (manifest label_values), "
         'e.g. \'{"whole_tumour": [1, 2, 4], "tumour_core": [1, 4]}\'',
     )
 
 
 def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
+    from utils.readers import DISCOVERERS
+
     group = parser.add_argument_group("reading --input (as in data_gen.py)")
-    group.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: auto)")
+    group.add_argument(
+        "--format", choices=["auto", *sorted(DISCOVERERS)], default="auto", help="input layout (default: auto)"
+    )
     group.add_argument("--label", metavar="PATH", help="labels apart from the images (one DICOM series, PNG masks)")
     group.add_argument("--image-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of images")
     group.add_argument("--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels")

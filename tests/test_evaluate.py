@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data_gen
-from utils.evaluate import Options, check_compatible, check_regions, evaluate, summarize
+from utils.evaluate import Options, check_compatible, check_regions, evaluate, finish_case, summarize
 
 LABELS = {"0": "background", "1": "core", "2": "rim"}
 SHAPE_IJK = (16, 20, 12)
@@ -217,3 +217,45 @@ def test_a_rerun_reuses_finished_cases(synthetic, tmp_path):
     (tmp_path / "masks").joinpath(next(iter(sorted((tmp_path / "masks").iterdir()))).name).unlink()
     evaluate(run, dataset, tmp_path, split="val", options=options, predict=counting)
     assert calls  # the case whose mask went missing was predicted again
+
+
+def test_a_2d_run_predicts_slice_by_slice(synthetic, tmp_path):
+    _, dataset, run = synthetic
+    run_2d = tmp_path / "run2d"
+    run_2d.mkdir()
+    config = json.loads((run / "config.json").read_text())
+    (run_2d / "config.json").write_text(json.dumps({**config, "model": "unet2d", "patch_size": [16, 16]}))
+    shapes = []
+
+    def reader(batch):
+        shapes.append(batch.shape)
+        return label_reader(batch)
+
+    options = Options(pictures="none", metrics=["dice"], progress=False)
+    summary = evaluate(run_2d, dataset, tmp_path / "out", split="val", options=options, predict=reader)
+    assert {s[1:] for s in shapes} == {(16, 16, 1)} and max(s[0] for s in shapes) == 2
+    assert summary["classes"]["2"]["dice"]["mean"] == 1.0
+
+
+def test_cases_are_scored_and_written_in_source_label_values(tmp_path):
+    """Classes 0, 1, 2 stand for source values 0, 4, 7 (e.g. after remapping): the mask holds 4 and 7, metrics are
+    keyed by them, and a region is given in those values."""
+    truth = np.zeros((4, 6, 6), dtype=np.uint8)
+    truth[1:3, 1:4, 1:4] = 1
+    truth[1:3, 4:6, 1:4] = 2
+    prediction = truth.copy()
+    prediction[1, 1, 1] = 0
+    case = {
+        "id": "c1",
+        "geometry": {"source_shape": [4, 6, 6], "source_affine": np.eye(4).tolist(), "source_spacing": [2, 1, 1]},
+        "writer": {},
+    }
+    options = Options(regions={"tumour": [4, 7]}, metrics=["dice", "volume_pred_ml"], pictures="none")
+    names = {"4": "core", "7": "edge"}
+    record = finish_case(tmp_path, case, prediction, truth, truth[..., None], np.eye(4), [0, 4, 7], names, options)
+    assert set(record["metrics"]) == {"4", "7", "tumour"}
+    assert record["metrics"]["7"]["dice"] == 1.0 and record["metrics"]["4"]["dice"] == pytest.approx(34 / 35)
+    assert record["metrics"]["tumour"]["dice"] == pytest.approx(58 / 59)
+    assert record["predicted_ml"] == {"4": 0.034, "7": 0.024}
+    written = np.asarray(nib.load(tmp_path / "masks" / "c1.nii.gz").dataobj)
+    assert sorted(np.unique(written).tolist()) == [0, 4, 7]
