@@ -3,8 +3,11 @@
 Example:
     python train.py --data data/hippocampus --output runs/hippocampus --model unet3d --time-limit 10
 
-Writes config.json, model.keras (best validation dice), last.keras (resumable), history.csv, curves.png and
-model_summary.txt into --output. Settings may also come from --config FILE (YAML or JSON); flags win.
+Writes config.json (every resolved setting and the plan), model.keras (best validation dice), last.keras and
+state.json (to --resume), history.csv, curves.png, model_summary.txt and tensorboard/ into --output.
+Settings may also come from --config FILE (YAML or JSON, the keys below with underscores); flags win.
+Without --patch-size / --batch-size, both and the network depth are planned from fingerprint.json and
+--memory-budget. Several GPUs: --strategy mirrored; several hosts: --strategy multiworker with TF_CONFIG set on each.
 """
 
 from __future__ import annotations
@@ -19,49 +22,162 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _json(text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({error})") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="prepared dataset folder (data/NAME)")
-    parser.add_argument("--output", help="run folder to write (runs/NAME)")
-    parser.add_argument("--config", help="YAML or JSON file with any of these settings (flags win)")
-    parser.add_argument("--model", help="architecture name, e.g. unet3d, unet2d (default: unet3d)")
-    parser.add_argument("--model-args", type=json.loads, help="architecture options as JSON, e.g. '{\"filters\": 32}'")
-    parser.add_argument(
-        "--loss", help="dice, gdl, dice_ce, gdl_ce, ce, weighted_ce, tversky, focal, dice_focal (default: dice_ce)"
+    run = parser.add_argument_group("run")
+    run.add_argument("--data", help="prepared dataset folder (data/NAME, written by data_gen.py)")
+    run.add_argument("--output", help="run folder to write (runs/NAME)")
+    run.add_argument("--config", help="YAML or JSON file with any of these settings (flags win)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in --output from its last complete epoch, with its saved settings (only --epochs, "
+        "--time-limit, --early-stopping, --workers, --worker-mode may change)",
     )
-    parser.add_argument("--loss-args", type=json.loads, help="loss options as JSON, e.g. '{\"batch\": true}'")
-    parser.add_argument(
+    run.add_argument("--seed", type=int, help="seed of weights, batches and augmentation (default: 0)")
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels: the same seed gives the same weights (slower)",
+    )
+
+    net = parser.add_argument_group("model and loss")
+    net.add_argument(
+        "--model",
+        help="architecture: unet3d (default), unet2d, resunet2d/3d, attention_unet2d/3d, "
+        "dilated2d/3d, fcn2d/3d, twopath2d",
+    )
+    net.add_argument(
+        "--model-args",
+        type=_json,
+        help='architecture options as JSON, e.g. \'{"filters": 32, "deep_supervision": true}\' '
+        "(unet default: filters 16, instance norm, stem_stride 2; depth planned)",
+    )
+    net.add_argument("--loss", help="dice, gdl, dice_ce (default), gdl_ce, ce, weighted_ce, tversky, focal, dice_focal")
+    net.add_argument("--loss-args", type=_json, help="loss options as JSON, e.g. '{\"batch\": true}'")
+
+    data = parser.add_argument_group("data and sampling")
+    data.add_argument(
+        "--source",
+        choices=["volumes", "slices", "patches"],
+        help="train from volumes/ (default) or from the slices/ or patches/ stacks of data_gen.py --export",
+    )
+    data.add_argument(
         "--patch-size",
         type=int,
         nargs="+",
-        help="D H W for 3D, H W for 2D (default: planned from the dataset's median shape)",
+        metavar="N",
+        help="D H W for 3D, H W for 2D (default: planned from the median shape and --memory-budget)",
     )
-    parser.add_argument("--batch-size", type=int, help="samples per step (default: planned from the patch size)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (default: 1000; --time-limit usually ends first)")
-    parser.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: 100)")
-    parser.add_argument("--lr", type=float, help="initial learning rate (default: 3e-3)")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], help="adam, or sgd with Nesterov momentum 0.99")
-    parser.add_argument(
+    data.add_argument("--batch-size", type=int, help="samples per step per device (default: planned)")
+    data.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GB",
+        help="memory of one device the plan may use, in GiB (default: 8)",
+    )
+    data.add_argument(
+        "--foreground-ratio",
+        type=float,
+        help="expected share of samples placed on a foreground voxel, a class drawn uniformly among those present "
+        "(default: 0.33)",
+    )
+    data.add_argument(
+        "--augment",
+        choices=["none", "default", "strong"],
+        help="augmentation preset; tune single transforms with 'augmentation' in --config (default: default)",
+    )
+    data.add_argument(
+        "--augmentation",
+        type=_json,
+        help='per-transform options as JSON, e.g. \'{"rotation": {"p": 0.3, "angle": [-15, 15]}}\'',
+    )
+    data.add_argument("--workers", type=int, help="parallel batch builders (default: 1, in the training loop)")
+    data.add_argument("--worker-mode", choices=["thread", "process"], help="workers as threads (default) or processes")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, help="maximum epochs (default: 1000; --time-limit usually ends first)")
+    opt.add_argument("--steps-per-epoch", type=int, help="steps per epoch (default: 100)")
+    opt.add_argument("--optimizer", choices=["adam", "sgd"], help="adam (default), or sgd with Nesterov momentum")
+    opt.add_argument("--lr", type=float, help="initial learning rate (default: 3e-3)")
+    opt.add_argument("--momentum", type=float, help="SGD momentum (default: 0.99)")
+    opt.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: 0)")
+    opt.add_argument(
         "--schedule",
-        choices=["poly", "cosine", "none"],
-        help="learning-rate decay over the epochs or the time limit, whichever ends first (default: poly)",
+        choices=["poly", "cosine", "plateau", "none"],
+        help="learning-rate decay over the epochs or the time limit, whichever ends first; plateau: times "
+        "--plateau-factor after --plateau-patience epochs without a better validation dice (default: poly)",
     )
-    parser.add_argument("--augment", choices=["none", "default", "strong"], help="augmentation preset")
-    parser.add_argument("--foreground-ratio", type=float, help="share of patches centred on foreground (0.33)")
-    parser.add_argument(
+    opt.add_argument("--poly-exponent", type=float, help="exponent of the poly schedule (default: 0.9)")
+    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0 over this many epochs (default: 0)")
+    opt.add_argument("--plateau-patience", type=int, help="epochs without improvement before a cut (default: 10)")
+    opt.add_argument("--plateau-factor", type=float, help="learning-rate cut of the plateau schedule (default: 0.5)")
+    opt.add_argument("--min-lr", type=float, help="floor of the learning rate (default: 0)")
+    opt.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (default: off; nnU-Net 12)")
+    opt.add_argument(
+        "--lr-scaling",
+        choices=["none", "linear", "sqrt"],
+        help="scale the learning rate with the number of replicas (default: none)",
+    )
+    opt.add_argument("--mixed-precision", action="store_true", default=None, help="mixed_float16, float32 outputs")
+
+    stop = parser.add_argument_group("stopping, validation and logs")
+    stop.add_argument(
         "--time-limit",
         type=float,
         metavar="MINUTES",
-        help="stop after the last whole epoch that fits in this many minutes",
+        help="stop after the last whole epoch that fits in this many minutes (the schedule follows it)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
-    parser.add_argument("--mixed-precision", action="store_true", default=None, help="train in mixed_float16")
-    parser.add_argument("--seed", type=int, help="random seed (default: 0)")
+    stop.add_argument(
+        "--early-stopping",
+        type=int,
+        metavar="EPOCHS",
+        help="stop after this many epochs without a better validation dice (default: 0, off)",
+    )
+    stop.add_argument("--val-overlap", type=float, help="sliding-window overlap of validation (default: 0.5)")
+    stop.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        default=None,
+        help="write no tensorboard/ event files",
+    )
+    stop.add_argument(
+        "--tensorboard-images",
+        type=int,
+        metavar="N",
+        help="validation cases shown as image | truth | prediction in TensorBoard (default: 3)",
+    )
+
+    scale = parser.add_argument_group("several devices")
+    scale.add_argument(
+        "--strategy",
+        choices=["default", "mirrored", "multiworker"],
+        help="default: one device; mirrored: every local GPU (tf.distribute.MirroredStrategy; JAX: DataParallel); "
+        "multiworker: several hosts from TF_CONFIG (MultiWorkerMirroredStrategy); --batch-size is per device",
+    )
     return parser
 
 
 def load_config_file(path: str) -> dict:
-    """Read a YAML or JSON settings file with a safe loader; keys use underscores or dashes."""
+    """Read a YAML or JSON settings file with a safe loader; keys use underscores or dashes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not valid YAML/JSON, or not a mapping.
+    """
     import yaml
 
     from utils.fileio import read_json
@@ -86,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_config_file(args.config) if args.config else {}
+        if args.config:
+            from utils.training import check_settings
+
+            try:
+                check_settings(settings)
+            except ValueError as error:
+                raise ValueError(f"{args.config}: {error}") from error
         flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
         settings.update(flags)
         for key in ("data", "output"):
@@ -97,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"Best validation mean foreground dice: {config['best_val_dice']:.4f}")
+    print(f"Best validation mean foreground dice: {config['best_val_dice']:.4f} ({config['epochs_done']} epochs)")
     print(f"Run written to {config['output']}: model.keras, last.keras, config.json, history.csv, curves.png")
     return 0
 

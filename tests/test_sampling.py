@@ -1,9 +1,11 @@
-"""Patch sampling: shapes, padding, foreground share, determinism, aligned flips."""
+"""Patch sampling: shapes, padding, foreground share per class, determinism (also through Keras workers), stacks,
+augmentation read through the volume, deep-supervision targets."""
 
 import numpy as np
 import pytest
 
-from utils.sampling import PatchSampler, extract_patch, random_flips
+from utils.augment import Augmenter, augmentation_settings
+from utils.sampling import PatchSampler, StackSampler, extract_patch, foreground_flags, read_transformed
 
 
 def make_volumes():
@@ -12,10 +14,17 @@ def make_volumes():
     for i, shape in enumerate([(20, 30, 25), (6, 10, 9)]):
         label = np.zeros(shape, dtype=np.uint8)
         label[2:4, 3:5, 3:5] = 1  # a small object, so random patches rarely hit it
-        label[4, 6, 6] = 2
+        label[4, 6, 6] = 2  # a rare class: one voxel
         images[f"c{i}"] = rng.normal(size=(*shape, 1)).astype(np.float32)
         labels[f"c{i}"] = label
     return images, labels
+
+
+def sampler_for(patch, **kwargs):
+    images, labels = make_volumes()
+    cases = kwargs.pop("cases", ["c0", "c1"])
+    options = {"batch_size": 4, "steps_per_epoch": 3, **kwargs}
+    return PatchSampler(images.get, labels.get, cases, patch, 3, **options)
 
 
 def test_extract_patch_pads_outside_the_volume():
@@ -29,44 +38,132 @@ def test_extract_patch_pads_outside_the_volume():
 
 @pytest.mark.parametrize(("patch", "x_shape"), [((8, 12, 12), (4, 8, 12, 12, 1)), ((12, 12), (4, 12, 12, 1))])
 def test_batches_have_patch_shape_and_one_hot_labels(patch, x_shape):
-    images, labels = make_volumes()
-    sampler = PatchSampler(images.get, labels.get, ["c0", "c1"], patch, 3, batch_size=4, steps_per_epoch=3)
-    x, y = sampler[0]
+    x, y = sampler_for(patch)[0]
     assert x.shape == x_shape and x.dtype == np.float32
-    assert y.shape == (*x_shape[:-1], 3)
+    assert y.shape == (*x_shape[:-1], 3) and y.dtype == np.float32
     np.testing.assert_array_equal(y.sum(-1), 1.0)
 
 
+def test_volumes_smaller_than_the_patch_are_padded_with_zeros_and_background():
+    images, labels = make_volumes()
+    sampler = PatchSampler(images.get, labels.get, ["c1"], (8, 16, 16), 3, batch_size=2, foreground_ratio=1.0)
+    x, y = sampler[0]
+    # the 6 x 10 x 9 case sits in the middle: 1 slice of padding before it along axis 0, 3 along axis 1 ...
+    np.testing.assert_array_equal(x[:, 0], 0)
+    np.testing.assert_array_equal(x[:, 7], 0)
+    np.testing.assert_array_equal(x[:, 1:7, 3:13, 3:12, 0], np.broadcast_to(images["c1"][..., 0], (2, 6, 10, 9)))
+    assert (y[:, 0, ..., 0] == 1).all()
+
+
+@pytest.mark.parametrize(("batch", "ratio"), [(2, 0.33), (4, 0.5), (5, 0.2), (3, 1.0), (3, 0.0)])
+def test_foreground_flags_have_the_expected_count(batch, ratio):
+    counts = [foreground_flags(batch, ratio, np.random.default_rng(i)).sum() for i in range(400)]
+    assert set(counts) <= {int(batch * ratio), int(np.ceil(batch * ratio))}
+    assert np.mean(counts) / batch == pytest.approx(ratio, abs=0.03)
+
+
 def test_foreground_share_matches_the_ratio():
-    images, labels = make_volumes()
-    sampler = PatchSampler(
-        images.get, labels.get, ["c0"], (4, 4, 4), 3, batch_size=10, steps_per_epoch=40, foreground_ratio=0.5
-    )
+    sampler = sampler_for((4, 4, 4), cases=["c0"], batch_size=10, steps_per_epoch=40, foreground_ratio=0.5)
     with_foreground = np.mean([(y[..., 1:].sum(axis=(1, 2, 3, 4)) > 0) for _, y in (sampler[i] for i in range(40))])
-    # forced patches always hold foreground; random 4^3 patches in 20x30x25 almost never do
-    assert 0.4 < with_foreground < 0.62
+    # placed patches always hold foreground; random 4^3 patches in 20x30x25 almost never do
+    assert 0.45 < with_foreground < 0.58
 
 
-def test_batches_are_deterministic_for_a_seed_and_epoch():
-    images, labels = make_volumes()
-    a = PatchSampler(images.get, labels.get, ["c0", "c1"], (8, 8, 8), 3, batch_size=2, seed=5)
-    b = PatchSampler(images.get, labels.get, ["c0", "c1"], (8, 8, 8), 3, batch_size=2, seed=5)
-    np.testing.assert_array_equal(a[3][0], b[3][0])
+def test_a_rare_class_gets_half_of_the_foreground_patches():
+    sampler = sampler_for((4, 4, 4), cases=["c0"], batch_size=10, steps_per_epoch=40, foreground_ratio=1.0)
+    batches = [sampler[i][1] for i in range(40)]
+    with_rare = np.mean([(y[..., 2].sum(axis=(1, 2, 3)) > 0) for y in batches])
+    assert 0.4 < with_rare < 0.6  # one voxel of class 2 against 8 of class 1, each class drawn half the time
+
+
+def test_batches_are_a_function_of_seed_epoch_and_step():
+    a = sampler_for((8, 8, 8), seed=5)
+    b = sampler_for((8, 8, 8), seed=5)
+    np.testing.assert_array_equal(a[4][0], b.batch(1, 1)[0])  # index 4 with 3 steps per epoch: epoch 1, step 1
     b.set_epoch(1)
-    assert not np.array_equal(a[3][0], b[3][0])
-    a.on_epoch_end()
-    np.testing.assert_array_equal(a[3][0], b[3][0])
+    np.testing.assert_array_equal(a[4][0], b[1][0])
+    assert not np.array_equal(a[1][0], b[1][0])
+    assert not np.array_equal(a[0][0], sampler_for((8, 8, 8), seed=6)[0][0])
+    assert not np.array_equal(a.batch(0, 0, shard=0)[0], a.batch(0, 0, shard=1)[0])
 
 
-def test_flips_keep_image_and_label_aligned():
-    rng = np.random.default_rng(1)
-    label = rng.integers(0, 3, size=(5, 6, 7))
-    image = label[..., None].astype(np.float32) * 10
-    flipped_image, flipped_label = random_flips(probability=1.0)(image, label, rng)
-    np.testing.assert_array_equal(flipped_label, label[::-1, ::-1, ::-1])
-    np.testing.assert_array_equal(flipped_image[..., 0], flipped_label * 10)
+@pytest.mark.parametrize(("workers", "processes"), [(2, False), (2, True)])
+def test_keras_workers_deliver_the_same_batches_in_order(workers, processes):
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    augment = Augmenter(augmentation_settings("strong", 3), 3)
+    direct = sampler_for((8, 8, 8), augment=augment, seed=2)
+    parallel = sampler_for((8, 8, 8), augment=augment, seed=2, workers=workers, use_multiprocessing=processes)
+    adapter = PyDatasetAdapter(parallel, shuffle=False)
+    iterator = iter(adapter.get_numpy_iterator())
+    adapter.on_epoch_begin()
+    try:
+        for index in range(7):  # across two epoch boundaries (3 steps per epoch)
+            x, y = next(iterator)
+            expected = direct.batch(index // 3, index % 3)
+            np.testing.assert_array_equal(x, expected[0])
+            np.testing.assert_array_equal(y, expected[1])
+    finally:
+        adapter.on_epoch_end()
 
 
-def test_empty_training_split_is_refused():
+def test_spatial_augmentation_reads_around_the_patch():
+    """A quarter turn read through the volume equals the rotated patch: the window came from the right place."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(30, 30, 30, 1)).astype(np.float32)
+    label = (volume[..., 0] > 1).astype(np.uint8)
+    augmenter = Augmenter(augmentation_settings("none", 3, {"rotation": {"p": 1, "angle": [90, 90], "axes": [0]}}), 3)
+    coordinates = augmenter.spatial_coordinates((8, 8, 8), np.random.default_rng(1))
+    x, y = read_transformed(volume, label, (10, 5, 12), (8, 8, 8), coordinates, image_order=1)
+    patch, patch_label = volume[10:18, 5:13, 12:20], label[10:18, 5:13, 12:20]
+    match = [k for k in (1, -1) if np.allclose(x, np.rot90(patch, k, axes=(1, 2)), atol=1e-5)]
+    assert match and np.array_equal(y, np.rot90(patch_label, match[0], axes=(1, 2)))
+
+
+def test_augmented_batches_keep_image_and_label_together():
+    images, labels = make_volumes()
+    images = {k: (v[..., 0] * 0 + labels[k] * 10).astype(np.float32)[..., None] for k, v in images.items()}
+    settings = augmentation_settings("none", 3, {"rotation": {"p": 1}, "scale": {"p": 1}, "flip": {"p": 0.5}})
+    sampler = PatchSampler(
+        images.get, labels.get, ["c0"], (8, 8, 8), 3, batch_size=6, foreground_ratio=1.0,
+        augment=Augmenter(settings, 3, image_order=0),
+    )  # fmt: skip
+    x, y = sampler[0]
+    np.testing.assert_array_equal(x[..., 0], np.argmax(y, -1) * 10.0)
+
+
+def test_deep_supervision_targets_are_strided_one_hot_truth():
+    sampler = sampler_for((8, 8, 8), target_strides=[(1, 1, 1), (2, 2, 2), (4, 4, 4)])
+    x, targets = sampler[0]
+    assert [t.shape for t in targets] == [(4, 8, 8, 8, 3), (4, 4, 4, 4, 3), (4, 2, 2, 2, 3)]
+    np.testing.assert_array_equal(targets[1], targets[0][:, ::2, ::2, ::2])
+
+
+def test_stack_sampler_reads_rows_pads_and_oversamples():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((50, 12, 10), dtype=np.uint8)
+    labels[3, 4:6, 4:6] = 1
+    labels[40, 2, 2] = 2
+    images = rng.normal(size=(50, 12, 10, 1)).astype(np.float32)
+    sampler = StackSampler(images, labels, (16, 16), 3, batch_size=8, steps_per_epoch=20, foreground_ratio=0.5)
+    batches = [sampler[i] for i in range(20)]
+    x, y = batches[0]
+    assert x.shape == (8, 16, 16, 1) and y.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(x[:, :2], 0)  # 12 rows padded to 16: 2 above, 2 below
+    present = np.concatenate([(y[..., 1:].sum(axis=(1, 2)) > 0) for _, y in batches])
+    assert 0.42 < present.any(axis=1).mean() < 0.58  # 2 of 50 rows hold foreground: nearly all from placement
+    assert 0.15 < present[:, 1].mean() < 0.35  # class 2 (one voxel in one row) gets half of the placed samples
+
+
+def test_stack_and_patch_size_must_agree():
+    with pytest.raises(ValueError, match="do not fit a patch size"):
+        StackSampler(np.zeros((2, 8, 8, 1)), np.zeros((2, 8, 8)), (8, 8, 8), 2)
+    with pytest.raises(ValueError, match="do not match"):
+        StackSampler(np.zeros((2, 8, 8, 1)), np.zeros((3, 8, 8)), (8, 8), 2)
+
+
+def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="empty"):
         PatchSampler(dict().get, dict().get, [], (8, 8, 8), 2)
+    with pytest.raises(ValueError, match="foreground ratio"):
+        sampler_for((8, 8, 8), foreground_ratio=1.5)

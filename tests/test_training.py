@@ -1,100 +1,302 @@
-"""Training: planning from the fingerprint, config validation, history files, resuming where a run stopped."""
+"""Training: planning from the fingerprint, settings checks, schedules, resuming, TensorBoard, deep supervision,
+mixed precision, training from exported stacks, every architecture end to end."""
 
 import csv
 import json
+import shutil
 
+import keras
 import numpy as np
 import pytest
 
+import model as model_zoo
 import train
+from utils import planning
 from utils.dataset import PreparedDataset
-from utils.training import plan_batch_size, read_history, resolve_config, write_history
+from utils.distribute import Distribution, read_events
+from utils.exports import ExportSettings, export_dataset
+from utils.inference import predict_volume
+from utils.training import (
+    SETTINGS,
+    LearningRate,
+    check_settings,
+    load_model,
+    read_history,
+    resolve_config,
+    write_history,
+)
 
 TINY = ["--patch-size", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "3"]
 
 
-def test_patch_size_is_planned_from_the_median_shape(prepared_sample):
+def run_args(data, run, *extra):
+    return ["--data", str(data), "--output", str(run), *extra]
+
+
+def history_of(run):
+    with open(run / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_patch_size_batch_and_depth_are_planned_from_the_fingerprint(prepared_sample):
     dataset = PreparedDataset(prepared_sample)
     config = resolve_config({"data": str(prepared_sample), "output": "x", "model": "unet3d"}, dataset)
     median = dataset.fingerprint["median_shape"]  # about 36 x 50 x 35 voxels for Hippocampus
+    assert config["model_args"]["depth"] == 3  # 36 / 2**3 >= 4 > 36 / 2**4 with the stride-2 stem
     assert all(p >= m and p % 8 == 0 for p, m in zip(config["patch_size"], median, strict=True))
     assert all(p - m < 8 for p, m in zip(config["patch_size"], median, strict=True))
     assert config["batch_size"] == 4
+    assert config["plan"]["planned"] == ["patch_size", "batch_size", "depth"]
+    assert 0 < config["plan"]["estimated_gb_total"] < config["memory_budget"]
     assert config["num_classes"] == 3 and config["num_channels"] == 1
     config_2d = resolve_config({"data": str(prepared_sample), "output": "x", "model": "unet2d"}, dataset)
     assert len(config_2d["patch_size"]) == 2 and config_2d["patch_size"] == config["patch_size"][1:]
+    assert config_2d["batch_size"] == 32
 
 
-def test_batch_size_plan():
-    assert plan_batch_size({"patch_size": [128, 128, 128]}) == 2
-    assert plan_batch_size({"patch_size": [40, 56, 40]}) == 4
-    assert plan_batch_size({"patch_size": [512, 512]}) == 2
-    assert plan_batch_size({"patch_size": [64, 64]}) == 32
+CT_FINGERPRINT = {"median_shape": [180, 512, 512], "median_spacing": [2.5, 0.8, 0.8]}
+
+
+def test_plan_for_a_large_anisotropic_ct_fits_the_memory_budget():
+    plan = planning.plan("unet3d", CT_FINGERPRINT, 1, 4, {"filters": 32, "norm": "instance"}, memory_gb=8)
+    assert all(p <= 128 for p in plan["patch_size"]) and plan["batch_size"] >= 2
+    assert plan["plan"]["estimated_gb_total"] <= 8
+    assert "anisotropic" in plan["plan"]["note"]
+    small = planning.plan("unet3d", CT_FINGERPRINT, 1, 4, {"filters": 32, "norm": "instance"}, memory_gb=1)
+    assert np.prod(small["patch_size"]) < np.prod(plan["patch_size"])
+    assert small["plan"]["estimated_gb_total"] <= 1
+    # the axis with the largest physical extent (slices: 2.5 mm) shrinks first
+    assert small["patch_size"][0] * 2.5 <= max(small["patch_size"][1:]) * 0.8 + 2.5 * 16
+    with pytest.raises(ValueError, match="does not hold two samples"):
+        planning.plan("unet3d", CT_FINGERPRINT, 1, 4, {"filters": 32}, memory_gb=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(model_zoo.MODELS))
+def test_every_architecture_gets_a_plan_it_accepts(name):
+    fingerprint = {"median_shape": [36, 51, 36], "median_spacing": [1, 1, 1]}
+    plan = planning.plan(name, fingerprint, 1, 3, {"filters": 8} if name != "twopath2d" else {})
+    factor = planning.downsampling_factor(name, plan["model_args"])
+    assert all(p % factor == 0 for p in plan["patch_size"])
+    assert len(plan["patch_size"]) == int(name[-2])
+    assert ("depth" in plan["model_args"]) == ("depth" in planning.builder_options(name))
+
+
+def test_depth_fits_a_given_patch():
+    fingerprint = {"median_shape": [36, 51, 36]}
+    plan = planning.plan("unet3d", fingerprint, 1, 3, {"stem_stride": 2}, patch_size=[16, 16, 16])
+    assert plan["patch_size"] == [16, 16, 16] and plan["model_args"]["depth"] == 2
+    plan = planning.plan("unet3d", fingerprint, 1, 3, {"stem_stride": 2, "depth": 3}, patch_size=[16, 16, 16])
+    assert plan["model_args"]["depth"] == 3 and "depth" not in plan["plan"]["planned"]
+    plan = planning.plan("fcn3d", fingerprint, 1, 3, {}, patch_size=[24, 24, 24])
+    assert plan["model_args"]["depth"] == 3
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model": "nonet3d"}, "unknown model"),
+        ({"model": "nonet3d"}, "setting 'model' must be one of"),
         ({"patch_size": [16, 16]}, "patch size of 3"),
-        ({"lr": -1.0}, "lr must be positive"),
-        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"lr": -1.0}, "setting 'lr' must be a positive number"),
+        ({"lr": "fast"}, "setting 'lr' must be a positive number, got 'fast'"),
+        ({"batch_size": 0}, "setting 'batch_size' must be an integer >= 1"),
+        ({"epochs": 2.5}, "setting 'epochs' must be an integer >= 1, got 2.5"),
+        ({"mixed_precision": "yes"}, "setting 'mixed_precision' must be true or false"),
+        ({"patch_size": [16, "a", 16]}, "setting 'patch_size' must be a list of positive integers"),
+        ({"augmentation": {"twirl": {}}}, "unknown augmentation transform"),
+        ({"loss_args": {"gamma": 2}}, "does not take option"),
+        ({"schedule": "step"}, "setting 'schedule' must be one of"),
         ({"learning_rate": 0.1}, "unknown setting"),
+        ({"foreground_ratio": 1.5}, r"foreground_ratio must be within \[0, 1\]"),
+        ({"source": "slices"}, "data_gen.py --export slices"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(prepared_sample, overrides, message):
     dataset = PreparedDataset(prepared_sample)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         resolve_config({"data": str(prepared_sample), "output": "x", **overrides}, dataset)
+
+
+def test_every_setting_has_a_flag_explained_in_help():
+    text = train.build_parser().format_help()
+    for key in SETTINGS:
+        flag = "--no-tensorboard" if key == "tensorboard" else "--" + key.replace("_", "-")
+        assert flag in text, flag
+    actions = [a for a in train.build_parser()._actions if a.dest != "help"]
+    assert all(a.help for a in actions)
 
 
 def test_history_round_trip(tmp_path):
     rows = [{"epoch": 0, "loss": 1.5, "val_dice": float("nan")}, {"epoch": 1, "loss": 0.5, "val_dice": 0.7}]
     write_history(tmp_path / "history.csv", rows)
     back = read_history(tmp_path / "history.csv")
-    assert back[1] == {"epoch": 1.0, "loss": 0.5, "val_dice": 0.7}
+    assert back[1] == {"epoch": 1, "loss": 0.5, "val_dice": 0.7}
     assert np.isnan(back[0]["val_dice"])
 
 
-def test_resume_continues_where_the_run_stopped(prepared_sample, tmp_path):
+def schedule(**settings):
+    config = dict(epochs=10, steps_per_epoch=10, time_limit=None, schedule="poly", poly_exponent=0.9, warmup_epochs=0.0)
+    config.update(min_lr=0.0, plateau_patience=2, plateau_factor=0.5)
+    config.update(settings)
+    return LearningRate(config, 1.0, lambda: 0.0, Distribution(), None)
+
+
+def test_learning_rate_schedules():
+    poly = schedule()
+    poly.epoch = 5
+    assert poly.rate(0) == pytest.approx(0.5**0.9)
+    cosine = schedule(schedule="cosine")
+    cosine.epoch = 5
+    assert cosine.rate(0) == pytest.approx(0.5)
+    flat = schedule(schedule="none")
+    flat.epoch = 9
+    assert flat.rate(9) == 1.0
+    warm = schedule(schedule="none", warmup_epochs=2.0)
+    assert warm.rate(0) == pytest.approx(0.05) and warm.rate(9) == pytest.approx(0.5)
+    warm.epoch = 2
+    assert warm.rate(0) == 1.0
+    timed = schedule(time_limit=1.0)  # 60 s; 1 s per step measured in the previous epoch
+    timed.state["step_time"], timed.epoch_start, timed.epoch = 1.0, 20.0, 1
+    assert timed.progress(10) == pytest.approx(0.5)  # (20 + 10 * 1) / 60 beats (1 + 1) / 10
+    assert timed.rate(10) == pytest.approx(0.5**0.9)
+    floor = schedule(schedule="cosine", min_lr=0.1)
+    floor.epoch = 10
+    assert floor.rate(0) == 0.1
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs():
+    plateau = schedule(schedule="plateau")
+
+    class Optimizer:
+        learning_rate = 1.0
+
+    plateau.set_model(type("M", (), {"optimizer": Optimizer()})())
+    for epoch, score in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.6, 0.6]):
+        plateau.on_epoch_end(epoch, {"val_dice": score})
+    assert plateau.state["scale"] == 0.25 and plateau.state["best"] == 0.7
+
+
+def test_resume_continues_where_the_run_stopped_and_tensorboard_has_images(prepared_sample, tmp_path):
     run = tmp_path / "run"
-    assert train.main(["--data", str(prepared_sample), "--output", str(run), "--epochs", "2", *TINY]) == 0
+    assert train.main(run_args(prepared_sample, run, "--epochs", "2", *TINY)) == 0
     state = json.loads((run / "state.json").read_text())
-    assert state["epoch"] == 2
-    assert train.main(["--data", str(prepared_sample), "--output", str(run), "--epochs", "3", "--resume"]) == 0
-    with open(run / "history.csv") as handle:
-        epochs = [int(float(row["epoch"])) for row in csv.DictReader(handle)]
-    assert epochs == [0, 1, 2]
+    assert state["epoch"] == 2 and state["elapsed_s"] > 0
+    assert train.main(run_args(prepared_sample, run, "--epochs", "3", "--resume")) == 0
+    history = history_of(run)
+    assert [int(row["epoch"]) for row in history] == [0, 1, 2]
+    assert float(history[2]["time_s"]) > float(history[1]["time_s"])
     assert json.loads((run / "state.json").read_text())["epoch"] == 3
     config = json.loads((run / "config.json").read_text())
     assert config["patch_size"] == [16, 16, 16] and config["epochs"] == 3
     assert config["backend"] in ("tensorflow", "jax", "torch")
+    events = read_events(run / "tensorboard")
+    images = {(tag, step) for tag, plugin, step in events if plugin == "images"}
+    assert len({tag for tag, _ in images}) == 3 and {step for _, step in images} == {0, 1, 2}
+    assert {"train/loss", "val/val_dice", "train/lr"} <= {tag for tag, plugin, _ in events if plugin == "scalars"}
 
 
-def test_resume_without_a_run_is_a_clear_error(prepared_sample, tmp_path, capsys):
-    assert train.main(["--data", str(prepared_sample), "--output", str(tmp_path / "none"), "--resume"]) == 2
+def test_resume_refuses_changed_settings_and_a_missing_run(prepared_sample, tmp_path, capsys):
+    assert train.main(run_args(prepared_sample, tmp_path / "none", "--resume")) == 2
     assert "cannot --resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run).mkdir()
+    for name in ("config.json", "last.keras", "state.json"):
+        (run / name).write_text("{}")
+    (run / "config.json").write_text(json.dumps({"labels": PreparedDataset(prepared_sample).labels,
+                                                 "num_channels": 1, "lr": 0.003}))  # fmt: skip
+    assert train.main(run_args(prepared_sample, run, "--resume", "--lr", "0.1")) == 2
+    assert "these differ: ['lr']" in capsys.readouterr().err
 
 
 def test_config_file_sets_keys_and_flags_win(prepared_sample, tmp_path):
     config_file = tmp_path / "settings.yaml"
-    config_file.write_text("epochs: 1\nsteps-per-epoch: 2\nbatch_size: 2\npatch_size: [16, 16, 16]\nlr: 0.01\n")
-    run = tmp_path / "run"
-    assert (
-        train.main(
-            ["--config", str(config_file), "--data", str(prepared_sample), "--output", str(run), "--lr", "0.002"]
-        )
-        == 0
+    config_file.write_text(
+        "epochs: 1\nsteps-per-epoch: 2\nbatch_size: 2\npatch_size: [16, 16, 16]\nlr: 0.01\ntensorboard: false\n"
+        "augmentation:\n  rotation: {p: 0.5, angle: [-10, 10]}\n"
     )
+    run = tmp_path / "run"
+    assert train.main(["--config", str(config_file), *run_args(prepared_sample, run, "--lr", "0.002")]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["steps_per_epoch"] == 2 and config["lr"] == 0.002
+    assert config["augmentation"]["rotation"]["angle"] == [-10, 10]
+    assert not (run / "tensorboard").exists()
 
 
-def test_config_file_with_unknown_key_is_refused(prepared_sample, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("text", "message"), [("epochs: 1\nlearnig_rate: 0.1\n", "learnig_rate"), ("epochs: ten\n", "'epochs' must be")]
+)
+def test_bad_config_files_are_refused_before_any_work(prepared_sample, tmp_path, capsys, text, message):
     config_file = tmp_path / "settings.yaml"
-    config_file.write_text("epochs: 1\nlearnig_rate: 0.1\n")
-    assert (
-        train.main(["--config", str(config_file), "--data", str(prepared_sample), "--output", str(tmp_path / "run")])
-        == 2
-    )
-    assert "learnig_rate" in capsys.readouterr().err
+    config_file.write_text(text)
+    assert train.main(["--config", str(config_file), *run_args(prepared_sample, tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_deep_supervision_mixed_precision_sgd_and_strong_augmentation_train(prepared_sample, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--epochs", "1", "--model-args", '{"deep_supervision": true, "depth": 3}', "--mixed-precision",
+             "--optimizer", "sgd", "--lr", "0.01", "--augment", "strong", "--grad-clip", "12", "--warmup-epochs",
+             "1", "--schedule", "cosine", "--no-tensorboard"]  # fmt: skip
+    assert train.main(run_args(prepared_sample, run, *TINY, *flags)) == 0
+    row = history_of(run)[0]
+    assert np.isfinite(float(row["loss"])) and "ds1_out_loss" in row and "out_fg_dice" in row
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision_policy"] in ("mixed_float16", "mixed_bfloat16")
+    model = load_model(run / "last.keras")
+    assert len(model.outputs) == 3 and model.outputs[0].dtype == "float32"
+    image = PreparedDataset(prepared_sample).image(PreparedDataset(prepared_sample).split("val")[0])
+    probabilities = predict_volume(model, image, [16, 16, 16], 3)
+    assert probabilities.shape == (*image.shape[:3], 3)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-2)
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def exported(prepared_sample, tmp_path_factory):
+    """A copy of the prepared sample with slices (resized to 48 x 48) and 16^3 patches exported."""
+    out = tmp_path_factory.mktemp("exported") / "data"
+    shutil.copytree(prepared_sample, out)
+    dataset = PreparedDataset(out)
+    settings = ExportSettings(kinds=["volumes", "slices", "patches"], slice_filter="foreground", slice_size=[48, 48],
+                              patch_size=[16, 16, 16], patches_per_case=4)  # fmt: skip
+    export_dataset(out, dataset.manifest, dataset.splits, settings)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("source", "model", "patch"), [("slices", "unet2d", [48, 48]), ("patches", "unet3d", [16] * 3)]
+)
+def test_training_from_exported_stacks(exported, tmp_path, source, model, patch):
+    run = tmp_path / "run"
+    flags = ["--source", source, "--model", model, "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "2"]
+    assert train.main(run_args(exported, run, *flags, "--no-tensorboard")) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["patch_size"] == patch and config["source"] == source
+    assert np.isfinite(float(history_of(run)[0]["val_dice"]))
+
+
+def test_a_stack_of_the_wrong_dimension_is_refused(exported, tmp_path, capsys):
+    assert train.main(run_args(exported, tmp_path / "run", "--source", "slices", "--model", "unet3d")) == 2
+    assert "use a 2d model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(model_zoo.MODELS))
+def test_every_architecture_trains_and_predicts_end_to_end(prepared_sample, tmp_path, name):
+    run = tmp_path / name
+    small = {"twopath2d": {"local_filters": 4, "global_filters": 4}, "dilated2d": {"filters": 4},
+             "dilated3d": {"filters": 4}}.get(name, {"filters": 4})  # fmt: skip
+    flags = ["--model", name, "--model-args", json.dumps(small), "--epochs", "1", "--steps-per-epoch", "2",
+             "--batch-size", "2", "--no-tensorboard", "--memory-budget", "1"]  # fmt: skip
+    assert train.main(run_args(prepared_sample, run, *flags)) == 0
+    config = json.loads((run / "config.json").read_text())
+    model = load_model(run / "model.keras")
+    dataset = PreparedDataset(prepared_sample)
+    case = dataset.split("test")[0]
+    probabilities = predict_volume(model, dataset.image(case), config["patch_size"], 3)
+    assert probabilities.shape == (*dataset.image(case).shape[:3], 3)
+    assert np.isfinite(probabilities).all() and np.isfinite(float(history_of(run)[0]["loss"]))
+
+
+def test_check_settings_accepts_the_defaults():
+    check_settings({key: default for key, (default, _) in SETTINGS.items()})

@@ -1,9 +1,18 @@
-"""Training batches: random 2D slices or 3D patches read from memory-mapped prepared volumes.
+"""Training batches: random 2D slices or 3D patches from memory-mapped prepared volumes or exported stacks.
 
-A share of the patches (``foreground_ratio``, one third by default) is centred on a foreground voxel of a class
-chosen uniformly among the classes present in the case, so rare classes get their share; the rest are placed
-uniformly at random. Volumes smaller than the patch are padded with zeros. Every batch is a pure function of
-``(seed, epoch, index)``, so a run is reproducible and a resumed run sees the batches it would have seen.
+Foreground oversampling: in each batch a share ``foreground_ratio`` of the samples (``floor(B * r)`` of them, plus one
+more with probability ``frac(B * r)``, so the expected share is exactly ``r``) is placed on a foreground voxel: a class
+is chosen uniformly among the foreground classes present in the case, then one of its voxels, so a rare class (a
+tumour inside an organ) gets as many patches as a large one. The voxel lies in the central half of the patch. The
+other samples are placed uniformly at random. Volumes smaller than the patch are padded with zeros (the mean of a
+z-scored image; background in the label).
+
+Determinism: batch ``step`` of epoch ``epoch`` is a pure function of ``(seed, epoch, step, shard)``. The sampler is
+an endless :class:`keras.utils.PyDataset`: Keras asks for indices ``0, 1, 2, ...`` across epochs (``fit`` with
+``steps_per_epoch``), and index ``i`` is step ``i mod steps`` of epoch ``start_epoch + i // steps``. So batches do
+not depend on worker scheduling (``workers``/``use_multiprocessing`` of ``PyDataset``), and a resumed run
+(``start_epoch``) sees the batches the uninterrupted run would have seen. ``shard`` separates the data of the
+replicas or hosts of a distributed run.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
+
+from utils.augment import Augmenter, resample
 
 _MAX_LOCATIONS = 5_000
 
@@ -37,19 +48,20 @@ def extract_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int]) 
 
 
 def foreground_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """Up to ``5000`` voxel coordinates ``(n, 3)`` of each foreground class present in ``label``."""
+    """Up to ``5000`` voxel coordinates ``(n, label.ndim)`` of each foreground class present in ``label``."""
     locations = {}
+    label = np.asarray(label)
     for k in range(1, num_classes):
         coords = np.argwhere(label == k)
         if len(coords):
             if len(coords) > _MAX_LOCATIONS:
-                coords = coords[rng.choice(len(coords), _MAX_LOCATIONS, replace=False)]
+                coords = coords[np.sort(rng.choice(len(coords), _MAX_LOCATIONS, replace=False))]
             locations[k] = coords.astype(np.int32)
     return locations
 
 
 def patch_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, centre=None) -> list[int]:
-    """Start of a window of ``size`` in a volume of ``shape``: random, or around ``centre`` kept inside the volume.
+    """Start of a window of ``size`` in a volume of ``shape``: random, or holding ``centre`` in its central half.
 
     Volumes smaller than the window get a centred window (the rest is padding).
     """
@@ -64,8 +76,20 @@ def patch_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Genera
     return start
 
 
+def foreground_flags(batch_size: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Which samples of a batch are placed on foreground: ``floor(B r)`` plus one with probability ``frac(B r)``."""
+    expected = batch_size * ratio
+    count = int(expected) + int(rng.random() < expected - int(expected))
+    flags = np.zeros(batch_size, dtype=bool)
+    flags[rng.permutation(batch_size)[:count]] = True
+    return flags
+
+
 class PatchSampler(keras.utils.PyDataset):
-    """Batches ``(x, y)`` of patches: ``x (B, *patch, C)`` float32, ``y (B, *patch, K)`` one-hot float32.
+    """Endless batches ``(x, y)``: ``x (B, *patch, C)`` float32, ``y (B, *patch, K)`` one-hot float32.
+
+    With ``target_strides`` (deep supervision), ``y`` is a tuple with one target per model output, the one-hot truth
+    taken every ``stride`` voxels along each axis (nearest, so it stays one-hot).
 
     Args:
         image_loader: ``case_id -> (Z, Y, X, C)`` array (memory-mapped).
@@ -75,9 +99,17 @@ class PatchSampler(keras.utils.PyDataset):
         num_classes: K, including background.
         batch_size: samples per batch.
         steps_per_epoch: batches per epoch.
-        foreground_ratio: share of samples centred on foreground.
-        augment: ``(image, label, rng) -> (image, label)`` applied per sample, or ``None``.
+        foreground_ratio: expected share of samples placed on foreground, in [0, 1].
+        augment: an :class:`~utils.augment.Augmenter`, any ``(image, label, rng) -> (image, label)`` callable, or
+            ``None``.
         seed: random seed.
+        start_epoch: the epoch that index 0 belongs to (resuming).
+        shard: stream id of this replica or host (0 for a single device).
+        target_strides: per model output, the stride of its target (deep supervision), or ``None``.
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
+
+    Raises:
+        ValueError: an empty case list, a patch size of the wrong length, a ratio outside [0, 1].
     """
 
     def __init__(
@@ -92,6 +124,9 @@ class PatchSampler(keras.utils.PyDataset):
         foreground_ratio: float = 0.33,
         augment: Callable | None = None,
         seed: int = 0,
+        start_epoch: int = 0,
+        shard: int = 0,
+        target_strides: Sequence[Sequence[int]] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -101,72 +136,147 @@ class PatchSampler(keras.utils.PyDataset):
             raise ValueError(f"patch size must have 2 or 3 entries, got {tuple(patch_size)}")
         if not 0.0 <= foreground_ratio <= 1.0:
             raise ValueError(f"foreground ratio must be within [0, 1], got {foreground_ratio}")
+        if int(batch_size) < 1 or int(steps_per_epoch) < 1:
+            raise ValueError(f"batch size and steps per epoch must be at least 1, got {batch_size}, {steps_per_epoch}")
         self.image_loader, self.label_loader = image_loader, label_loader
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(v) for v in patch_size)
-        self.window = self.patch_size if len(self.patch_size) == 3 else (1, *self.patch_size)
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.foreground_ratio = foreground_ratio
+        self.batch_size = int(batch_size)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.foreground_ratio = float(foreground_ratio)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-        rng = np.random.default_rng([seed, 2**31 - 1])
-        self.locations = {c: foreground_locations(np.asarray(label_loader(c)), num_classes, rng) for c in case_ids}
+        self.seed = int(seed)
+        self.start_epoch = int(start_epoch)
+        self.shard = int(shard)
+        self.target_strides = [tuple(s) for s in target_strides] if target_strides else None
+        rng = np.random.default_rng([self.seed, 2**31 - 1])
+        self.locations = {c: foreground_locations(self.label_loader(c), num_classes, rng) for c in self.case_ids}
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
+    @property
+    def num_batches(self) -> None:
+        """Endless: ``fit`` must be given ``steps_per_epoch``."""
+        return None
 
     def set_epoch(self, epoch: int) -> None:
-        """Continue the sequence of batches at ``epoch`` (used when resuming)."""
-        self.epoch = int(epoch)
+        """Make index 0 the first batch of ``epoch`` (used when resuming)."""
+        self.start_epoch = int(epoch)
 
-    def sample(self, rng: np.random.Generator, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
-        """One ``(image (*patch, C), label (*patch))`` sample."""
+    def __getitem__(self, index: int):
+        epoch, step = divmod(int(index), self.steps_per_epoch)
+        return self.batch(self.start_epoch + epoch, step, self.shard)
+
+    def batch(self, epoch: int, step: int, shard: int = 0):
+        """Batch ``step`` of ``epoch`` for stream ``shard``: ``(x, y)`` as described in the class docstring."""
+        rng = np.random.default_rng([self.seed, int(epoch), int(step), int(shard)])
+        flags = foreground_flags(self.batch_size, self.foreground_ratio, rng)
+        samples = [self.sample(rng, bool(flag)) for flag in flags]
+        x = np.stack([s[0] for s in samples]).astype(np.float32)
+        labels = np.stack([s[1] for s in samples]).astype(np.intp)
+        return x, self.targets(labels)
+
+    def targets(self, labels: np.ndarray):
+        """One-hot ``(B, *patch, K)`` targets, or a tuple of them at each output's stride."""
+        eye = np.eye(self.num_classes, dtype=np.float32)
+        if not self.target_strides:
+            return eye[labels]
+        return tuple(
+            eye[labels[(slice(None), *(slice(None, None, s) for s in stride))]] for stride in self.target_strides
+        )
+
+    def _case(self, rng: np.random.Generator, force_foreground: bool):
         case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
-        image, label = self.image_loader(case_id), self.label_loader(case_id)
         locations = self.locations[case_id]
         centre = None
         if force_foreground and locations:
             classes = sorted(locations)
             coords = locations[classes[int(rng.integers(len(classes)))]]
             centre = coords[int(rng.integers(len(coords)))]
+        return case_id, centre
+
+    def sample(self, rng: np.random.Generator, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One ``(image (*patch, C), label (*patch))`` sample, augmented."""
+        case_id, centre = self._case(rng, force_foreground)
+        image, label = self.image_loader(case_id), self.label_loader(case_id)
         if len(self.patch_size) == 2:
             z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[0]))
-            centre = None if centre is None else (z, *centre[1:])
-            start = [z, *patch_start(image.shape[1:3], self.patch_size, rng, None if centre is None else centre[1:])]
+            image, label = image[z], label[z]
+            centre = None if centre is None else centre[1:]
+        return self.crop(image, label, centre, rng)
+
+    def crop(self, image, label, centre, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A patch of ``image (*spatial, C)`` / ``label (*spatial)``, spatially augmented while it is read."""
+        start = patch_start(label.shape, self.patch_size, rng, centre)
+        augmenter = self.augment if isinstance(self.augment, Augmenter) else None
+        coordinates = augmenter.spatial_coordinates(self.patch_size, rng) if augmenter else None
+        if coordinates is None:
+            x, y = extract_patch(image, start, self.patch_size), extract_patch(label, start, self.patch_size)
         else:
-            start = patch_start(image.shape[:3], self.patch_size, rng, centre)
-        x = extract_patch(image, start, self.window)
-        y = extract_patch(label, start, self.window)
-        if len(self.patch_size) == 2:
-            x, y = x[0], y[0]
+            x, y = read_transformed(image, label, start, self.patch_size, coordinates, augmenter.image_order)
+        if augmenter is not None:
+            return augmenter.after_spatial(x, y, rng)
         if self.augment is not None:
-            x, y = self.augment(x, y, rng)
-        return x, y
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        force = rng.random(self.batch_size) < self.foreground_ratio
-        samples = [self.sample(rng, bool(f)) for f in force]
-        x = np.stack([s[0] for s in samples]).astype(np.float32)
-        labels = np.stack([s[1] for s in samples]).astype(np.int64)
-        y = np.eye(self.num_classes, dtype=np.float32)[labels]
-        return x, y
+            return self.augment(x, y, rng)
+        return np.asarray(x, dtype=np.float32), np.asarray(y)
 
 
-def random_flips(axes: Sequence[int] | None = None, probability: float = 0.5) -> Callable:
-    """Augmentation that flips image and label together along each spatial axis with ``probability``."""
+def read_transformed(image, label, start, size, coordinates: np.ndarray, image_order: int):
+    """Resample the patch at ``start`` of ``size`` through ``coordinates`` (relative to its centre), reading only the
+    window those coordinates cover (zero outside the volume)."""
+    ndim = len(size)
+    centre = np.array([s + (p - 1) / 2 for s, p in zip(start, size, strict=True)]).reshape(-1, *([1] * ndim))
+    absolute = coordinates + centre
+    low = np.floor(absolute.reshape(ndim, -1).min(axis=1)).astype(int) - 1
+    high = np.ceil(absolute.reshape(ndim, -1).max(axis=1)).astype(int) + 2
+    window_x = extract_patch(image, low, high - low).astype(np.float32, copy=False)
+    window_y = extract_patch(label, low, high - low)
+    local = absolute - low.reshape(-1, *([1] * ndim))
+    return resample(window_x, local, image_order, True), resample(window_y, local, 0, False)
 
-    def flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        spatial = range(label.ndim) if axes is None else [a for a in axes if a < label.ndim]
-        for axis in spatial:
-            if rng.random() < probability:
-                image, label = np.flip(image, axis), np.flip(label, axis)
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
-    return flip
+class StackSampler(PatchSampler):
+    """Batches from exported stacks (``data_gen.py --export``): ``slices/<split>_images.npy (N, H, W, C)`` with
+    ``_labels.npy (N, H, W)``, or ``patches/<split>_images.npy (N, D, H, W, C)`` with labels.
+
+    Each sample is a row (a row holding the chosen foreground class when the sample is placed on foreground),
+    cropped to ``patch_size`` (padded where the row is smaller). Arguments as :class:`PatchSampler`, with
+    ``images``/``labels`` (memory-mapped) in place of the loaders and case ids.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, patch_size: Sequence[int], num_classes: int, **kwargs):
+        if images.ndim != labels.ndim + 1 or images.shape[:-1] != labels.shape:
+            raise ValueError(f"stack images {images.shape} and labels {labels.shape} do not match")
+        if labels.ndim - 1 != len(patch_size):
+            raise ValueError(f"rows of shape {labels.shape[1:]} do not fit a patch size of {len(patch_size)} axes")
+        self.images, self.labels = images, labels
+        rows = [str(i) for i in range(len(labels))]
+        super().__init__(self._row_image, self._row_label, rows, patch_size, num_classes, **kwargs)
+
+    def _row_image(self, row: str) -> np.ndarray:
+        return self.images[int(row)]
+
+    def _row_label(self, row: str) -> np.ndarray:
+        return self.labels[int(row)]
+
+    def _case(self, rng: np.random.Generator, force_foreground: bool):
+        if not (force_foreground and self.rows_with):
+            return self.case_ids[int(rng.integers(len(self.case_ids)))], None
+        k = sorted(self.rows_with)[int(rng.integers(len(self.rows_with)))]
+        rows = self.rows_with[k]
+        row = self.case_ids[int(rows[int(rng.integers(len(rows)))])]
+        coords = self.locations[row][k]
+        return row, coords[int(rng.integers(len(coords)))]
+
+    @property
+    def rows_with(self) -> dict[int, np.ndarray]:
+        if not hasattr(self, "_rows_with"):
+            by_class: dict[int, list[int]] = {}
+            for i, row in enumerate(self.case_ids):
+                for k in self.locations[row]:
+                    by_class.setdefault(k, []).append(i)
+            self._rows_with = {k: np.asarray(v) for k, v in by_class.items()}
+        return self._rows_with
+
+    def sample(self, rng: np.random.Generator, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+        row, centre = self._case(rng, force_foreground)
+        return self.crop(self._row_image(row), self._row_label(row), centre, rng)
