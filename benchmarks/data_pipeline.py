@@ -1,0 +1,224 @@
+"""Data pipeline: augmented 3D patch batches per second from the prepared Hippocampus volumes, ours vs MONAI.
+
+Both read the volumes ``data_gen.py`` wrote (``volumes/<id>_image.npy``, ``_label.npy``), draw batches of 4 patches
+of 40x56x40, each from a random case, one in three centred on foreground, and apply the same transforms with the same
+probabilities:
+
+| ours (``utils.augment``) | MONAI |
+|---|---|
+| foreground oversampling, ``foreground_ratio`` 1/3 | ``RandCropByPosNegLabeld(pos=1, neg=2)`` |
+| ``rotation`` p 0.1, +-15 deg/axis; ``scale`` p 0.1, 0.85-1.25 | ``RandAffined`` p 0.19 (1-0.9^2), +-15 deg, 1+-0.2 |
+| ``noise`` p 0.1, std U(0, 0.1) | ``RandGaussianNoised`` p 0.1, std U(0, 0.1) |
+| ``gamma`` p 0.15, 0.7-1.5, statistics kept | ``RandAdjustContrastd`` p 0.15, gamma 0.7-1.5, ``retain_stats`` |
+| ``flip`` p 0.5 on each axis | ``RandFlipd`` p 0.5 on each axis |
+
+Ours is the ``default`` preset of ``train.py`` without the three transforms MONAI's chain lacks (blur, brightness,
+contrast): :class:`utils.sampling.PatchSampler`, iterated by Keras's own ``PyDataset`` machinery (the adapter ``fit``
+uses), ``workers`` processes. MONAI: ``CacheDataset`` (load, channel first, pad to the patch, foreground/background
+indices: cached once) + the random transforms + ``DataLoader`` with the same number of worker processes. Ours
+returns one-hot targets ``(4, 40, 56, 40, 3)``; MONAI returns label maps ``(4, 1, 40, 56, 40)`` (its loss one-hots
+them). Set-up (caching, worker start) is not timed; each repetition times ``batches`` batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from common import NUM_CLASSES, PATCH, interleave, summarize
+
+BATCH = 4
+MATCHED = {"blur": {"p": 0.0}, "brightness": {"p": 0.0}, "contrast": {"p": 0.0}}
+
+
+def _timed(iterator, batches: int, workers: int):
+    """Time ``batches`` batches in the steady state; returns the last batch and the seconds.
+
+    Batches that worker processes prefetched while another side was measured are taken untimed first, and after the
+    timing the workers get a moment to refill their queue, so that they do not run while the next side is timed.
+    """
+    for _ in range(2 * workers):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+    seconds = time.perf_counter() - start
+    if workers:
+        time.sleep(1.0)
+    return batch, seconds
+
+
+def _label_sampler(base):
+    """The proposed fix, previewed: a sampler that yields ``uint8`` label maps ``(B, *patch)`` instead of float32
+    one-hot targets ``(B, *patch, K)`` (12x fewer bytes to build, pickle and copy; the one-hot would move into the
+    training graph)."""
+
+    class LabelSampler(base):
+        def targets(self, labels: np.ndarray):
+            return labels.astype(np.uint8)
+
+    return LabelSampler
+
+
+class Ours:
+    """PatchSampler + Augmenter, iterated through ``PyDatasetAdapter`` (what ``model.fit`` does)."""
+
+    def __init__(self, data: str, workers: int, batches: int, preset="matched", mode="process", targets="onehot"):
+        self.data, self.workers, self.batches, self.preset, self.mode = data, workers, batches, preset, mode
+        self.targets = targets
+
+    def setup(self) -> dict:
+        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+        from utils.augment import Augmenter, augmentation_settings
+        from utils.dataset import PreparedDataset
+        from utils.sampling import PatchSampler
+
+        dataset = PreparedDataset(self.data)
+        overrides = MATCHED if self.preset == "matched" else {}
+        augment = Augmenter(augmentation_settings("default", 3, overrides), 3)
+        options = {}
+        if self.workers > 0:
+            options = dict(
+                workers=self.workers, use_multiprocessing=self.mode == "process", max_queue_size=2 * self.workers
+            )
+        sampler_class = PatchSampler if self.targets == "onehot" else _label_sampler(PatchSampler)
+        sampler = sampler_class(
+            dataset.image,
+            dataset.label,
+            dataset.split("train"),
+            PATCH,
+            NUM_CLASSES,
+            batch_size=BATCH,
+            steps_per_epoch=10**6,
+            foreground_ratio=1 / 3,
+            augment=augment,
+            seed=0,
+            **options,
+        )
+        self.adapter = PyDatasetAdapter(sampler, shuffle=False)
+        self.adapter.on_epoch_begin()
+        self.iterator = iter(self.adapter.get_numpy_iterator())
+        for _ in range(max(3, 2 * self.workers)):
+            next(self.iterator)
+        return {
+            "cases": len(dataset.split("train")),
+            "workers": self.workers,
+            "preset": self.preset,
+            "mode": self.mode,
+            "targets": self.targets,
+        }
+
+    def run(self) -> dict:
+        (x, y), seconds = _timed(self.iterator, self.batches, self.workers)
+        if x.shape != (BATCH, *PATCH, 1) or y.shape[: 1 + len(PATCH)] != (BATCH, *PATCH):
+            raise RuntimeError(f"unexpected batch shapes {x.shape}, {y.shape}")
+        return {"batches_per_s": self.batches / seconds, "seconds": seconds}
+
+
+def monai_transforms():
+    """The cached (deterministic) and random MONAI transforms of the table above."""
+    import numpy as np
+    from monai import transforms as T
+
+    keys = ("image", "label")
+    cached = T.Compose(
+        [
+            T.LoadImaged(keys, reader="NumpyReader", image_only=True),
+            T.EnsureChannelFirstd("image", channel_dim=-1),
+            T.EnsureChannelFirstd("label", channel_dim="no_channel"),
+            T.SpatialPadd(keys, PATCH),
+            T.FgBgToIndicesd("label", image_key=None),
+        ]
+    )
+    rotation = np.deg2rad(15.0)
+    random = T.Compose(
+        [
+            T.RandCropByPosNegLabeld(
+                keys, "label", PATCH, pos=1, neg=2, num_samples=1,
+                fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices",
+            ),
+            T.RandAffined(
+                keys, prob=0.19, rotate_range=(rotation,) * 3, scale_range=(0.2,) * 3,
+                mode=("bilinear", "nearest"), padding_mode="zeros",
+            ),
+            T.RandGaussianNoised("image", prob=0.1, std=0.1),
+            T.RandAdjustContrastd("image", prob=0.15, gamma=(0.7, 1.5), retain_stats=True),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=1),
+            T.RandFlipd(keys, prob=0.5, spatial_axis=2),
+            T.SelectItemsd(keys),
+        ]
+    )  # fmt: skip
+    return cached, random
+
+
+class Monai:
+    """CacheDataset + RandCropByPosNegLabeld + RandAffined + noise + contrast + flips + DataLoader."""
+
+    def __init__(self, data: str, workers: int, batches: int):
+        self.data, self.workers, self.batches = data, workers, batches
+
+    def setup(self) -> dict:
+        import torch
+        from monai.data import CacheDataset, DataLoader
+        from monai.transforms import Compose
+        from monai.utils import set_determinism
+
+        from utils.dataset import PreparedDataset
+
+        set_determinism(0)
+        dataset = PreparedDataset(self.data)
+        cases = [dataset.cases[c] for c in dataset.split("train")]
+        items = [{key: str(dataset.path / case[key]) for key in ("image", "label")} for case in cases]
+        cached, random = monai_transforms()
+        data = CacheDataset(items, Compose([*cached.transforms, *random.transforms]), num_workers=0, progress=False)
+        sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=10**6)
+        loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=self.workers)
+        self.iterator = iter(loader)
+        for _ in range(max(3, 2 * self.workers)):
+            next(self.iterator)
+        return {"cases": len(items), "workers": self.workers}
+
+    def run(self) -> dict:
+        batch, seconds = _timed(self.iterator, self.batches, self.workers)
+        if tuple(batch["image"].shape) != (BATCH, 1, *PATCH):
+            raise RuntimeError(f"unexpected batch shape {tuple(batch['image'].shape)}")
+        return {"batches_per_s": self.batches / seconds, "seconds": seconds}
+
+
+WORKERS = {"ours": Ours, "monai": Monai}
+
+
+def run(quick: bool, log_dir, data: str) -> dict:
+    """Batches per second with 2 worker processes each (and, in a full run, in the main process); the ratio is ours vs
+    MONAI with 2 workers. Extra sides: ours with thread workers (``train.py --worker-mode thread``), ours with the full
+    ``default`` preset, and the proposed fix (label maps instead of one-hot targets)."""
+    reps, batches = (3, 20) if quick else (7, 40)
+    results = {}
+    for count in (2,) if quick else (2, 0):
+        common = {"data": data, "workers": count, "batches": batches}
+        sides = {
+            "ours": ("ours", common, None),
+            "monai": ("monai", common, None),
+            "ours_label_targets_fix": ("ours", {**common, "targets": "labels"}, None),
+        }
+        if count > 0:
+            sides["ours_thread_workers"] = ("ours", {**common, "mode": "thread"}, None)
+        if not quick:
+            sides["ours_default_preset"] = ("ours", {**common, "preset": "default"}, None)
+        raw = interleave("data_pipeline", sides, reps, log_dir)
+        figures = {}
+        for label, values in raw.items():
+            rate = summarize([r["batches_per_s"] for r in values["reps"]])
+            figures[label] = {
+                "batches_per_s": round(rate["median"], 2),
+                "range": [round(rate["min"], 2), round(rate["max"], 2)],
+                "loadavg": [r["loadavg"][0] for r in values["reps"]],
+                **values["info"],
+            }
+        figures["ratio"] = round(figures["ours"]["batches_per_s"] / figures["monai"]["batches_per_s"], 3)
+        figures["ratio_best"] = round(figures["ours"]["range"][1] / figures["monai"]["range"][1], 3)
+        results[f"workers_{count}"] = figures
+    main = results["workers_2"]
+    return {"ratio": main["ratio"], "ratio_best": main["ratio_best"], "ratio_from": "workers_2", "by_workers": results}
