@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import data_gen
+import utils.evaluate
 from utils.evaluate import Options, check_compatible, check_regions, evaluate, finish_case, summarize
 
 LABELS = {"0": "background", "1": "core", "2": "rim"}
@@ -259,3 +260,24 @@ def test_cases_are_scored_and_written_in_source_label_values(tmp_path):
     assert record["predicted_ml"] == {"4": 0.034, "7": 0.024}
     written = np.asarray(nib.load(tmp_path / "masks" / "c1.nii.gz").dataobj)
     assert sorted(np.unique(written).tolist()) == [0, 4, 7]
+
+
+def test_foreground_cropped_cases_are_prepared_again_without_their_label(synthetic, tmp_path, monkeypatch):
+    """Under --crop foreground the stored volume was cropped with the case's own label; evaluation must not use it."""
+    raw, _, _ = synthetic
+    dataset = tmp_path / "data"
+    flags = ["--spacing", "original", "--normalize", "none", "--crop", "foreground", "--crop-margin", "1"]
+    assert data_gen.main(["--input", str(raw), "--output", str(dataset), "--split", "0.5", "0.25", "0.25", *flags]) == 0
+    run = make_run(tmp_path / "run", dataset)
+    seen = []
+    original = utils.evaluate.prepare_case
+
+    def spy(case, *args):
+        seen.append(case.label)
+        return original(case, *args)
+
+    monkeypatch.setattr(utils.evaluate, "prepare_case", spy)
+    options = Options(pictures="none", metrics=["dice"], progress=False)
+    summary = evaluate(run, dataset, tmp_path / "out", split="test", options=options, predict=label_reader)
+    assert len(seen) == summary["num_cases"] == 2 and all(label is None for label in seen)
+    assert summary["classes"]["2"]["dice"]["mean"] == 1.0

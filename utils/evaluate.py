@@ -27,7 +27,7 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -40,7 +40,7 @@ from utils.inference import predict_volume, probabilities_to_labels
 from utils.metrics import METRICS, compute_case_metrics
 from utils.plots import DisplayVolume, plot_dice_boxplot, plot_overlay, write_overlay_gif
 from utils.postprocess import POSTPROCESS_CHOICES, apply_plan, decide_lcc, make_plan, parse_min_size
-from utils.preprocessing import restore_label
+from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
 from utils.readers import load_case
 from utils.report import write_report
 from utils.training import load_model
@@ -364,9 +364,10 @@ def validation_cases(predictor: Predictor, dataset: PreparedDataset, options: Op
             case = dataset.cases[case_id]
             if not case["source"].get("label"):
                 continue
-            prediction = segment(predictor, dataset.image(case_id), case["geometry"], options, None)
-            truth = load_case({"id": case_id, **case["source"]}).label
-            yield prediction, truth, case["geometry"]["source_spacing"]
+            source = load_case({"id": case_id, **case["source"]})
+            image, geometry = prepared_without_label(dataset, case_id, source)
+            prediction = segment(predictor, image, geometry, options, None)
+            yield prediction, source.label, case["geometry"]["source_spacing"]
 
     return cases
 
@@ -379,6 +380,24 @@ def training_dataset(config: dict, fallback: PreparedDataset | None = None) -> P
     if path and Path(path, "manifest.json").is_file():
         return PreparedDataset(path)
     return fallback
+
+
+def prepared_without_label(dataset: PreparedDataset, case_id: str, source) -> tuple[np.ndarray, dict]:
+    """The prepared image and geometry record of a case, as a model may see it: the stored volume, except under
+    ``--crop foreground``, whose crop box came from the case's own label; such a case is prepared again from its
+    source image without the label (no crop), so that its score does not depend on knowing the truth."""
+    case = dataset.cases[case_id]
+    settings = dataset.manifest.get("preprocessing", {})
+    if settings.get("crop") != "foreground" or not case.get("label"):
+        return dataset.image(case_id), case["geometry"]
+    channels = dataset.manifest["channels"]
+    image, _, geometry = prepare_case(
+        replace(source, label=None),
+        PreprocessSettings(**settings),
+        dataset.fingerprint or None,
+        [channels[k] for k in sorted(channels, key=int)],
+    )
+    return image, geometry
 
 
 def evaluate(
@@ -435,8 +454,9 @@ def evaluate(
 
     def process(case_id: str) -> dict:
         case = dataset.cases[case_id]
-        classes = segment(predictor, dataset.image(case_id), case["geometry"], options, plan)
         source = load_case({"id": case_id, **case["source"]})
+        image, geometry = prepared_without_label(dataset, case_id, source)
+        classes = segment(predictor, image, geometry, options, plan)
         truth = source.label if case["source"].get("label") else None
         return finish_case(output, case, classes, truth, source.image, source.affine, values, names, options)
 
