@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from utils.cli import add_reader_flags, label_map_option, reader_options
 from utils.dataset import PreparationError, prepare_dataset
 from utils.exports import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, ExportSettings
 from utils.preprocessing import (
@@ -26,20 +27,14 @@ from utils.preprocessing import (
     WINDOW_PRESETS,
     PreprocessSettings,
 )
-from utils.readers import DISCOVERERS, discover
+from utils.readers import discover
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="raw dataset: a folder or file (see --format)")
     parser.add_argument("--output", required=True, help="folder of the prepared dataset, e.g. data/NAME")
-    parser.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", *sorted(DISCOVERERS)],
-        help="input layout; auto detects it (default: auto)",
-    )
-    _add_reader_flags(parser)
+    add_reader_flags(parser)
     parser.add_argument(
         "--spacing",
         nargs="+",
@@ -112,62 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("reading the input")
-    group.add_argument(
-        "--label",
-        metavar="PATH",
-        help="labels that sit apart from the images: for one DICOM series a NIfTI/NRRD/MHA file in the same physical "
-        "space (any axis order), a DICOM-SEG or an RTSTRUCT; for PNG the mask folder; for one image file its label",
-    )
-    group.add_argument(
-        "--image-pattern",
-        nargs="+",
-        metavar="GLOB",
-        help="file-name pattern(s) of images (files, png), e.g. '*_image.nrrd'; the text the wildcards match "
-        "pairs each image with its label (default files: '*_image.*'; png: same name in both folders)",
-    )
-    group.add_argument(
-        "--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels, e.g. '*_label.nrrd'"
-    )
-    group.add_argument(
-        "--patient-pattern",
-        metavar="REGEX",
-        help="regex searched in file names: group 1 is the patient (splits stay per patient); for png a group 2 "
-        "(slice number) stacks each patient's slices into one volume, e.g. 'STS_(\\d+)_(\\d+)'",
-    )
-    group.add_argument(
-        "--hdf5-image-keys",
-        nargs="+",
-        metavar="KEY",
-        help="HDF5 image datasets or groups, one channel each (default: ct_data [pet_data], or images)",
-    )
-    group.add_argument(
-        "--hdf5-label-key", metavar="KEY", help="HDF5 label dataset or group (default: label_data/labels)"
-    )
-    group.add_argument(
-        "--hdf5-spacing",
-        "--source-spacing",
-        dest="source_spacing",
-        nargs="+",
-        type=float,
-        metavar="MM",
-        help="voxel spacing Z Y X (or one number) of HDF5 and PNG inputs, which store none "
-        "(default: HDF5 attributes, a '5.00mm' in the file name, else 1)",
-    )
-    group.add_argument("--binarize", action="store_true", help="merge every label > 0 into class 1")
-    group.add_argument(
-        "--label-map",
-        nargs="+",
-        metavar="SRC:DST",
-        help="remap label values before use, e.g. 4:3 (BraTS); classes are then made contiguous 0..K-1, with the "
-        "source values on record as label_values in manifest.json so that masks are written with them",
-    )
-    group.add_argument(
-        "--label-names", nargs="+", metavar="VALUE=NAME", help="names of source label values, e.g. 1=liver 2=spine"
-    )
-
-
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("exports (slices/, patches/)")
     group.add_argument(
@@ -203,37 +142,6 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
         help="weights of patch centres on foreground and background voxels, e.g. 1 1.5; 1 0 = always on "
         "foreground (default: 1 1)",
     )
-
-
-def reader_options(args: argparse.Namespace) -> dict:
-    """Reader options for :func:`utils.readers.discover` from the flags (raises ValueError on bad values)."""
-    return {
-        "label": args.label,
-        "image_pattern": args.image_pattern,
-        "label_pattern": args.label_pattern,
-        "patient_pattern": args.patient_pattern,
-        "hdf5_image_keys": args.hdf5_image_keys,
-        "hdf5_label_key": args.hdf5_label_key,
-        "source_spacing": args.source_spacing,
-        "binarize": args.binarize,
-        "label_map": _pairs(args.label_map, ":", int, "--label-map", "SRC:DST"),
-        "label_names": _pairs(args.label_names, "=", str, "--label-names", "VALUE=NAME"),
-    }
-
-
-def _pairs(items: list[str] | None, separator: str, cast, flag: str, form: str) -> dict | None:
-    if not items:
-        return None
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition(separator)
-        try:
-            if not sep:
-                raise ValueError(item)
-            pairs[int(key)] = cast(value)
-        except ValueError as error:
-            raise ValueError(f"{flag} takes {form} pairs of integers, got {item!r}") from error
-    return pairs
 
 
 def export_settings(args: argparse.Namespace) -> ExportSettings:
@@ -276,7 +184,7 @@ def settings_from_args(args: argparse.Namespace) -> PreprocessSettings:
         image_order=INTERPOLATIONS[args.interpolation],
         equalize=args.equalize,
         downsample=args.downsample,
-        label_map=_pairs(args.label_map, ":", int, "--label-map", "SRC:DST"),
+        label_map=label_map_option(args),
         binarize=args.binarize,
     )
 

@@ -27,6 +27,8 @@ import logging
 import os
 import sys
 
+from utils.cli import add_reader_flags, reader_options
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(parser)
     _add_postprocess_flags(parser)
     _add_scoring_flags(parser)
-    _add_reader_flags(parser)
+    add_reader_flags(parser, label_transforms=False)
     return parser
 
 
@@ -115,24 +117,6 @@ def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
-    from utils.readers import DISCOVERERS
-
-    group = parser.add_argument_group("reading --input (as in data_gen.py)")
-    group.add_argument(
-        "--format", choices=["auto", *sorted(DISCOVERERS)], default="auto", help="input layout (default: auto)"
-    )
-    group.add_argument("--label", metavar="PATH", help="labels apart from the images (one DICOM series, PNG masks)")
-    group.add_argument("--image-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of images")
-    group.add_argument("--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels")
-    group.add_argument("--patient-pattern", metavar="REGEX", help="patient (and PNG slice) pattern in file names")
-    group.add_argument("--hdf5-image-keys", nargs="+", metavar="KEY", help="HDF5 image datasets or groups")
-    group.add_argument("--hdf5-label-key", metavar="KEY", help="HDF5 label dataset or group")
-    group.add_argument(
-        "--source-spacing", nargs="+", type=float, metavar="MM", help="voxel spacing Z Y X of HDF5 and PNG inputs"
-    )
-
-
 def parse_regions(text: str | None) -> dict:
     """``--regions`` JSON into ``{name: [label values]}``.
 
@@ -174,18 +158,6 @@ def options_from_args(args: argparse.Namespace):
         pictures=args.pictures,
         progress=not args.quiet,
     )
-
-
-def reader_options(args: argparse.Namespace) -> dict:
-    return {
-        "label": args.label,
-        "image_pattern": args.image_pattern,
-        "label_pattern": args.label_pattern,
-        "patient_pattern": args.patient_pattern,
-        "hdf5_image_keys": args.hdf5_image_keys,
-        "hdf5_label_key": args.hdf5_label_key,
-        "source_spacing": args.source_spacing,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
