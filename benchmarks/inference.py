@@ -30,8 +30,8 @@ class Ours:
     """The toolkit's U-Net (TensorFlow backend) through ``predict_volume``.
 
     ``predictor="compiled"`` previews the proposed fix: windows go through ``model.predict_on_batch`` (Keras's
-    compiled predict function; batches padded to a constant size so it is traced once) instead of the eager
-    ``model(batch)`` of ``utils.inference.model_predictor``.
+    compiled predict function, traced once per batch size: at most ``WINDOWS_PER_CALL`` traces, all made in the
+    warm-up) instead of the eager ``model(batch)`` of ``utils.inference.model_predictor``.
     """
 
     def __init__(self, paths: list[str], predictor: str = "shipped"):
@@ -46,14 +46,12 @@ class Ours:
             "unet3d", (*PATCH, 1), NUM_CLASSES, filters=16, depth=4, norm="instance", stem_stride=1
         )
         self.volumes = _volumes(self.paths)
-        self.predict(self.volumes[0])
+        for image in self.volumes:
+            self.predict(image)
         return {"volumes": [list(v.shape) for v in self.volumes], "predictor": self.predictor}
 
     def compiled(self, batch: np.ndarray) -> np.ndarray:
-        count = len(batch)
-        if count < WINDOWS_PER_CALL:
-            batch = np.concatenate([batch, np.zeros((WINDOWS_PER_CALL - count, *batch.shape[1:]), batch.dtype)])
-        return np.asarray(self.model.predict_on_batch(batch))[:count]
+        return np.asarray(self.model.predict_on_batch(batch))
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         predict = self.compiled if self.predictor == "compiled" else None
@@ -88,7 +86,8 @@ class Monai:
         self.torch, self.sliding_window_inference = torch, sliding_window_inference
         self.model = UNet3D(1, NUM_CLASSES, 16, 4, "instance").eval()
         self.volumes = _volumes(self.paths)
-        self.predict(self.volumes[0])
+        for image in self.volumes:
+            self.predict(image)
         return {"volumes": [list(v.shape) for v in self.volumes], "torch_threads": torch.get_num_threads()}
 
     def predict(self, image: np.ndarray) -> np.ndarray:
