@@ -1,0 +1,147 @@
+"""Markdown tables of a ``run_all.py`` results file, for RESULTS.md: ``python benchmarks/report.py results_full.json``.
+
+Every number printed comes from the JSON file; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {"train_step": 1.0, "data_pipeline": 2.0, "inference": 1.0, "preprocessing": 1.0, "quality": 1.0}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def loads(values) -> str:
+    return "–".join(f"{v:.1f}" for v in (min(values), max(values))) if values else ""
+
+
+def machine(report: dict) -> str:
+    m = report["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    rows = [
+        ["date", m["date"]],
+        ["mode", f"{report['mode']} ({report.get('total_seconds', 0) / 60:.0f} min in all)"],
+        ["CPU", f"{m['cpu']}, nproc {m['nproc']}"],
+        ["memory", f"{m['memory_gib']} GiB"],
+        ["system", f"{m['os']}, Python {m['python']}"],
+        ["versions", versions],
+        ["GPU", report.get("gpu_note", "")],
+    ]
+    return table(["", ""], rows)
+
+
+def summary(report: dict) -> str:
+    rows = []
+    for name, result in report["benchmarks"].items():
+        if "ratio" not in result:
+            rows.append([name, "error", result.get("error", ""), "", "", "", ""])
+            continue
+        met = "met" if result["ratio"] >= TARGETS[name] else "**not met**"
+        load = loads([result["loadavg_before"][0], result["loadavg_after"][0]])
+        best = f"{result['ratio_best']:.2f}" if "ratio_best" in result else "–"
+        rows.append(
+            [f"`{name}`", f"{result['ratio']:.2f}", best, f">= {TARGETS[name]}", met, load,
+             f"{result['seconds'] / 60:.1f}"]
+        )  # fmt: skip
+    header = ["benchmark", "ratio (medians)", "ratio (best reps)", "target", "", "load avg (1 min)", "minutes"]
+    return table(header, rows)
+
+
+def train_step(result: dict) -> str:
+    rows = []
+    for norm, figures in result["by_norm"].items():
+        for side, f in figures.items():
+            if isinstance(f, dict):
+                rows.append(
+                    [norm, side, f["step_ms"], f["best_step_ms"], f"{f['samples_per_s']:.2f}",
+                     f"{f['trainable_parameters']:,}", loads(f["loadavg"])]
+                )  # fmt: skip
+        rows.append([norm, "**ratio** Keras-TF / PyTorch", "", "", f"**{figures['ratio']:.2f}**", "", ""])
+    header = ["norm", "side", "step ms (median)", "step ms (best)", "samples/s", "parameters", "load avg"]
+    return table(header, rows)
+
+
+def data_pipeline(result: dict) -> str:
+    rows = []
+    for workers, figures in result["by_workers"].items():
+        for side, f in figures.items():
+            if isinstance(f, dict):
+                rows.append(
+                    [workers.split("_")[1], side, f"{f['batches_per_s']:.1f}",
+                     f"{f['range'][0]:.1f}–{f['range'][1]:.1f}", loads(f["loadavg"])]
+                )  # fmt: skip
+        rows.append([workers.split("_")[1], "**ratio** ours / MONAI", f"**{figures['ratio']:.2f}**", "", ""])
+    return table(["workers", "side", "batches/s (median)", "range", "load avg"], rows)
+
+
+def inference(result: dict) -> str:
+    rows = []
+    for volumes, figures in result["by_volume"].items():
+        for side, f in figures.items():
+            if isinstance(f, dict):
+                shapes = {tuple(v[:3]) for v in f["volumes"]}
+                shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else f"{len(f['volumes'])} volumes"
+                rows.append(
+                    [volumes, side, f"{f['seconds_per_volume']:.3f}", f"{f['range'][0]:.3f}–{f['range'][1]:.3f}",
+                     shape, loads(f["loadavg"])]
+                )  # fmt: skip
+        rows.append([volumes, "**ratio** MONAI s / ours s", f"**{figures['ratio']:.2f}**", "", "", ""])
+    return table(["volumes", "side", "s/volume (median)", "range", "shape", "load avg"], rows)
+
+
+def preprocessing(result: dict) -> str:
+    rows = []
+    for side in ("ours", "monai"):
+        f = result[side]
+        rows.append(
+            [side, f"{f['seconds']:.2f}", f"{f['range'][0]:.2f}–{f['range'][1]:.2f}", f["cases_per_s"],
+             loads(f["loadavg"])]
+        )  # fmt: skip
+    rows.append(["**ratio** MONAI s / ours s", f"**{result['ratio']:.2f}**", "", "", ""])
+    return table(["side", "seconds for 200 cases (median)", "range", "cases/s", "load avg"], rows)
+
+
+def quality(result: dict) -> str:
+    rows = []
+    for side in ("ours", "monai"):
+        f = result[side]
+        per_class = ", ".join(f"{v:.3f}" for v in f["heldout_per_class"].values())
+        rows.append(
+            [side, f"{f['heldout_dice']:.4f}", per_class, f"{f['best_val_dice']:.4f}", f["epochs"], f["steps"],
+             f["train_seconds"], "x".join(map(str, f["patch"])), loads(f["loadavg"])]
+        )  # fmt: skip
+    rows.append(["**ratio** ours / MONAI", f"**{result['ratio']:.3f}**", "", "", "", "", "", "", ""])
+    header = ["side", "held-out dice", "per class (1, 2)", "best val dice", "epochs", "steps", "train s", "patch",
+              "load avg"]  # fmt: skip
+    return table(header, rows)
+
+
+def render(report: dict) -> str:
+    parts = ["### Machine", machine(report), "### Ratios", summary(report)]
+    for name, function in (
+        ("train_step", train_step),
+        ("data_pipeline", data_pipeline),
+        ("inference", inference),
+        ("preprocessing", preprocessing),
+        ("quality", quality),
+    ):
+        result = report["benchmarks"].get(name)
+        if result and "ratio" in result:
+            parts += [f"### `{name}`", function(result)]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    print(render(json.loads(Path(argv[0]).read_text())))
+
+
+if __name__ == "__main__":
+    main()
