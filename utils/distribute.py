@@ -292,10 +292,12 @@ def read_events(logdir) -> list[tuple[str, str, int]]:
     import glob
 
     import tensorflow as tf
+    from tensorflow.core.util import event_pb2
 
     found = []
     for path in sorted(glob.glob(f"{logdir}/**/events.out.tfevents.*", recursive=True)):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
                 found.append((value.tag, value.metadata.plugin_data.plugin_name, int(event.step)))
     return found

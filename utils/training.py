@@ -178,6 +178,13 @@ def _stack_row_shape(dataset: PreparedDataset, source: str) -> list[int]:
             raise FileNotFoundError(
                 f"{path}: not found; write it with data_gen.py --export {source} (or --source volumes)"
             )
+    record = dataset.path / source / "export.json"
+    if source == "slices" and record.is_file() and fileio.read_json(record).get("settings", {}).get("slice_size"):
+        log.warning(
+            "%s: the slices were resized at export; validation (and evaluation.py) predict the prepared volumes at "
+            "their own size, so the model sees another scale there",
+            record,
+        )
     return list(fileio.load_npy(labels).shape[1:])
 
 
