@@ -275,14 +275,27 @@ def test_disk_full_stops_with_a_clear_error_and_keeps_finished_cases(tmp_path, c
 def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, capsys):
     series = tmp_path / "series"
     shutil.copytree(SHARED_DATA / "totalsegmentator" / "example_ct_dicom", series)
-    files = sorted(series.iterdir())
-    middle = sorted(files, key=lambda p: p.name)[len(files) // 2]
     import pydicom
 
+    files = sorted(series.iterdir())
     positions = sorted((float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]), p) for p in files)
-    positions[len(positions) // 2][1].unlink()
-    assert middle  # a slice in the middle of the stack is gone
+    positions[len(positions) // 2][1].unlink()  # a slice in the middle of the stack is gone
     code = data_gen.main(["--input", str(series), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert "spacing" in err.lower() or "missing" in err.lower() or "uneven" in err.lower(), err
+
+
+@pytest.mark.parametrize("content", [b"not a zip archive", b"PK\x03\x04 truncated zip"])
+def test_a_model_file_that_is_not_a_keras_model_is_named(prepared_sample, tmp_path, capsys, content):
+    import evaluation
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dataset = json.loads((prepared_sample / "manifest.json").read_text())
+    (run / "config.json").write_text(json.dumps({"labels": dataset["labels"], "num_channels": 1}))
+    (run / "model.keras").write_bytes(content)
+    code = evaluation.main(["--run", str(run), "--data", str(prepared_sample), "--output", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.keras" in err and "not a loadable Keras model" in err
+    assert "Traceback" not in err
