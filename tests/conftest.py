@@ -27,3 +27,13 @@ def prepared_sample(tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch on one thread: its thread pool otherwise competes with TensorFlow's on tiny tensors."""
+    module = pytest.importorskip("torch")
+    threads = module.get_num_threads()
+    module.set_num_threads(1)
+    yield module
+    module.set_num_threads(threads)

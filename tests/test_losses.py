@@ -29,16 +29,6 @@ SHAPES = [(2, 6, 5, 3), (2, 4, 5, 3, 3)]
 
 
 @pytest.fixture(scope="module")
-def torch():
-    """PyTorch on one thread: its thread pool otherwise competes with TensorFlow's on tiny tensors."""
-    module = pytest.importorskip("torch")
-    threads = module.get_num_threads()
-    module.set_num_threads(1)
-    yield module
-    module.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def monai_losses():
     return pytest.importorskip("monai.losses")
 

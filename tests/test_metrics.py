@@ -20,16 +20,6 @@ from utils.metrics import compute_case_metrics
 NAN = float("nan")
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """PyTorch on one thread: its thread pool otherwise competes with TensorFlow's on tiny tensors."""
-    module = pytest.importorskip("torch")
-    threads = module.get_num_threads()
-    module.set_num_threads(1)
-    yield module
-    module.set_num_threads(threads)
-
-
 def metric_values(pred, truth, label=1, spacing=None, **kwargs) -> dict:
     pred, truth = np.asarray(pred), np.asarray(truth)
     spacing = spacing or (1.0,) * pred.ndim
