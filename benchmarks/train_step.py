@@ -113,7 +113,12 @@ WORKERS = {"keras": KerasStep, "torch": TorchStep}
 
 
 def run(quick: bool, log_dir) -> dict:
-    """Instance norm (and batch norm in a full run); the ratio is that of ``norm="instance"`` (the recipe's norm)."""
+    """Instance norm (and batch norm in a full run); the ratio is that of ``norm="instance"`` (the recipe's norm).
+
+    PyTorch runs twice, with passive OpenMP waiting (``pytorch``, as every PyTorch side of the benchmarks) and with
+    its default (``pytorch_omp_default_wait``): which is faster depends on the background load, so each ratio is
+    taken against the faster of the two (by median for ``ratio``, by best step for ``ratio_best``).
+    """
     reps, steps = (3, 3) if quick else (7, 5)
     norms = ("instance",) if quick else ("instance", "batch")
     results = {}
@@ -122,9 +127,8 @@ def run(quick: bool, log_dir) -> dict:
             "keras_tensorflow": ("keras", {"norm": norm, "steps": steps}, {"KERAS_BACKEND": "tensorflow"}),
             "pytorch": ("torch", {"norm": norm, "steps": steps}, None),
             "keras_torch": ("keras", {"norm": norm, "steps": steps}, {"KERAS_BACKEND": "torch"}),
+            "pytorch_omp_default_wait": ("torch", {"norm": norm, "steps": steps}, {"OMP_WAIT_POLICY": None}),
         }
-        if not quick:
-            sides["pytorch_omp_default_wait"] = ("torch", {"norm": norm, "steps": steps}, {"OMP_WAIT_POLICY": None})
         raw = interleave("train_step", sides, reps, log_dir)
         figures = {}
         for label, data in raw.items():
@@ -138,9 +142,9 @@ def run(quick: bool, log_dir) -> dict:
                 "loadavg": [r["loadavg"][0] for r in data["reps"]],
                 **data["info"],
             }
-        ours, theirs = figures["keras_tensorflow"], figures["pytorch"]
-        figures["ratio"] = round(ours["samples_per_s"] / theirs["samples_per_s"], 3)
-        figures["ratio_best"] = round(theirs["best_step_ms"] / ours["best_step_ms"], 3)
+        ours, peers = figures["keras_tensorflow"], [figures["pytorch"], figures["pytorch_omp_default_wait"]]
+        figures["ratio"] = round(ours["samples_per_s"] / max(p["samples_per_s"] for p in peers), 3)
+        figures["ratio_best"] = round(min(p["best_step_ms"] for p in peers) / ours["best_step_ms"], 3)
         results[norm] = figures
     primary = "instance" if "instance" in results else norms[0]
     main = results[primary]
