@@ -95,16 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 0.33)",
     )
     data.add_argument(
+        "--pad-placement",
+        choices=["centre", "random"],
+        help="where a case smaller than the patch sits in it: centred (default), or at a random offset (a shift)",
+    )
+    data.add_argument(
         "--augment",
         choices=["none", "default", "strong"],
-        help="augmentation preset; tune single transforms with 'augmentation' in --config (default: default)",
+        help="augmentation preset: none; default (mirroring on every axis); strong (nnU-Net's rotation, scaling, "
+        "elastic, noise, blur, brightness, contrast, low resolution, gamma, 90-degree turns, mirroring). Tune any "
+        "transform with --augmentation or 'augmentation' in --config (default: default)",
     )
     data.add_argument(
         "--augmentation",
         type=_json,
-        help='per-transform options as JSON, e.g. \'{"rotation": {"p": 0.3, "angle": [-15, 15]}}\'',
+        help="per-transform options as JSON, added to the preset, e.g. "
+        '\'{"rotation": {"p": 0.3, "angle": [-15, 15]}}\'; transforms: rotation, scale, elastic, noise, blur, '
+        "brightness, contrast, lowres, gamma, rot90, flip "
+        "(options and defaults: utils/augment.py)",
     )
-    data.add_argument("--workers", type=int, help="parallel batch builders (default: 1, in the training loop)")
+    data.add_argument(
+        "--workers",
+        type=int,
+        help="parallel batch builders (Keras PyDataset workers; tf.data threads under --strategy) (default: 1, built "
+        "in the training loop); batches stay the same for any number of workers",
+    )
     data.add_argument("--worker-mode", choices=["thread", "process"], help="workers as threads (default) or processes")
 
     opt = parser.add_argument_group("optimisation")
@@ -131,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "linear", "sqrt"],
         help="scale the learning rate with the number of replicas (default: none)",
     )
-    opt.add_argument("--mixed-precision", action="store_true", default=None, help="mixed_float16, float32 outputs")
+    opt.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        default=None,
+        help="mixed_float16 with float32 outputs (on a CPU without float16 kernels: mixed_bfloat16)",
+    )
 
     stop = parser.add_argument_group("stopping, validation and logs")
     stop.add_argument(

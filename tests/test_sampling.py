@@ -55,6 +55,16 @@ def test_volumes_smaller_than_the_patch_are_padded_with_zeros_and_background():
     assert (y[:, 0, ..., 0] == 1).all()
 
 
+def test_random_padding_shifts_a_small_volume_inside_the_patch():
+    images, labels = make_volumes()
+    sampler = PatchSampler(images.get, labels.get, ["c1"], (8, 16, 16), 3, batch_size=16, random_padding=True)
+    x, _ = sampler[0]
+    inside = np.abs(x[..., 0]) > 0
+    assert all(box.sum() == images["c1"].size for box in inside)  # the whole 6 x 10 x 9 case, never cut
+    first_rows = {int(np.argwhere(box.any(axis=(1, 2)))[0, 0]) for box in inside}
+    assert first_rows == {0, 1, 2}  # 8 - 6 + 1 offsets along axis 0
+
+
 @pytest.mark.parametrize(("batch", "ratio"), [(2, 0.33), (4, 0.5), (5, 0.2), (3, 1.0), (3, 0.0)])
 def test_foreground_flags_have_the_expected_count(batch, ratio):
     counts = [foreground_flags(batch, ratio, np.random.default_rng(i)).sum() for i in range(400)]

@@ -5,7 +5,7 @@ more with probability ``frac(B * r)``, so the expected share is exactly ``r``) i
 is chosen uniformly among the foreground classes present in the case, then one of its voxels, so a rare class (a
 tumour inside an organ) gets as many patches as a large one. The voxel lies in the central half of the patch. The
 other samples are placed uniformly at random. Volumes smaller than the patch are padded with zeros (the mean of a
-z-scored image; background in the label).
+z-scored image; background in the label), centred in the patch or, with ``random_padding``, at a random offset.
 
 Determinism: batch ``step`` of epoch ``epoch`` is a pure function of ``(seed, epoch, step, shard)``. The sampler is
 an endless :class:`keras.utils.PyDataset`: Keras asks for indices ``0, 1, 2, ...`` across epochs (``fit`` with
@@ -60,15 +60,18 @@ def foreground_locations(label: np.ndarray, num_classes: int, rng: np.random.Gen
     return locations
 
 
-def patch_start(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, centre=None) -> list[int]:
+def patch_start(
+    shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, centre=None, random_padding: bool = False
+) -> list[int]:
     """Start of a window of ``size`` in a volume of ``shape``: random, or holding ``centre`` in its central half.
 
-    Volumes smaller than the window get a centred window (the rest is padding).
+    Along an axis where the volume is smaller than the window, the whole volume lies inside the window: centred, or
+    with ``random_padding`` at a random offset (as nnU-Net's loader places it), which shifts it within the patch.
     """
     start = []
     for axis, (n, p) in enumerate(zip(shape, size, strict=True)):
         if n <= p:
-            start.append(-((p - n) // 2))
+            start.append(-int(rng.integers(0, p - n + 1)) if random_padding else -((p - n) // 2))
         elif centre is None:
             start.append(int(rng.integers(0, n - p + 1)))
         else:
@@ -106,6 +109,7 @@ class PatchSampler(keras.utils.PyDataset):
         start_epoch: the epoch that index 0 belongs to (resuming).
         shard: stream id of this replica or host (0 for a single device).
         target_strides: per model output, the stride of its target (deep supervision), or ``None``.
+        random_padding: place a volume smaller than the patch at a random offset inside it (else centred).
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
 
     Raises:
@@ -127,6 +131,7 @@ class PatchSampler(keras.utils.PyDataset):
         start_epoch: int = 0,
         shard: int = 0,
         target_strides: Sequence[Sequence[int]] | None = None,
+        random_padding: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -150,6 +155,7 @@ class PatchSampler(keras.utils.PyDataset):
         self.start_epoch = int(start_epoch)
         self.shard = int(shard)
         self.target_strides = [tuple(s) for s in target_strides] if target_strides else None
+        self.random_padding = bool(random_padding)
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         self.locations = {c: foreground_locations(self.label_loader(c), num_classes, rng) for c in self.case_ids}
 
@@ -206,7 +212,7 @@ class PatchSampler(keras.utils.PyDataset):
 
     def crop(self, image, label, centre, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A patch of ``image (*spatial, C)`` / ``label (*spatial)``, spatially augmented while it is read."""
-        start = patch_start(label.shape, self.patch_size, rng, centre)
+        start = patch_start(label.shape, self.patch_size, rng, centre, self.random_padding)
         augmenter = self.augment if isinstance(self.augment, Augmenter) else None
         coordinates = augmenter.spatial_coordinates(self.patch_size, rng) if augmenter else None
         if coordinates is None:

@@ -9,6 +9,7 @@ from its last complete epoch and then sees the batches and learning rates the un
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -76,6 +77,7 @@ SETTINGS: dict[str, tuple[object, object]] = {
     "augment": ("default", PRESETS),
     "augmentation": ({}, "dict"),
     "foreground_ratio": (0.33, "float"),
+    "pad_placement": ("centre", ("centre", "random")),
     "workers": (1, "int+"),
     "worker_mode": ("thread", WORKER_MODES),
     "time_limit": (None, "float+"),
@@ -196,7 +198,8 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
         FileNotFoundError: ``source`` stacks that were not exported.
     """
     check_settings(overrides)
-    config = {**DEFAULTS, **{k: v for k, v in overrides.items() if v is not None and k not in RUN_KEYS}}
+    chosen = {k: v for k, v in overrides.items() if v is not None and k not in RUN_KEYS}
+    config = copy.deepcopy({**DEFAULTS, **chosen})
     ndim = spatial_dims(config["model"])
     if config["patch_size"] is not None and len(config["patch_size"]) != ndim:
         raise ValueError(f"model {config['model']} needs a patch size of {ndim} numbers, got {config['patch_size']}")
@@ -561,6 +564,7 @@ def make_sampler(config: dict, dataset: PreparedDataset, distribution: Distribut
         start_epoch=start_epoch,
         shard=distribution.worker_index,
         target_strides=strides,
+        random_padding=config["pad_placement"] == "random",
     )
     if distribution.strategy is None and config["workers"] > 1:
         options.update(
