@@ -29,3 +29,5 @@ echo "  results/demo/masks/*.nii.gz      predicted masks in the source images' g
 echo "  results/demo/metrics.csv         dice and distances per case and class"
 echo "  results/demo/summary.json        per-class statistics"
 echo "  results/demo/dice_boxplot.png    dice per class"
+echo "  results/demo/overlays/           truth and prediction contours per case (PNG and GIF)"
+echo "  results/demo/report.html         everything on one page: open it in a browser"
