@@ -112,6 +112,16 @@ def _threads() -> dict:
 WORKERS = {"keras": KerasStep, "torch": TorchStep}
 
 
+def ratios(figures: dict) -> dict:
+    """Keras-TF against the faster PyTorch side: ``ratio`` by median samples/s, ``ratio_best`` by best step."""
+    ours = figures["keras_tensorflow"]
+    peers = [figures[side] for side in ("pytorch", "pytorch_omp_default_wait") if side in figures]
+    return {
+        "ratio": round(ours["samples_per_s"] / max(p["samples_per_s"] for p in peers), 3),
+        "ratio_best": round(min(p["best_step_ms"] for p in peers) / ours["best_step_ms"], 3),
+    }
+
+
 def run(quick: bool, log_dir) -> dict:
     """Instance norm (and batch norm in a full run); the ratio is that of ``norm="instance"`` (the recipe's norm).
 
@@ -142,10 +152,7 @@ def run(quick: bool, log_dir) -> dict:
                 "loadavg": [r["loadavg"][0] for r in data["reps"]],
                 **data["info"],
             }
-        ours, peers = figures["keras_tensorflow"], [figures["pytorch"], figures["pytorch_omp_default_wait"]]
-        figures["ratio"] = round(ours["samples_per_s"] / max(p["samples_per_s"] for p in peers), 3)
-        figures["ratio_best"] = round(min(p["best_step_ms"] for p in peers) / ours["best_step_ms"], 3)
-        results[norm] = figures
+        results[norm] = {**figures, **ratios(figures)}
     primary = "instance" if "instance" in results else norms[0]
     main = results[primary]
     return {"ratio": main["ratio"], "ratio_best": main["ratio_best"], "ratio_from": primary, "by_norm": results}
