@@ -396,3 +396,26 @@ def test_deep_supervision_in_fit_with_one_full_resolution_target():
     labels = one_hot(rng.integers(0, 3, size=(4, 8, 8)), 3)
     history = model.fit(images, (labels, labels), batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("name", list(ALL_OPTIONS))
+def test_label_maps_give_the_loss_of_their_one_hot(name):
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 3, size=(2, 5, 4, 3)).astype("uint8")
+    y_pred = rng.dirichlet(np.ones(3), size=labels.shape).astype("float32")
+    from_labels = loss_value(name, labels, y_pred, **ALL_OPTIONS[name])
+    assert from_labels == pytest.approx(loss_value(name, one_hot(labels, 3), y_pred, **ALL_OPTIONS[name]), rel=1e-6)
+
+
+def test_label_maps_with_one_sigmoid_channel_and_deep_supervision():
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 2, size=(2, 8, 8)).astype("uint8")
+    sigmoid = rng.uniform(size=(2, 8, 8, 1)).astype("float32")
+    assert loss_value("dice_ce", labels, sigmoid) == pytest.approx(loss_value("dice_ce", labels[..., None], sigmoid))
+    predictions = [rng.dirichlet(np.ones(2), size=(2, 8 // f, 8 // f)).astype("float32") for f in (1, 2)]
+    wrapper = losses.DeepSupervisionLoss("dice_ce")
+    from_labels = float(to_numpy(wrapper(ops.convert_to_tensor(labels), [tensor(p) for p in predictions])))
+    from_one_hot = float(to_numpy(wrapper(tensor(one_hot(labels, 2)), [tensor(p) for p in predictions])))
+    assert from_labels == pytest.approx(from_one_hot, rel=1e-6)
+    with pytest.raises(ValueError, match="label map"):
+        losses.dice_loss(tensor(np.zeros((2, 8))), tensor(predictions[0]))

@@ -328,3 +328,15 @@ def test_streaming_dice_in_fit_history_and_saved_model(tmp_path):
     assert restored.evaluate(images, labels, verbose=0, return_dict=True)["fg_dice"] == pytest.approx(
         scores["fg_dice"], rel=1e-5
     )
+
+
+def test_streaming_dice_takes_label_maps():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, size=(2, 6, 5, 4)).astype("uint8")
+    y_pred = rng.dirichlet(np.ones(3), size=labels.shape).astype("float32")
+    from_labels, from_one_hot = metrics.MeanForegroundDice(3), metrics.MeanForegroundDice(3)
+    from_labels.update_state(ops.convert_to_tensor(labels), ops.convert_to_tensor(y_pred))
+    from_one_hot.update_state(ops.convert_to_tensor(np.eye(3, dtype="float32")[labels]), ops.convert_to_tensor(y_pred))
+    expected = np.mean(numpy_epoch_dice([np.eye(3)[labels]], [y_pred], 3)[1:])
+    assert float(ops.convert_to_numpy(from_labels.result())) == pytest.approx(expected, rel=1e-6)
+    assert float(ops.convert_to_numpy(from_one_hot.result())) == pytest.approx(expected, rel=1e-6)

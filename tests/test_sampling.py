@@ -37,11 +37,18 @@ def test_extract_patch_pads_outside_the_volume():
 
 
 @pytest.mark.parametrize(("patch", "x_shape"), [((8, 12, 12), (4, 8, 12, 12, 1)), ((12, 12), (4, 12, 12, 1))])
-def test_batches_have_patch_shape_and_one_hot_labels(patch, x_shape):
+def test_batches_have_patch_shape_and_label_map_targets(patch, x_shape):
     x, y = sampler_for(patch)[0]
     assert x.shape == x_shape and x.dtype == np.float32
-    assert y.shape == (*x_shape[:-1], 3) and y.dtype == np.float32
-    np.testing.assert_array_equal(y.sum(-1), 1.0)
+    assert y.shape == x_shape[:-1] and y.dtype == np.uint8
+    assert set(np.unique(y)) <= {0, 1, 2}
+
+
+def test_one_hot_targets_are_the_one_hot_of_the_label_maps():
+    _, labels = sampler_for((8, 12, 12), seed=3)[1]
+    _, one_hot = sampler_for((8, 12, 12), seed=3, one_hot=True)[1]
+    assert one_hot.shape == (*labels.shape, 3) and one_hot.dtype == np.float32
+    np.testing.assert_array_equal(one_hot, np.eye(3, dtype=np.float32)[labels])
 
 
 def test_volumes_smaller_than_the_patch_are_padded_with_zeros_and_background():
@@ -52,7 +59,7 @@ def test_volumes_smaller_than_the_patch_are_padded_with_zeros_and_background():
     np.testing.assert_array_equal(x[:, 0], 0)
     np.testing.assert_array_equal(x[:, 7], 0)
     np.testing.assert_array_equal(x[:, 1:7, 3:13, 3:12, 0], np.broadcast_to(images["c1"][..., 0], (2, 6, 10, 9)))
-    assert (y[:, 0, ..., 0] == 1).all()
+    assert (y[:, 0] == 0).all()
 
 
 def test_random_padding_shifts_a_small_volume_inside_the_patch():
@@ -74,7 +81,7 @@ def test_foreground_flags_have_the_expected_count(batch, ratio):
 
 def test_foreground_share_matches_the_ratio():
     sampler = sampler_for((4, 4, 4), cases=["c0"], batch_size=10, steps_per_epoch=40, foreground_ratio=0.5)
-    with_foreground = np.mean([(y[..., 1:].sum(axis=(1, 2, 3, 4)) > 0) for _, y in (sampler[i] for i in range(40))])
+    with_foreground = np.mean([(y > 0).any(axis=(1, 2, 3)) for _, y in (sampler[i] for i in range(40))])
     # placed patches always hold foreground; random 4^3 patches in 20x30x25 almost never do
     assert 0.45 < with_foreground < 0.58
 
@@ -82,7 +89,7 @@ def test_foreground_share_matches_the_ratio():
 def test_a_rare_class_gets_half_of_the_foreground_patches():
     sampler = sampler_for((4, 4, 4), cases=["c0"], batch_size=10, steps_per_epoch=40, foreground_ratio=1.0)
     batches = [sampler[i][1] for i in range(40)]
-    with_rare = np.mean([(y[..., 2].sum(axis=(1, 2, 3)) > 0) for y in batches])
+    with_rare = np.mean([(y == 2).any(axis=(1, 2, 3)) for y in batches])
     assert 0.4 < with_rare < 0.6  # one voxel of class 2 against 8 of class 1, each class drawn half the time
 
 
@@ -139,13 +146,13 @@ def test_augmented_batches_keep_image_and_label_together():
         augment=Augmenter(settings, 3, image_order=0),
     )  # fmt: skip
     x, y = sampler[0]
-    np.testing.assert_array_equal(x[..., 0], np.argmax(y, -1) * 10.0)
+    np.testing.assert_array_equal(x[..., 0], y * 10.0)
 
 
-def test_deep_supervision_targets_are_strided_one_hot_truth():
+def test_deep_supervision_targets_are_strided_truth():
     sampler = sampler_for((8, 8, 8), target_strides=[(1, 1, 1), (2, 2, 2), (4, 4, 4)])
     x, targets = sampler[0]
-    assert [t.shape for t in targets] == [(4, 8, 8, 8, 3), (4, 4, 4, 4, 3), (4, 2, 2, 2, 3)]
+    assert [t.shape for t in targets] == [(4, 8, 8, 8), (4, 4, 4, 4), (4, 2, 2, 2)]
     np.testing.assert_array_equal(targets[1], targets[0][:, ::2, ::2, ::2])
 
 
@@ -158,9 +165,9 @@ def test_stack_sampler_reads_rows_pads_and_oversamples():
     sampler = StackSampler(images, labels, (16, 16), 3, batch_size=8, steps_per_epoch=20, foreground_ratio=0.5)
     batches = [sampler[i] for i in range(20)]
     x, y = batches[0]
-    assert x.shape == (8, 16, 16, 1) and y.shape == (8, 16, 16, 3)
+    assert x.shape == (8, 16, 16, 1) and y.shape == (8, 16, 16)
     np.testing.assert_array_equal(x[:, :2], 0)  # 12 rows padded to 16: 2 above, 2 below
-    present = np.concatenate([(y[..., 1:].sum(axis=(1, 2)) > 0) for _, y in batches])
+    present = np.concatenate([np.stack([(y == k).any(axis=(1, 2)) for k in (1, 2)], -1) for _, y in batches])
     assert 0.42 < present.any(axis=1).mean() < 0.58  # 2 of 50 rows hold foreground: nearly all from placement
     assert 0.15 < present[:, 1].mean() < 0.35  # class 2 (one voxel in one row) gets half of the placed samples
 

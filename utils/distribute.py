@@ -174,7 +174,7 @@ def _distributed_dataset(distribution: Distribution, sampler, workers: int):
     local = distribution.local_replicas
     x0, y0 = sampler.batch(sampler.start_epoch, 0, 0)
     targets = list(y0) if isinstance(y0, tuple) else [y0]
-    specs = [tf.TensorSpec(a.shape, tf.float32) for a in (x0, *targets)]
+    specs = [tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)) for a in (x0, *targets)]
 
     def make(context):
         def load(j):
@@ -188,7 +188,7 @@ def _distributed_dataset(distribution: Distribution, sampler, workers: int):
             return arrays[0], (tuple(arrays[1:]) if isinstance(y0, tuple) else arrays[1])
 
         dataset = tf.data.Dataset.range(2**62).map(
-            lambda j: tf.numpy_function(load, [j], [tf.float32] * len(specs), stateful=False),
+            lambda j: tf.numpy_function(load, [j], [spec.dtype for spec in specs], stateful=False),
             num_parallel_calls=max(1, int(workers)),
             deterministic=True,
         )

@@ -258,11 +258,16 @@ class _DiceCounts(keras.metrics.Metric):
         return ops.one_hot(ops.argmax(y, axis=-1), y.shape[-1], dtype=self.dtype)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch; `y_true` one-hot and `y_pred` probabilities, `(B, *spatial, C)`. `sample_weight` is ignored."""
+        """Adds a batch: `y_pred` probabilities `(B, *spatial, C)`; `y_true` one-hot of the same shape or a label map
+        `(B, *spatial)`. `sample_weight` is ignored."""
         y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
         if y_pred.shape[-1] is not None and max(y_pred.shape[-1], 2) != max(self.num_classes, 2):
             raise ValueError(f"{self.name} expects {self.num_classes} channels, got y_pred of shape {y_pred.shape}.")
-        truth, pred = self._hard_one_hot(y_true), self._hard_one_hot(y_pred)
+        if len(y_true.shape) == len(y_pred.shape) - 1:
+            truth = ops.one_hot(ops.cast(y_true, "int32"), max(self.num_classes, 2), dtype=self.dtype)
+        else:
+            truth = self._hard_one_hot(y_true)
+        pred = self._hard_one_hot(y_pred)
         axes = list(range(len(pred.shape) - 1))
         self.intersection.assign_add(ops.sum(truth * pred, axis=axes))
         self.pred_count.assign_add(ops.sum(pred, axis=axes))

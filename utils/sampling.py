@@ -89,10 +89,14 @@ def foreground_flags(batch_size: int, ratio: float, rng: np.random.Generator) ->
 
 
 class PatchSampler(keras.utils.PyDataset):
-    """Endless batches ``(x, y)``: ``x (B, *patch, C)`` float32, ``y (B, *patch, K)`` one-hot float32.
+    """Endless batches ``(x, y)``: ``x (B, *patch, C)`` float32, ``y (B, *patch)`` label maps (``uint8`` up to 256
+    classes), which the losses and metrics of :mod:`utils.losses` and :mod:`utils.metrics` one-hot encode inside the
+    training step; with ``one_hot`` ``y`` is ``(B, *patch, K)`` float32 one-hot. Label maps are 12 times fewer bytes
+    than float32 one-hot for three classes, which is most of the cost of handing batches over from worker processes
+    (benchmarks/RESULTS.md).
 
-    With ``target_strides`` (deep supervision), ``y`` is a tuple with one target per model output, the one-hot truth
-    taken every ``stride`` voxels along each axis (nearest, so it stays one-hot).
+    With ``target_strides`` (deep supervision), ``y`` is a tuple with one target per model output, the truth taken
+    every ``stride`` voxels along each axis (nearest, so labels stay labels).
 
     Args:
         image_loader: ``case_id -> (Z, Y, X, C)`` array (memory-mapped).
@@ -110,6 +114,7 @@ class PatchSampler(keras.utils.PyDataset):
         shard: stream id of this replica or host (0 for a single device).
         target_strides: per model output, the stride of its target (deep supervision), or ``None``.
         random_padding: place a volume smaller than the patch at a random offset inside it (else centred).
+        one_hot: yield float32 one-hot targets instead of label maps.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
 
     Raises:
@@ -132,6 +137,7 @@ class PatchSampler(keras.utils.PyDataset):
         shard: int = 0,
         target_strides: Sequence[Sequence[int]] | None = None,
         random_padding: bool = False,
+        one_hot: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -156,6 +162,7 @@ class PatchSampler(keras.utils.PyDataset):
         self.shard = int(shard)
         self.target_strides = [tuple(s) for s in target_strides] if target_strides else None
         self.random_padding = bool(random_padding)
+        self.one_hot = bool(one_hot)
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         self.locations = {c: foreground_locations(self.label_loader(c), num_classes, rng) for c in self.case_ids}
 
@@ -182,12 +189,18 @@ class PatchSampler(keras.utils.PyDataset):
         return x, self.targets(labels)
 
     def targets(self, labels: np.ndarray):
-        """One-hot ``(B, *patch, K)`` targets, or a tuple of them at each output's stride."""
+        """Label maps ``(B, *patch)`` (one-hot ``(B, *patch, K)`` with ``one_hot``), or a tuple of them at each
+        output's stride."""
         eye = np.eye(self.num_classes, dtype=np.float32)
+        dtype = np.uint8 if self.num_classes <= 256 else np.int32
+
+        def encode(array: np.ndarray) -> np.ndarray:
+            return eye[array] if self.one_hot else array.astype(dtype)
+
         if not self.target_strides:
-            return eye[labels]
+            return encode(labels)
         return tuple(
-            eye[labels[(slice(None), *(slice(None, None, s) for s in stride))]] for stride in self.target_strides
+            encode(labels[(slice(None), *(slice(None, None, s) for s in stride))]) for stride in self.target_strides
         )
 
     def _case(self, rng: np.random.Generator, force_foreground: bool):
