@@ -184,3 +184,21 @@ def test_bad_arguments_are_refused():
         PatchSampler(dict().get, dict().get, [], (8, 8, 8), 2)
     with pytest.raises(ValueError, match="foreground ratio"):
         sampler_for((8, 8, 8), foreground_ratio=1.5)
+
+
+def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_sample, monkeypatch):
+    import pickle
+
+    from utils import dataset as dataset_module
+
+    data = dataset_module.PreparedDataset(prepared_sample)
+    first, second, third = data.split("train")[:3]
+    image = data.image(first)
+    assert isinstance(image, np.memmap) and data.image(first) is image  # the open map is reused
+    monkeypatch.setattr(dataset_module, "_open_maps_limit", lambda: 2)
+    data.label(first)  # most recent: image(first) is now the oldest of three, and is closed
+    data.image(second)
+    assert list(data._maps) == [data.cases[first]["label"], data.cases[second]["image"]]
+    clone = pickle.loads(pickle.dumps(data))
+    assert clone._maps == {} and len(pickle.dumps(data)) < 50_000  # no volume travels to worker processes
+    np.testing.assert_array_equal(clone.image(third), data.image(third))

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -284,14 +286,30 @@ def _ct_stats(fingerprint: dict) -> dict:
     }
 
 
+def _open_maps_limit() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return 64
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 4))
+
+
 class PreparedDataset:
     """Read access to a prepared dataset folder.
+
+    The memory maps of the last volumes read stay open (up to 1,024, and a quarter of the file descriptors this
+    process may open, since each map holds one): a sampler reads a small patch from a random case many times per
+    second, and opening a map (path checks, header parsing, ``mmap``) cost as much as reading the patch.
 
     Raises:
         FileNotFoundError: the folder, ``manifest.json`` or ``splits.json`` is missing.
     """
 
     def __init__(self, path: str | os.PathLike):
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: prepared dataset folder not found (run data_gen.py first)")
@@ -323,9 +341,28 @@ class PreparedDataset:
 
     def image(self, case_id: str) -> np.ndarray:
         """``(Z, Y, X, C)`` float32, memory-mapped."""
-        return fileio.load_npy(fileio.inside(self.path, self.cases[case_id]["image"]))
+        return self._mapped(self.cases[case_id]["image"])
 
     def label(self, case_id: str) -> np.ndarray | None:
         """``(Z, Y, X)`` uint8, memory-mapped, or ``None`` when unlabelled."""
         rel = self.cases[case_id].get("label")
-        return None if rel is None else fileio.load_npy(fileio.inside(self.path, rel))
+        return None if rel is None else self._mapped(rel)
+
+    def _mapped(self, relative: str) -> np.ndarray:
+        with self._lock:
+            array = self._maps.pop(relative, None)
+        if array is None:
+            array = fileio.load_npy(fileio.inside(self.path, relative))
+        with self._lock:
+            self._maps[relative] = array
+            while len(self._maps) > _open_maps_limit():
+                self._maps.popitem(last=False)
+        return array
+
+    def __getstate__(self) -> dict:
+        """Pickled for worker processes without the open maps and the lock (each worker opens its own)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._maps, self._lock = OrderedDict(), threading.Lock()

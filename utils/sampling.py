@@ -184,8 +184,8 @@ class PatchSampler(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, int(epoch), int(step), int(shard)])
         flags = foreground_flags(self.batch_size, self.foreground_ratio, rng)
         samples = [self.sample(rng, bool(flag)) for flag in flags]
-        x = np.stack([s[0] for s in samples]).astype(np.float32)
-        labels = np.stack([s[1] for s in samples]).astype(np.intp)
+        x = np.stack([s[0] for s in samples]).astype(np.float32, copy=False)
+        labels = np.stack([s[1] for s in samples])
         return x, self.targets(labels)
 
     def targets(self, labels: np.ndarray):
@@ -195,7 +195,7 @@ class PatchSampler(keras.utils.PyDataset):
         dtype = np.uint8 if self.num_classes <= 256 else np.int32
 
         def encode(array: np.ndarray) -> np.ndarray:
-            return eye[array] if self.one_hot else array.astype(dtype)
+            return eye[array.astype(np.intp)] if self.one_hot else array.astype(dtype, copy=False)
 
         if not self.target_strides:
             return encode(labels)
