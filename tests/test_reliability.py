@@ -50,7 +50,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
             return True
         time.sleep(0.002)
     process.kill()
-    raise AssertionError("data_gen.py did not reach the kill point in time")
+    raise AssertionError(f"{' '.join(map(str, process.args[1:2]))} did not reach the kill point in time")
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +299,199 @@ def test_a_model_file_that_is_not_a_keras_model_is_named(prepared_sample, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "model.keras" in err and "not a loadable Keras model" in err
     assert "Traceback" not in err
+
+
+def make_pairs(root: Path, suffix: str = ".nrrd", cases: int = 3) -> Path:
+    """``c<i>_image<suffix>`` + ``c<i>_label<suffix>`` pairs (uncompressed, so a cut lands in the voxels)."""
+    import SimpleITK as sitk
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(cases):
+        label = np.zeros((6, 8, 10), np.uint8)
+        label[2:4, 2:6, 3:7] = 1
+        image = (rng.normal(size=label.shape) + 5 * label + 10).astype(np.float32)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / f"c{i}_image{suffix}"), False)
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(root / f"c{i}_label{suffix}"), False)
+    return root
+
+
+def cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def nrrd_truncated(root):
+    cut(root / "c1_image.nrrd")
+    return "c1_image.nrrd", "cannot read image"
+
+
+def nrrd_bad_header(root):
+    path = root / "c1_image.nrrd"
+    path.write_bytes(path.read_bytes().replace(b"sizes: 10 8 6", b"sizes: 10 8"))
+    return "c1_image.nrrd", "cannot read image"
+
+
+def nrrd_not_an_image(root):
+    (root / "c1_image.nrrd").write_bytes(os.urandom(1000))
+    return "c1_image.nrrd", "not an image file of a known format"
+
+
+def nrrd_label_truncated(root):
+    cut(root / "c2_label.nrrd")
+    return "c2_label.nrrd", "cannot read image"
+
+
+def mha_truncated(root):
+    import SimpleITK as sitk
+
+    for path in sorted(root.iterdir()):
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(path.with_suffix(".mha")), False)
+        path.unlink()
+    cut(root / "c1_image.mha")
+    return "c1_image.mha", "cannot read image"
+
+
+@pytest.mark.parametrize(
+    "damage", [nrrd_truncated, nrrd_bad_header, nrrd_not_an_image, nrrd_label_truncated, mha_truncated]
+)
+def test_a_damaged_nrrd_or_mha_pair_is_named_and_the_others_finish(tmp_path, capsys, damage):
+    root = make_pairs(tmp_path / "raw")
+    file_name, phrase = damage(root)
+    output = tmp_path / "out"
+    assert data_gen.main(["--input", str(root), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    line = next((line for line in err.splitlines() if file_name in line), err)
+    assert phrase in line and "Traceback" not in err, err
+    assert len(json.loads((output / "manifest.json").read_text())["cases"]) == 2
+
+
+def make_hdf5_folder(root: Path, files: int = 3) -> Path:
+    """``p<i>.h5`` each holding one patient group ``P<i>`` with ``ct`` and ``seg`` volumes."""
+    import h5py
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        label = np.zeros((6, 8, 10), np.uint8)
+        label[2:4, 2:6, 3:7] = 1
+        with h5py.File(root / f"p{i}.h5", "w") as handle:
+            handle[f"P{i}/ct"] = (rng.normal(size=label.shape) * 50 + 200 * label).astype(np.float32)
+            handle[f"P{i}/seg"] = label
+    return root
+
+
+def hdf5_truncated(root):
+    cut(root / "p1.h5")
+    return "p1.h5", "HDF5 file is truncated"
+
+
+def hdf5_not_hdf5(root):
+    (root / "p1.h5").write_bytes(os.urandom(4000))
+    return "p1.h5", "cannot open HDF5 file"
+
+
+def hdf5_without_the_keys(root):
+    import h5py
+
+    with h5py.File(root / "p1.h5", "a") as handle:
+        handle.move("P1/ct", "P1/image")
+    return "p1.h5", "no dataset or group 'ct'"
+
+
+def hdf5_corrupt_voxels(root):
+    import h5py
+
+    with h5py.File(root / "p1.h5", "w") as handle:  # a compressed dataset whose stored chunk is then overwritten
+        handle.create_dataset("P1/ct", data=np.ones((6, 8, 10), np.float32), compression="gzip")
+        handle["P1/seg"] = np.zeros((6, 8, 10), np.uint8)
+        offset = handle["P1/ct"].id.get_offset() or handle["P1/ct"].id.get_chunk_info(0).byte_offset
+    with open(root / "p1.h5", "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * 16)
+    return "p1.h5", "cannot read"
+
+
+@pytest.mark.parametrize("damage", [hdf5_truncated, hdf5_not_hdf5, hdf5_without_the_keys, hdf5_corrupt_voxels])
+def test_a_damaged_hdf5_file_is_named_and_the_other_files_finish(tmp_path, capsys, damage):
+    root = make_hdf5_folder(tmp_path / "raw")
+    file_name, phrase = damage(root)
+    output = tmp_path / "out"
+    flags = ["--hdf5-image-keys", "ct", "--hdf5-label-key", "seg", "--hdf5-spacing", "2"]
+    assert data_gen.main(["--input", str(root), "--output", str(output), *flags]) == 1
+    err = capsys.readouterr().err
+    line = next((line for line in err.splitlines() if file_name in line), err)
+    assert phrase in line and "Traceback" not in err, err
+    assert sorted(c["id"] for c in json.loads((output / "manifest.json").read_text())["cases"]) == ["p0_P0", "p2_P2"]
+
+
+def test_a_single_truncated_hdf5_file_stops_with_its_name(tmp_path, capsys):
+    root = make_hdf5_folder(tmp_path / "raw", files=1)
+    cut(root / "p0.h5")
+    assert data_gen.main(["--input", str(root / "p0.h5"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "p0.h5: HDF5 file is truncated" in err and "Traceback" not in err
+
+
+def copy_series(source: Path, target: Path, series_uid: str, prefix: str = "") -> None:
+    """Copy a DICOM series as a new one: every file gets ``series_uid`` and a new instance UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID = series_uid
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.save_as(target / f"{prefix}{path.name}")
+
+
+DCMQI_SERIES = SHARED_DATA / "dcmqi" / "ct-3slice"
+
+
+def dicom_truncated_slice(folder):
+    cut(folder / "02.dcm", keep=0.9)
+    return "02.dcm", "damaged DICOM slice"
+
+
+def dicom_garbage_slice(folder):
+    path = folder / "02.dcm"
+    path.write_bytes(path.read_bytes()[:132] + os.urandom(4000))
+    return "02.dcm", "damaged DICOM file"
+
+
+def dicom_two_acquisitions_under_one_uid(folder):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    scout = pydicom.dcmread(folder / "01.dcm")
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.save_as(folder / "scout.dcm")
+    return "b", "mixes slices of different sizes or orientations"
+
+
+@pytest.mark.skipif(not DCMQI_SERIES.is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("damage", [dicom_truncated_slice, dicom_garbage_slice, dicom_two_acquisitions_under_one_uid])
+def test_a_damaged_dicom_series_is_named_and_the_other_series_finish(tmp_path, capsys, damage):
+    root = tmp_path / "study"
+    copy_series(DCMQI_SERIES, root / "a", "1.2.826.0.1.3680043.8.498.1001")
+    copy_series(DCMQI_SERIES, root / "b", "1.2.826.0.1.3680043.8.498.1002")
+    name, phrase = damage(root / "b")
+    output = tmp_path / "out"
+    assert data_gen.main(["--input", str(root), "--output", str(output), "--window-preset", "liver"]) == 1
+    err = capsys.readouterr().err
+    line = next((line for line in err.splitlines() if phrase in line), err)
+    assert name in line and "Traceback" not in err, err
+    assert [c["id"] for c in json.loads((output / "manifest.json").read_text())["cases"]] == ["a"]
+
+
+@pytest.mark.skipif(not DCMQI_SERIES.is_dir(), reason="needs ../shared/data")
+def test_two_series_mixed_in_one_folder_become_two_cases(tmp_path):
+    folder = tmp_path / "mixed"
+    copy_series(DCMQI_SERIES, folder, "1.2.826.0.1.3680043.8.498.1001", prefix="first_")
+    copy_series(DCMQI_SERIES, folder, "1.2.826.0.1.3680043.8.498.1002", prefix="second_")
+    output = tmp_path / "out"
+    assert data_gen.main(["--input", str(folder), "--output", str(output), "--window-preset", "liver"]) == 0
+    cases = json.loads((output / "manifest.json").read_text())["cases"]
+    assert len(cases) == 2 and all(len(c["source"]["image"]) == 3 for c in cases)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,8 +161,18 @@ def read_sitk(path: str | os.PathLike) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = _itk_reason(error)
+        if "No such file or directory" in reason:  # what MetaIO leaves in errno when the voxel data runs short
+            reason = "its voxel data cannot be read: the file is truncated, or a data file it names is missing"
         raise CaseError(f"{path}: cannot read image ({reason})") from error
+
+
+def _itk_reason(error: Exception) -> str:
+    """The useful last line of an ITK error, in words when ITK only says it found no reader."""
+    text = str(error).strip()
+    if "Unable to determine ImageIO reader" in text:
+        return "not an image file of a known format, or damaged beyond recognition"
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def sitk_geometry(image: sitk.Image) -> dict:
@@ -388,11 +399,22 @@ def finalize_source(
     return DatasetSource(name, fmt, labels, channels, cases, str(path), label_values)
 
 
-def _scan_values(arrays: Iterable[tuple[str, Callable[[], np.ndarray]]]) -> set[int]:
-    """Union of the integer values of every label (each read one at a time)."""
+def _scan_values(arrays: Iterable[tuple[str, Callable[[], np.ndarray]]], skip_unreadable: bool = True) -> set[int]:
+    """Union of the integer values of every label (each read one at a time).
+
+    With ``skip_unreadable`` a label file that cannot be read is passed over: its case fails with the same message
+    when it is loaded, and the other cases go on; a label that reads but holds no class map still raises.
+    """
     found: set[int] = set()
     for where, read in arrays:
-        found.update(np.unique(as_label_map(read(), where)).astype(int).tolist())
+        try:
+            array = read()
+        except CaseError as error:
+            if not skip_unreadable:
+                raise
+            log.debug("label values of %s not scanned: %s", where, error)
+            continue
+        found.update(np.unique(as_label_map(array, where)).astype(int).tolist())
     return found
 
 
@@ -672,6 +694,10 @@ def _open_hdf5(path: str | os.PathLike) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as error:
+        truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(error))
+        if truncated:
+            size, expected = truncated.groups()
+            raise CaseError(f"{path}: HDF5 file is truncated ({size} of {expected} bytes)") from error
         raise CaseError(f"{path}: cannot open HDF5 file ({error})") from error
 
 
@@ -704,7 +730,9 @@ def _hdf5_layout(handle: h5py.File, key: str, path: Path) -> tuple[str, list[str
         return "stacked", []
     patients = sorted(k for k, v in handle.items() if isinstance(v, h5py.Group) and key in v)
     if not patients:
-        raise ValueError(f"{path}: no dataset or group {key!r} (top-level keys: {list(handle.keys())})")
+        groups = [k for k, v in handle.items() if isinstance(v, h5py.Group)]
+        inside = f"; keys in {groups[0]!r}: {list(handle[groups[0]].keys())}" if groups else ""
+        raise ValueError(f"{path}: no dataset or group {key!r} (top-level keys: {list(handle.keys())}{inside})")
     return "by_patient", patients
 
 
@@ -747,23 +775,36 @@ def discover_hdf5(path: str | os.PathLike, options: dict | None = None) -> Datas
     Spacing comes from ``source_spacing``, else from an attribute (``spacing``, ``voxel_size``, ...), else from a
     ``<number>mm`` in the file name, else 1 mm. HDF5 holds no orientation: arrays are used as stored.
 
+    In a folder of several files, a file that cannot be opened or lacks the keys becomes one case that fails with
+    that message when loaded (:func:`unreadable_spec`), so the other files' cases are still prepared.
+
     Raises:
-        ValueError: an unknown layout or inconsistent keys.
+        ValueError: an unknown layout or inconsistent keys (of the only file).
     """
     options = options or {}
     root = Path(path)
     files = _hdf5_files(root)
     cases, channel_names = [], None
     for file in files:
-        file_cases, names = _discover_hdf5_file(file, options, prefix=len(files) > 1)
+        try:
+            file_cases, names = _discover_hdf5_file(file, options, prefix=len(files) > 1)
+        except ValueError as error:  # unreadable, or without the keys: that file's case fails, the others go on
+            if len(files) == 1:
+                raise
+            cases.append(unreadable_spec(file, "hdf5", str(error)))
+            continue
         if channel_names is not None and names != channel_names:
             raise ValueError(f"{file}: channels {names} differ from the other files' {channel_names}")
         channel_names = names
         cases.extend(file_cases)
     _apply_patient_pattern(cases, options.get("patient_pattern"), [c["id"] for c in cases])
     values = _scan_values(
-        (f"{c['image'][0]}:{c['hdf5']['label']}", _hdf5_label_reader(c)) for c in cases if c["hdf5"]["label"]
+        (f"{c['image'][0]}:{c['hdf5']['label']}", _hdf5_label_reader(c))
+        for c in cases
+        if c.get("hdf5", {}).get("label")
     )
+    if channel_names is None:
+        raise ValueError(f"{root}: no HDF5 file could be read ({cases[0]['error']}, ...)")
     channels = {str(i): n for i, n in enumerate(channel_names)}
     return finalize_source(strip_suffix(root.name), "hdf5", channels, cases, root, values, None, options)
 
@@ -811,6 +852,13 @@ def _discover_hdf5_file(file: Path, options: dict, prefix: bool) -> tuple[list[d
     return cases, [_channel_name(k) for k in image_keys]
 
 
+def unreadable_spec(file: Path, fmt: str, error: str) -> dict:
+    """A case for a source file that discovery could not read: :func:`load_case` raises ``error`` for it."""
+    case_id = safe_id(strip_suffix(file.name))
+    return {"id": case_id, "patient": case_id, "format": fmt, "image": [str(file.resolve())], "label": None,
+            "error": error}  # fmt: skip
+
+
 def _hdf5_spec(file: Path, case_id: str, images: list, label: str | None, index, spacing, spacing_from) -> dict:
     return {
         "id": case_id,
@@ -839,7 +887,12 @@ def _hdf5_volume(handle: h5py.File, key: str, index: int | None, path: str) -> t
     node = handle[key]
     if not isinstance(node, h5py.Dataset):
         raise CaseError(f"{path}: {key!r} is a group, not a dataset")
-    data = node[index] if index is not None else node[()]
+    try:
+        data = node[index] if index is not None else node[()]
+    except (OSError, ValueError, TypeError) as error:  # a damaged chunk, or a type numpy cannot hold
+        raise CaseError(f"{path}: cannot read dataset {key!r} ({error})") from error
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise CaseError(f"{path}: dataset {key!r} holds {data.dtype} values, not numbers")
     stored = list(data.shape)
     squeezed = data
     if squeezed.ndim == 4 and 1 in (squeezed.shape[0], squeezed.shape[-1]):
@@ -948,6 +1001,8 @@ _DICOM_TAGS = (
     "InstanceNumber",
     "SeriesNumber",
     "SeriesDescription",
+    "Rows",
+    "Columns",
 )
 _LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 _NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE", "REG", "DOC")
@@ -963,6 +1018,25 @@ def _read_dicom_header(path: Path):
         return None
 
 
+def _slice_layout(header) -> str:
+    """Size and orientation of a slice, in words: the slices of one acquisition share them."""
+    orientation = header.get("ImageOrientationPatient")
+    if orientation is not None and len(orientation) == 6:
+        cosines = np.asarray(orientation, float)
+        plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(np.cross(cosines[:3], cosines[3:]))))]
+        plane += f" {(np.round(cosines, 2) + 0.0).tolist()}"  # + 0.0 turns -0.0 into 0.0
+    else:
+        plane = "no orientation"
+    return f"{header.get('Rows', '?')}x{header.get('Columns', '?')} {plane}"
+
+
+def _damaged_dicom(path: Path, header) -> bool:
+    """A file that starts like DICOM but whose data set (read without error) lacks the Modality that every image
+    has: its content is garbage after the preamble. A DICOMDIR (media storage directory) has no Modality either."""
+    media_class = str(getattr(header, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    return _looks_like_dicom(path) and media_class != "1.2.840.10008.1.3.10"
+
+
 def _slice_position(header) -> float | None:
     position, orientation = header.get("ImagePositionPatient"), header.get("ImageOrientationPatient")
     if position is None or orientation is None:
@@ -976,18 +1050,24 @@ def scan_dicom(root: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
     Returns:
         ``(series, label_objects)``: each series ``{"uid", "files" (sorted by position along the slice normal),
-        "folder", "modality", "patient", "frame", "number", "description"}``; each label object ``{"path", "modality",
-        "frame", "series_uid"}`` where ``series_uid`` is the series it refers to, if it says.
+        "folder", "modality", "patient", "frame", "number", "description"}``, plus ``"unreadable"`` when its folder
+        holds files that cannot be parsed as DICOM (those starting with the DICOM preamble are damaged slices); each
+        label object ``{"path", "modality", "frame", "series_uid"}`` where ``series_uid`` is the series it refers to,
+        if it says.
     """
     root = Path(root)
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, dict] = {}
     label_objects = []
+    unreadable: dict[str, list[str]] = {}
     for path in paths:
         if path.name.lower().endswith(NOT_DICOM_SUFFIXES) or path.name.startswith("."):
             continue
         header = _read_dicom_header(path)
-        if header is None or "Modality" not in header:
+        if header is None or ("Modality" not in header and _damaged_dicom(path, header)):
+            unreadable.setdefault(str(path.parent), []).append(str(path.resolve()))
+            continue
+        if "Modality" not in header:
             continue
         modality = str(header.Modality).upper()
         if modality in _LABEL_MODALITIES:
@@ -1012,9 +1092,15 @@ def scan_dicom(root: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         position = _slice_position(header)
         order = position if position is not None else float(header.get("InstanceNumber") or 0)
         group["files"].append((order, str(path.resolve())))
+        group.setdefault("layouts", {}).setdefault(_slice_layout(header), []).append(path.name)
     series = []
     for group in groups.values():
         group["files"] = [f for _, f in sorted(group["files"])]
+        layouts = group.pop("layouts")
+        if len(layouts) > 1:
+            group["mixed"] = "; ".join(f"{len(v)} x {k} (e.g. {v[0]})" for k, v in layouts.items())
+        if group["folder"] in unreadable:
+            group["unreadable"] = unreadable[group["folder"]]
         series.append(group)
     return sorted(series, key=lambda s: (s["folder"], s["number"], s["uid"])), label_objects
 
@@ -1137,26 +1223,46 @@ def _dicom_spec(root: Path, series: dict, label: dict | None, used_ids: set, sin
         "modality": series["modality"],
         "series_uid": series["uid"],
         "frame_of_reference": series["frame"],
+        **({"unreadable": series["unreadable"]} if series.get("unreadable") else {}),
+        **({"mixed": series["mixed"]} if series.get("mixed") else {}),
     }
 
 
-def read_dicom_series(files: Sequence[str], where: str) -> sitk.Image:
+def read_dicom_series(files: Sequence[str], where: str, unreadable: Sequence[str] = ()) -> sitk.Image:
     """Read a sorted list of DICOM slices with SimpleITK (rescale slope/intercept applied: CT in HU).
 
+    Args:
+        files: the slices, sorted along the slice normal.
+        where: the series' folder, for messages.
+        unreadable: files beside the series that could not be parsed as DICOM. Any that starts with the DICOM
+            preamble is a damaged slice, and the series is refused rather than read with a slice missing; the others
+            are named when the slices turn out unevenly spaced.
+
     Raises:
-        CaseError: unreadable files, or slices unevenly spaced or repeated.
+        CaseError: a damaged or unreadable slice (named), or slices unevenly spaced or repeated.
     """
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise CaseError(f"{where}: DICOM file {missing[0]} not found")
+    damaged = [f for f in unreadable if _looks_like_dicom(Path(f))]
+    if damaged:
+        raise CaseError(f"{damaged[0]}: damaged DICOM file among the slices in {where} ({_dicom_problem(damaged[0])})")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
     reader.MetaDataDictionaryArrayUpdateOn()
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own warning on uneven slices; the check below names it
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
-        raise CaseError(f"{where}: cannot read the DICOM series ({reason})") from error
+        culprit = _unreadable_slice(files)
+        if culprit is not None:
+            raise CaseError(
+                f"{culprit}: damaged DICOM slice of the series in {where} ({_dicom_problem(culprit)})"
+            ) from error
+        raise CaseError(f"{where}: cannot read the DICOM series ({_itk_reason(error)})") from error
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if len(files) > 2:
         direction = np.asarray(image.GetDirection()).reshape(3, 3)
         positions = []
@@ -1170,11 +1276,41 @@ def read_dicom_series(files: Sequence[str], where: str) -> sitk.Image:
             and steps.size
             and (np.any(np.abs(steps) < 1e-4) or np.ptp(steps) > 0.01 * max(abs(float(np.median(steps))), 1e-3))
         ):
+            others = f"; the folder also holds files that are not readable DICOM: {', '.join(unreadable)}"
             raise CaseError(
                 f"{where}: slices are repeated or unevenly spaced (steps {np.round(np.unique(np.round(steps, 3)), 3)} "
-                "mm); the series may mix acquisitions"
+                f"mm); the series may miss slices or mix acquisitions{others if unreadable else ''}"
             )
     return image
+
+
+def _unreadable_slice(files: Sequence[str]) -> str | None:
+    """The first file of a series that SimpleITK cannot read on its own (after the series failed to read)."""
+    for file in files:
+        try:
+            sitk.ReadImage(file)
+        except RuntimeError:
+            return file
+    return None
+
+
+def _dicom_problem(path: str) -> str:
+    """What is wrong with a damaged DICOM file, in a few words."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the very damage reported here
+            if "Modality" not in pydicom.dcmread(path, stop_before_pixels=True):
+                return "its content after the DICOM preamble is not a readable data set"
+            dataset = pydicom.dcmread(path)
+            if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                return "its pixel data is missing or cut short: the file is truncated"
+            dataset.pixel_array  # noqa: B018  (decoding is the check)
+    except Exception as error:  # pydicom raises many types for damaged files
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return "its pixel data cannot be decoded"
 
 
 def resample_label_onto(label: sitk.Image, reference: sitk.Image, path: str | os.PathLike) -> np.ndarray:
@@ -1276,7 +1412,15 @@ def rasterize_rtstruct(path: str | os.PathLike, reference: sitk.Image, roi_value
 def load_dicom_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
     """Load a DICOM series (HU for CT) and its label resampled onto the series grid."""
     where = str(Path(spec["image"][0]).parent)
-    image = read_dicom_series(spec["image"], where)
+    if spec.get("mixed"):
+        raise CaseError(
+            f"{where}: series {spec.get('series_uid')} mixes slices of different sizes or orientations "
+            f"({spec['mixed']}): more than one acquisition under one series UID; separate them into folders "
+            "with their own series"
+        )
+    image = read_dicom_series(spec["image"], where, spec.get("unreadable", ()))
+    if spec.get("unreadable"):
+        log.warning("%s: left out file(s) that are not readable DICOM: %s", where, ", ".join(spec["unreadable"]))
     array, affine = sitk_to_array(image, where)
     label = None
     if spec.get("label"):
@@ -1367,7 +1511,9 @@ def discover_png(path: str | os.PathLike, options: dict | None = None) -> Datase
     )
     for spec in cases:
         spec["channels"] = len(channels)
-    values = _scan_values((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases for m in c["masks"] if m)
+    values = _scan_values(
+        ((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases for m in c["masks"] if m), skip_unreadable=False
+    )
     return finalize_source(root.name, "png", channels, cases, root, values, None, options)
 
 
@@ -1535,6 +1681,8 @@ def load_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
         CaseError: the case cannot be read, or its label holds values outside ``allowed_labels``.
         ValueError: no reader for the spec's format.
     """
+    if spec.get("error"):
+        raise CaseError(spec["error"])
     loader = LOADERS.get(spec.get("format"))
     if loader is None:
         raise ValueError(f"case {spec.get('id')!r}: no reader for format {spec.get('format')!r}")
