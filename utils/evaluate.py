@@ -264,10 +264,15 @@ def run_cases(
 ) -> tuple[list[dict], list[dict]]:
     """Process every case (or take its cached ``cases/<id>.json`` when the settings and masks are unchanged).
 
-    A case that raises ``ValueError`` or ``OSError`` is logged and listed in the failures; the others go on.
+    A case that raises is logged and listed in the failures (its message names the file); the others go on. A record
+    is kept exactly as ``cases/<id>.json`` reads back, so a rerun that takes some cases from there writes the same
+    bytes as an uninterrupted run.
 
     Returns:
         ``(records, failures)``; a failure is ``{"id", "error"}``.
+
+    Raises:
+        fileio.OutputError: the results folder cannot be written (disk full, permissions): no later case could be.
     """
     records, failures = [], []
     for case_id in tqdm(case_ids, desc="cases", unit="case", dynamic_ncols=True, disable=not progress):
@@ -279,12 +284,14 @@ def run_cases(
             except ValueError:
                 cached = {}
             files = [*cached.get("masks", []), *(cached[k] for k in ("overlay", "gif") if cached.get(k))]
-            if cached.get("settings") == settings_key and all((output / f).is_file() for f in files):
+            if cached.get("settings") == fileio.as_json(settings_key) and all((output / f).is_file() for f in files):
                 records.append(cached)
                 continue
         try:
-            record = {**process(case_id), "settings": settings_key}
-        except (ValueError, OSError) as error:
+            record = fileio.as_json({**process(case_id), "settings": settings_key})
+        except fileio.OutputError:
+            raise
+        except Exception as error:  # readers, inference and writers raise many types; one case never stops the rest
             log.error("case %s failed: %s", case_id, error)
             failures.append({"id": case_id, "error": f"{type(error).__name__}: {error}"})
             continue
@@ -434,7 +441,7 @@ def evaluate(
     case_ids = dataset.split(split)
     if not case_ids:
         raise ValueError(f"{dataset.path / 'splits.json'}: split {split!r} is empty")
-    output = Path(output)
+    output = open_output(output)
     values = label_values(dataset.manifest)
     names = class_names(dataset.labels, values)
     decide_on = training_dataset(config, dataset) or dataset
@@ -464,6 +471,19 @@ def evaluate(
     settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
     plan = {**plan, "lcc_class_names": [dataset.labels[str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, f"{config['model']} on {split}")
+
+
+def open_output(output: str | os.PathLike) -> Path:
+    """Create the results folder, prove it writable and delete the temporary files a killed run left there.
+
+    Raises:
+        fileio.OutputError: the folder cannot be created or written.
+    """
+    folder = fileio.check_writable(output)
+    removed = fileio.remove_stale_temporaries(folder)
+    if removed:
+        log.info("%s: removed %d temporary file(s) of an interrupted run", folder, removed)
+    return Path(output)
 
 
 def finish_case(

@@ -155,6 +155,12 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return write_with(path, save, suffix=".npy")
 
 
+def as_json(data: Any) -> Any:
+    """``data`` as :func:`write_json` then :func:`read_json` give it back: numpy values as Python numbers, tuples as
+    lists, keys as strings. Results computed now and results read from a file then print the same."""
+    return json.loads(json.dumps(data, default=_json_default, allow_nan=True))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, with an error that names the file when it is missing or malformed.
 

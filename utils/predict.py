@@ -28,6 +28,7 @@ from utils.evaluate import (
     finish_case,
     label_values,
     load_run,
+    open_output,
     plan_key,
     resolve_plan,
     run_cases,
@@ -143,7 +144,7 @@ def predict_images(
             f"{input_path}: {len(source.channels)} channel(s) {list(source.channels.values())}, but the run was "
             f"trained on {config['num_channels']} {training.channel_names}"
         )
-    output = Path(output)
+    output = open_output(output)
     values = label_values(training.manifest)
     names = class_names(training.manifest["labels"], values)
     validation_set = training_dataset({"data": str(training.path)})

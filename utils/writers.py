@@ -14,8 +14,11 @@ grid; the writer of the source's kind (:data:`WRITERS`) adds a copy in the sourc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,7 @@ from utils import fileio, geometry
 
 log = logging.getLogger(__name__)
 SOFTWARE = ("keras-medseg", "0.1.0")
+_DATE_SOURCES = (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime"))
 
 
 def source_values(classes: np.ndarray, label_values: list[int] | None) -> np.ndarray:
@@ -147,7 +151,9 @@ def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike)
 
     Segment numbers are the classes ``1..K`` (source values mapped back through ``label_values``), named by the
     dataset's labels. Series whose files lack the UIDs a SEG must reference get no SEG (a warning says so);
-    ``masks/<id>.nii.gz`` holds the mask anyway.
+    ``masks/<id>.nii.gz`` holds the mask anyway. The same mask of the same series gives the same bytes: the SEG's
+    UIDs are derived from the source UIDs and the mask (:func:`_deterministic`), and its content date and time are
+    the source's (content, else series, else study date); only a series without any date gets the time of writing.
     """
     import pydicom
 
@@ -193,20 +199,63 @@ def _segmentation(sources: list, classes: np.ndarray, labels: dict, count: int):
         )
         for k in range(1, count + 1)
     ]
-    return hd.seg.Segmentation(
+    pixels = classes.astype(np.uint8 if count < 256 else np.uint16)
+    key = hashlib.sha256(
+        json.dumps([[str(s.get("SOPInstanceUID", "")) for s in sources], labels, list(pixels.shape)]).encode()
+        + pixels.tobytes()
+    ).hexdigest()
+    content_date, content_time = _source_date_time(sources[0])
+    seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=classes.astype(np.uint8 if count < 256 else np.uint16),
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=_derived_uid("series", key),
         series_number=900,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=_derived_uid("instance", key),
         instance_number=1,
         manufacturer=SOFTWARE[0],
         manufacturer_model_name=SOFTWARE[0],
         software_versions=SOFTWARE[1],
         device_serial_number="0",
+        content_date=content_date,
+        content_time=content_time,
     )
+    return _deterministic(seg, key)
+
+
+def _derived_uid(role: str, key: str) -> str:
+    """A DICOM UID that is the same for the same ``key`` and ``role`` and, like a random one, unique otherwise."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[SOFTWARE[0], role, key])
+
+
+def _source_date_time(source) -> tuple[str | None, str | None]:
+    """The source's content, else series, else study date and time (``None, None`` when it has no valid date)."""
+    for date_key, time_key in _DATE_SOURCES:
+        date = str(source.get(date_key) or "").strip()
+        if re.fullmatch(r"\d{8}", date):
+            time = str(source.get(time_key) or "").strip()
+            return date, time if re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", time) else "000000"
+    return None, None
+
+
+def _deterministic(seg, key: str):
+    """Replace what highdicom draws at random or from the clock: the dimension organisation UID, and the optional
+    (type 3) instance creation date and time and contribution date-time, which are left out."""
+    organisation = _derived_uid("dimensions", key)
+    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = organisation
+    for dataset, keyword in [
+        (seg, "InstanceCreationDate"),
+        (seg, "InstanceCreationTime"),
+        *((item, "ContributionDateTime") for item in seg.get("ContributingEquipmentSequence", [])),
+    ]:
+        if keyword in dataset:
+            delattr(dataset, keyword)
+    return seg
 
 
 WRITERS: dict[str, Callable[..., list[Path]]] = {
