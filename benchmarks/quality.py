@@ -2,8 +2,9 @@
 
 A seeded draw splits the 200 cases into 140 for training and validation and 60 held out. Ours is what a user types:
 ``data_gen.py`` on the 140 (its default split: 112 train, 28 val), ``train.py --model unet3d --time-limit M`` with
-every other setting at its default (the training recipe), then ``evaluation.py --input HELD_OUT`` (the raw held-out
-cases prepared with the run's settings, predicted, written back on their source grid and scored there). MONAI is the
+every other setting at its default (the training recipe), then ``evaluation.py --input HELD_OUT`` with its defaults
+(the raw held-out cases prepared with the run's settings, predicted with test-time mirroring, written back on their
+source grid and scored there); for the record also with ``--no-tta``. MONAI is the
 user's recipe of ``monai_quality.py`` on the same 112/28 cases and the same held-out 60. The two run one after the
 other, each with the whole machine. The figure is the mean over held-out cases of each case's mean dice over the
 two hippocampus classes.
@@ -62,12 +63,20 @@ def run_ours(minutes: float, workdir, log_dir, data, held_out_raw) -> dict:
         log_dir / "quality.ours_evaluation.log",
     )  # fmt: skip
     dice, per_class, cases = case_mean_dice(results / "metrics.csv")
+    plain = workdir / "results" / "quality_ours_no_tta"
+    shutil.rmtree(plain, ignore_errors=True)
+    run_script(
+        [sys.executable, "evaluation.py", "--run", str(run_dir), "--input", str(held_out_raw), "--output",
+         str(plain), "--metrics", "dice", "--pictures", "none", "--quiet", "--no-tta"],
+        log_dir / "quality.ours_evaluation_no_tta.log",
+    )  # fmt: skip
     config = json.loads((run_dir / "config.json").read_text())
     state = json.loads((run_dir / "state.json").read_text())
     return {
         "heldout_dice": round(dice, 4),
         "heldout_per_class": {k: round(v, 4) for k, v in per_class.items()},
         "heldout_cases": cases,
+        "heldout_dice_no_tta": round(case_mean_dice(plain / "metrics.csv")[0], 4),
         "summary_foreground_mean": json.loads((results / "summary.json").read_text())["foreground_mean"]["dice"],
         "best_val_dice": round(float(state["best"]), 4),
         "best_epoch": int(state["best_epoch"]) + 1,

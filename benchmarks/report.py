@@ -120,6 +120,9 @@ def quality(result: dict) -> str:
             [side, f"{f['heldout_dice']:.4f}", per_class, f"{f['best_val_dice']:.4f}", f["epochs"], f["steps"],
              f["train_seconds"], "x".join(map(str, f["patch"])), loads(f["loadavg"])]
         )  # fmt: skip
+    if "heldout_dice_no_tta" in result["ours"]:
+        no_tta = result["ours"]["heldout_dice_no_tta"]
+        rows.append(["ours, `--no-tta`", f"{no_tta:.4f}", "", "", "", "", "", "", ""])
     rows.append(["**ratio** ours / MONAI", f"**{result['ratio']:.3f}**", "", "", "", "", "", "", ""])
     header = ["side", "held-out dice", "per class (1, 2)", "best val dice", "epochs", "steps", "train s", "patch",
               "load avg"]  # fmt: skip
