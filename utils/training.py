@@ -40,6 +40,7 @@ from utils.losses import LOSSES, deep_supervision_compile_args, get_loss
 from utils.metrics import MeanForegroundDice, compute_case_metrics
 from utils.plots import plot_curves
 from utils.sampling import PatchSampler, StackSampler
+from utils.workers import guarded
 
 log = logging.getLogger(__name__)
 
@@ -656,15 +657,16 @@ def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, dist
     limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
     if state["epoch"] < config["epochs"] and not (limit and clock() >= limit) and not _stopped_early(state, config):
         distribution.prepare_fit(model, sampler)
-        model.fit(
-            distribution.input_for_fit(sampler, config["workers"]),
-            epochs=config["epochs"],
-            steps_per_epoch=config["steps_per_epoch"],
-            initial_epoch=int(state["epoch"]),
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=2 if os.environ.get("CI") else "auto",
-        )
+        with guarded(distribution.input_for_fit(sampler, config["workers"])) as data:
+            model.fit(
+                data,
+                epochs=config["epochs"],
+                steps_per_epoch=config["steps_per_epoch"],
+                initial_epoch=int(state["epoch"]),
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=2 if os.environ.get("CI") else "auto",
+            )
     config["best_val_dice"] = recorder.best
     config["epochs_done"] = int(recorder.state["epoch"])
     return config
