@@ -14,12 +14,13 @@ probabilities:
 
 Ours is these transforms set explicitly through ``augmentation_settings`` (the config file's ``augmentation:``
 section), whatever the presets hold: :class:`utils.sampling.PatchSampler`, iterated by Keras's own ``PyDataset``
-machinery (the adapter ``fit`` uses), ``workers`` processes. MONAI: ``CacheDataset`` (load, channel first, pad to the
-patch, foreground/background indices: cached once) + the random transforms + ``DataLoader`` with the same number of
-worker processes. Both return label maps, ours ``(4, 40, 56, 40)`` uint8 and MONAI's ``(4, 1, 40, 56, 40)`` (the
-losses one-hot encode them). The side ``ours_one_hot_before_fix`` is the sampler as it was before this benchmark
-showed the cost of float32 one-hot targets ``(4, 40, 56, 40, 3)``. Set-up (caching, worker start) is not timed; each
-repetition times ``batches`` batches.
+machinery (the adapter ``fit`` uses), with ``workers`` worker threads, the default of ``train.py --workers`` (process
+workers are an extra side). MONAI: ``CacheDataset`` (load, channel first, pad to the patch, foreground/background
+indices: cached once) + the random transforms + ``DataLoader`` with the same number of worker processes. Both return
+label maps, ours ``(4, 40, 56, 40)`` uint8 and MONAI's ``(4, 1, 40, 56, 40)`` (the losses one-hot encode them). The
+side ``ours_one_hot_before_fix`` is the sampler as it was before this benchmark showed the cost of float32 one-hot
+targets ``(4, 40, 56, 40, 3)``. Set-up (caching, worker start) is not timed; each repetition times ``batches``
+batches.
 """
 
 from __future__ import annotations
@@ -203,23 +204,24 @@ WORKERS = {"ours": Ours, "monai": Monai}
 
 
 def run(quick: bool, log_dir, data: str) -> dict:
-    """Batches per second with 2 worker processes each (and, in a full run, in the main process); the ratio is ours vs
-    MONAI with 2 workers. Extra sides: ours before the fix (float32 one-hot targets), ours with thread workers
-    (``train.py --worker-mode thread``) and, in a full run, ours with the ``default`` preset (mirroring only) and an
-    upper bound without any transport of the batches."""
+    """Batches per second with 2 workers each (and, in a full run, in the main process); the ratio is ours vs MONAI
+    with 2 workers, each in its own default kind: threads for ``train.py --workers 2`` (its ``--worker-mode``
+    default), processes for MONAI's ``DataLoader(num_workers=2)``. Extra sides: ours with process workers, ours
+    before the fix (float32 one-hot targets, process workers) and, in a full run, ours with the ``default`` preset
+    (mirroring only) and an upper bound of process workers without any transport of the batches."""
     reps, batches = (3, 20) if quick else (7, 40)
     results = {}
     for count in (2,) if quick else (2, 0):
         common = {"data": data, "workers": count, "batches": batches}
         sides = {
-            "ours": ("ours", common, None),
+            "ours": ("ours", {**common, "mode": "thread"}, None),
             "monai": ("monai", common, None),
             "ours_one_hot_before_fix": ("ours", {**common, "targets": "onehot"}, None),
         }
         if count > 0:
-            sides["ours_thread_workers"] = ("ours", {**common, "mode": "thread"}, None)
+            sides["ours_process_workers"] = ("ours", {**common, "mode": "process"}, None)
         if not quick:
-            sides["ours_default_preset"] = ("ours", {**common, "preset": "default"}, None)
+            sides["ours_default_preset"] = ("ours", {**common, "preset": "default", "mode": "thread"}, None)
         if not quick and count > 0:
             sides["ours_upper_bound_no_transport"] = ("ours", {**common, "targets": "none"}, None)
         raw = interleave("data_pipeline", sides, reps, log_dir)
