@@ -140,6 +140,10 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for damaged files
+        if "Cannot work out file type" in str(error):
+            raise CaseError(
+                f"{path}: cannot read NIfTI file (its header is not a NIfTI-1 or NIfTI-2 header)"
+            ) from error
         raise CaseError(f"{path}: cannot read NIfTI file ({type(error).__name__}: {error})") from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -220,7 +224,7 @@ def as_label_map(label: np.ndarray, path: str | os.PathLike, allowed: set[int] |
             raise CaseError(f"{path}: label holds NaN or Inf values")
         rounded = np.rint(label)
         if not np.array_equal(rounded, label):
-            raise CaseError(f"{path}: label holds non-integer values (e.g. {label[rounded != label].flat[0]!r})")
+            raise CaseError(f"{path}: label holds non-integer values (e.g. {float(label[rounded != label].flat[0]):g})")
         label = rounded
     values = np.unique(label)
     if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int16).max):
