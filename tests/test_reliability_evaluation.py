@@ -2,13 +2,16 @@
 while writing the results), each rerun of the same command resumes, no file under a final name is ever half-written,
 no temporary is left at the end, and the results are byte-identical to an uninterrupted run's (masks, cases/,
 metrics.csv, summary.json, pictures, report.html). A full disk or an unwritable folder stops it with a clear error
-and keeps the finished cases; masks in every source format (NRRD, HDF5, DICOM-SEG) are written byte-identically."""
+and keeps the finished cases; a rerun redoes the cases whose input files or model changed; masks in every source
+format (NRRD, HDF5, DICOM-SEG) are written byte-identically."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import nibabel
@@ -151,3 +154,32 @@ def test_masks_in_every_source_format_are_written_byte_identically(tmp_path, sou
     entry, values = entry_and_values(readers.discover(SHARED_DATA / source, "auto", options))
     first, second = written_twice(entry, values, tmp_path)
     assert len(first) == 2 and first == second  # masks/<id>.nii.gz and the source format's copy
+
+
+def test_a_rerun_redoes_the_cases_whose_input_or_model_changed(synthetic, tmp_path):  # noqa: F811
+    _, dataset, template = synthetic
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text((template / "config.json").read_text())
+    (run / "model.keras").write_bytes(b"first model")  # only its stamp matters: predict stands in for it
+    options = Options(pictures="none", metrics=["dice"], progress=False)
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return label_reader(batch)
+
+    evaluate(run, dataset, tmp_path / "out", split="all", options=options, predict=counting)
+    evaluate(run, dataset, tmp_path / "out", split="all", options=options, predict=counting)
+    first = len(calls)
+    assert first > 0 and len(calls) == first  # the rerun reused every case
+    case = json.loads((dataset / "manifest.json").read_text())["cases"][0]
+    source = Path(case["source"]["image"][0])
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # the source was replaced
+    calls.clear()
+    evaluate(run, dataset, tmp_path / "out", split="all", options=options, predict=counting)
+    assert 0 < len(calls) < first  # that case alone was predicted again
+    (run / "model.keras").write_bytes(b"a retrained model")
+    calls.clear()
+    evaluate(run, dataset, tmp_path / "out", split="all", options=options, predict=counting)
+    assert len(calls) == first  # a new model redoes every case

@@ -23,7 +23,9 @@ out of means and counted in ``summary.json`` as ``n_empty``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -260,9 +262,15 @@ def describe(record: dict, names: Mapping[str, str]) -> str:
 
 
 def run_cases(
-    case_ids: Sequence[str], process: Callable[[str], dict], output: Path, settings_key: dict, progress: bool = True
+    case_ids: Sequence[str],
+    process: Callable[[str], dict],
+    output: Path,
+    settings_key: dict,
+    progress: bool = True,
+    inputs: Callable[[str], str] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Process every case (or take its cached ``cases/<id>.json`` when the settings and masks are unchanged).
+    """Process every case (or take its cached ``cases/<id>.json`` when the settings, the case's input files
+    (``inputs(case_id)``, e.g. :func:`file_stamps`) and its written files are unchanged).
 
     A case that raises is logged and listed in the failures (its message names the file); the others go on. A record
     is kept exactly as ``cases/<id>.json`` reads back, so a rerun that takes some cases from there writes the same
@@ -284,11 +292,19 @@ def run_cases(
             except ValueError:
                 cached = {}
             files = [*cached.get("masks", []), *(cached[k] for k in ("overlay", "gif") if cached.get(k))]
-            if cached.get("settings") == fileio.as_json(settings_key) and all((output / f).is_file() for f in files):
+            stamps = fileio.as_json(inputs(case_id)) if inputs is not None else None
+            if (
+                cached.get("settings") == fileio.as_json(settings_key)
+                and cached.get("inputs") == stamps
+                and all((output / f).is_file() for f in files)
+            ):
                 records.append(cached)
                 continue
         try:
-            record = fileio.as_json({**process(case_id), "settings": settings_key})
+            record = {**process(case_id), "settings": settings_key}
+            if inputs is not None:
+                record["inputs"] = inputs(case_id)
+            record = fileio.as_json(record)
         except fileio.OutputError:
             raise
         except Exception as error:  # readers, inference and writers raise many types; one case never stops the rest
@@ -345,15 +361,33 @@ def resolve_plan(
     return plan
 
 
-def plan_key(options: Options, run_dir: str | os.PathLike, data: str | os.PathLike) -> dict:
-    """What a stored ``auto`` decision depends on: the model file, validation data and the inference settings."""
+def file_stamps(paths: Iterable[str | os.PathLike | None]) -> str:
+    """A digest of the path, size and modification time of each file (a missing file counts as such): a changed,
+    replaced or repaired file changes it, so results computed from the old file are not reused."""
+    stamps = []
+    for path in paths:
+        if path:
+            try:
+                stat = os.stat(path)
+                stamps.append([str(path), stat.st_size, int(stat.st_mtime_ns)])
+            except OSError:
+                stamps.append([str(path), None])
+    return hashlib.sha1(json.dumps(stamps).encode()).hexdigest()
+
+
+def model_stamp(run_dir: str | os.PathLike) -> list | None:
+    """``[name, size, modification time in ns]`` of the run's model file, ``None`` without one."""
     try:
         path = model_path(run_dir)
-        model = [path.name, path.stat().st_size, int(path.stat().st_mtime_ns)]
     except FileNotFoundError:
-        model = None
+        return None
+    return [path.name, path.stat().st_size, int(path.stat().st_mtime_ns)]
+
+
+def plan_key(options: Options, run_dir: str | os.PathLike, data: str | os.PathLike) -> dict:
+    """What a stored ``auto`` decision depends on: the model file, validation data and the inference settings."""
     return {
-        "model": model,
+        "model": model_stamp(run_dir),
         "data": str(Path(data).resolve()),
         "overlap": options.overlap,
         "blend": options.blend,
@@ -454,10 +488,16 @@ def evaluate(
     )
     settings_key = {
         "run": str(Path(run_dir).resolve()),
+        "model_file": model_stamp(run_dir),
         "data": str(dataset.path.resolve()),
         **options.key(),
         "plan": plan,
     }
+
+    def inputs(case_id: str) -> str:
+        case = dataset.cases[case_id]
+        prepared = [dataset.path / case[k] for k in ("image", "label") if case.get(k)]
+        return file_stamps([*prepared, *case["source"].get("image", []), case["source"].get("label")])
 
     def process(case_id: str) -> dict:
         case = dataset.cases[case_id]
@@ -467,7 +507,7 @@ def evaluate(
         truth = source.label if case["source"].get("label") else None
         return finish_case(output, case, classes, truth, source.image, source.affine, values, names, options)
 
-    records, failures = run_cases(case_ids, process, output, settings_key, options.progress)
+    records, failures = run_cases(case_ids, process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
     plan = {**plan, "lcc_class_names": [dataset.labels[str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, f"{config['model']} on {split}")

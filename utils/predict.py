@@ -25,9 +25,11 @@ from utils.evaluate import (
     Options,
     Predictor,
     class_names,
+    file_stamps,
     finish_case,
     label_values,
     load_run,
+    model_stamp,
     open_output,
     plan_key,
     resolve_plan,
@@ -158,6 +160,7 @@ def predict_images(
     specs = {spec["id"]: spec for spec in source.cases}
     settings_key = {
         "run": str(Path(run_dir).resolve()),
+        "model_file": model_stamp(run_dir),
         "input": str(Path(input_path).resolve()),
         "format": source.format,
         "training_data": str(training.path.resolve()),
@@ -179,7 +182,11 @@ def predict_images(
         entry = {"id": case_id, "geometry": record, "writer": writer}
         return finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
 
-    records, failures = run_cases(list(specs), process, output, settings_key, options.progress)
+    def inputs(case_id: str) -> str:
+        spec = specs[case_id]
+        return file_stamps([*spec.get("image", []), spec.get("label"), *spec.get("masks", [])])
+
+    records, failures = run_cases(list(specs), process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "model": config["model"], "patch_size": config["patch_size"]}
     title = f"{config['model']} on {Path(input_path).name}"
     plan = {**plan, "lcc_class_names": [training.manifest["labels"][str(k)] for k in plan["lcc_classes"]]}
