@@ -15,10 +15,10 @@ batch (thread workers in the shared object, process workers through a pipe) and 
 :class:`PoolWatchdog` thread also looks at the pools' worker processes every 0.05 s; when one has ended with a
 non-zero status it fails every batch still awaited, so the enqueuer wakes up and ``fit`` raises, and the pools are
 then abandoned without ``Pool.terminate()``, which would wait for ever for a queue lock that a dead idle worker held
-(there and at interpreter exit). :func:`guarded`
-then turns whatever error leaves ``fit`` into a :class:`DataLoaderError` that names the cause, e.g. ``a data-loader
-worker process (pid 4242) died (killed by signal 9, SIGKILL; out of memory?)``. Checkpoints are written at epoch
-ends only, so the last complete epoch stays in ``last.keras`` for ``--resume``.
+(there and at interpreter exit). :func:`guarded` then turns whatever error leaves ``fit`` into a
+:class:`DataLoaderError` that names the cause, e.g. ``a data-loader worker process (pid 4242) died (killed by signal 9,
+SIGKILL; out of memory?)``. Checkpoints are written at epoch ends only, so the last complete epoch stays in
+``last.keras`` for ``--resume``.
 
 The watchdog reads two private attributes of Keras and the standard library (Keras's ``_DATA_POOLS`` and the pool's
 ``_pool`` / ``_cache``); if a later version drops them it watches nothing and training behaves as before.
@@ -137,6 +137,7 @@ class PoolWatchdog:
         self.failure: str | None = None
         self._workers: dict[int, tuple] = {}  # pid -> (process, weak reference to its pool)
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> pids of its workers so far
+        self._replaced_checks = 0  # consecutive checks that found a replaced worker without seeing its exit
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="data-loader-watchdog", daemon=True)
 
@@ -182,7 +183,8 @@ class PoolWatchdog:
             if code == 0 or pool is None or (code == -signal.SIGTERM and getattr(pool, "_state", RUN) != RUN):
                 continue  # a normal end, or the pool's own shutdown
             self.failure = self.failure or f"a data-loader worker process (pid {pid}) died ({describe_exit(code)})"
-        if replaced and self.failure is None:
+        self._replaced_checks = self._replaced_checks + 1 if replaced and self.failure is None else 0
+        if self._replaced_checks > 1:  # one more look first: the dead worker's exit status may come in late
             self.failure = "a data-loader worker process died (its exit status was not seen; out of memory?)"
         if self.failure is not None:
             for pool in pools:
