@@ -150,7 +150,10 @@ def test_time_mirroring(args: argparse.Namespace) -> bool | list[int]:
     config = Path(args.run) / "config.json"
     if args.tta is not None or not config.is_file():  # a missing run is reported when it is loaded
         return bool(args.tta)
-    return mirrored_axes(fileio.read_json(config))
+    try:
+        return mirrored_axes(fileio.read_json(config))
+    except (KeyError, TypeError, ValueError):  # a damaged run folder: loading it names the problem
+        return False
 
 
 def options_from_args(args: argparse.Namespace):

@@ -495,3 +495,17 @@ def test_two_series_mixed_in_one_folder_become_two_cases(tmp_path):
     assert data_gen.main(["--input", str(folder), "--output", str(output), "--window-preset", "liver"]) == 0
     cases = json.loads((output / "manifest.json").read_text())["cases"]
     assert len(cases) == 2 and all(len(c["source"]["image"]) == 3 for c in cases)
+
+
+def _die_on_job_two(job: int) -> int:
+    if job == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job * 10
+
+
+def test_a_data_gen_worker_that_dies_is_reported_not_a_traceback():
+    from utils.dataset import _run_parallel
+
+    assert _run_parallel(_die_on_job_two, [(0,), (1,), (3,)], 2, "prepare") == [0, 10, 30]
+    with pytest.raises(ChildProcessError, match=r"worker process died in the prepare pass .* rerun the same command"):
+        _run_parallel(_die_on_job_two, [(i,) for i in range(5)], 2, "prepare")

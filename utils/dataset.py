@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,18 @@ def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descr
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(function, *job): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+            except BrokenProcessPool as error:
+                bar.close()
+                raise ChildProcessError(
+                    f"a data_gen.py worker process died in the {description} pass (killed by the system, perhaps out "
+                    f"of memory) with {sum(r is None for r in results)} of {len(jobs)} cases unfinished; the cases "
+                    "finished so far are kept: rerun the same command to continue (with fewer --workers if memory is "
+                    "short)"
+                ) from error
     bar.close()
     return results
 
