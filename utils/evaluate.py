@@ -59,7 +59,9 @@ class Options:
     """Inference, post-processing, scoring and picture settings of one evaluation (the flags of evaluation.py).
 
     Attributes:
-        overlap, blend, tta: sliding-window settings (:func:`utils.inference.predict_volume`).
+        overlap, blend, tta: sliding-window settings (:func:`utils.inference.predict_volume`); ``tta`` is ``True``
+            (mirror every axis), ``False``, or the spatial axes to mirror (evaluation.py's default: the axes the
+            run's training mirrored).
         batch_size: windows per model call; ``None`` takes the run's training batch size.
         postprocess: ``none``, ``lcc`` (largest component of every class) or ``auto`` (per class, decided on the
             validation split and stored in the run folder's ``postprocessing.json``).
@@ -74,7 +76,7 @@ class Options:
 
     overlap: float = 0.5
     blend: str = "gaussian"
-    tta: bool = False
+    tta: bool | list[int] = False
     batch_size: int | None = None
     postprocess: str = "none"
     min_size: str | None = None
