@@ -26,6 +26,18 @@ def _volumes(paths: list[str]) -> list[np.ndarray]:
     return [np.load(p) for p in paths]
 
 
+def _time_volumes(predict, volumes: list[np.ndarray]) -> dict:
+    """Seconds of ``predict`` on each volume (checking the output shape); their mean is the figure."""
+    seconds = []
+    for image in volumes:
+        start = time.perf_counter()
+        out = predict(image)
+        seconds.append(time.perf_counter() - start)
+        if out.shape != (*image.shape[:3], NUM_CLASSES):
+            raise RuntimeError(f"unexpected output shape {out.shape}")
+    return {"seconds_per_volume": float(np.mean(seconds)), "seconds": seconds}
+
+
 def _warm_up_part(image: np.ndarray) -> np.ndarray:
     """The corner of ``image`` covered by at most two windows per axis: every small volume whole, a large one in
     part (enough to trace the batch sizes a large volume uses)."""
@@ -69,14 +81,7 @@ class Ours:
         )  # fmt: skip
 
     def run(self) -> dict:
-        seconds = []
-        for image in self.volumes:
-            start = time.perf_counter()
-            out = self.predict(image)
-            seconds.append(time.perf_counter() - start)
-            if out.shape != (*image.shape[:3], NUM_CLASSES):
-                raise RuntimeError(f"unexpected output shape {out.shape}")
-        return {"seconds_per_volume": float(np.mean(seconds)), "seconds": seconds}
+        return _time_volumes(self.predict, self.volumes)
 
 
 class Monai:
@@ -114,14 +119,7 @@ class Monai:
             return np.moveaxis(out[0].numpy(), 0, -1)
 
     def run(self) -> dict:
-        seconds = []
-        for image in self.volumes:
-            start = time.perf_counter()
-            out = self.predict(image)
-            seconds.append(time.perf_counter() - start)
-            if out.shape != (*image.shape[:3], NUM_CLASSES):
-                raise RuntimeError(f"unexpected output shape {out.shape}")
-        return {"seconds_per_volume": float(np.mean(seconds)), "seconds": seconds}
+        return _time_volumes(self.predict, self.volumes)
 
 
 WORKERS = {"ours": Ours, "monai": Monai}
