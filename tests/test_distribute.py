@@ -3,6 +3,7 @@ MultiWorkerMirroredStrategy run on loopback, each in subprocesses (the devices o
 TensorFlow starts); the strategy object's bookkeeping."""
 
 import csv
+import importlib.util
 import json
 import os
 import socket
@@ -115,3 +116,21 @@ def test_multiworker_strategy_trains_with_two_processes_on_loopback(prepared_sam
     history = history_of(run)
     assert [int(row["epoch"]) for row in history] == [0, 1]
     assert all(np.isfinite(float(row["loss"])) for row in history)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_data_parallel_trains_over_two_cpu_devices(prepared_sample, tmp_path):
+    """Under KERAS_BACKEND=jax, --strategy mirrored is keras.distribution.DataParallel over the local devices (two CPU
+    devices forced through XLA_FLAGS)."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--data", str(prepared_sample), "--output", str(run),
+               "--strategy", "mirrored", "--epochs", "2", *TINY]  # fmt: skip
+    env = environment(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["backend"] == "jax"
+    assert config["replicas"] == 2 and config["batch_size"] == 2 and config["global_batch_size"] == 4
+    history = history_of(run)
+    assert len(history) == 2 and all(np.isfinite(float(row["loss"])) for row in history)
+    assert 0 <= float(history[-1]["val_dice"]) <= 1
