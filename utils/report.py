@@ -60,8 +60,9 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; vertic
 th { background: #f0f0f0; } td.text, th.text { text-align: left; }
 th[data-sort] { cursor: pointer; } th[data-sort]:hover { background: #e0e8f0; }
 th[data-order="asc"]::after { content: " \\25B2"; } th[data-order="desc"]::after { content: " \\25BC"; }
-td.overlay img { max-width: min(560px, 40vw); display: block; cursor: zoom-in; }  /* fits beside the metrics */
-td.overlay img.large { max-width: none; cursor: zoom-out; }
+#cases { width: 100%; } td.overlay { width: 45%; }  /* the overlay shrinks to fit beside the metrics */
+td.overlay img { width: 100%; max-width: 560px; height: auto; display: block; cursor: zoom-in; }
+td.overlay img.large { width: auto; max-width: none; cursor: zoom-out; }
 .meta { color: #555; font-size: 0.9em; } .low { background: #fde0dc; } code { font-size: 0.95em; }
 """
 
