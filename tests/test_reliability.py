@@ -509,3 +509,16 @@ def test_a_data_gen_worker_that_dies_is_reported_not_a_traceback():
     assert _run_parallel(_die_on_job_two, [(0,), (1,), (3,)], 2, "prepare") == [0, 10, 30]
     with pytest.raises(ChildProcessError, match=r"worker process died in the prepare pass .* rerun the same command"):
         _run_parallel(_die_on_job_two, [(i,) for i in range(5)], 2, "prepare")
+
+
+def test_a_case_that_fails_leaves_the_other_cases_in_their_splits(tmp_path, capsys):
+    root = make_msd(tmp_path / "raw", cases=10)
+    fractions = ["--split", "0.6", "0.2", "0.2"]
+    assert data_gen.main(["--input", str(root), "--output", str(tmp_path / "whole"), *fractions]) == 0
+    damage_garbage(root)
+    assert data_gen.main(["--input", str(root), "--output", str(tmp_path / "damaged"), *fractions]) == 1
+    whole = json.loads((tmp_path / "whole" / "splits.json").read_text())
+    damaged = json.loads((tmp_path / "damaged" / "splits.json").read_text())
+    lost = json.loads((root / "dataset.json").read_text())["training"][0]["image"].split("/")[-1].split(".")[0]
+    assert lost in sum(whole.values(), []) and lost not in sum(damaged.values(), [])
+    assert damaged == {k: [c for c in v if c != lost] for k, v in whole.items()}

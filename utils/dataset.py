@@ -266,7 +266,10 @@ def prepare_dataset(
         else:
             failures.append(CaseFailure(spec["id"], value))
 
-    splits = make_splits(entries, split, seed)
+    # The split is drawn over every case found, then the cases that failed are left out: a case that becomes
+    # unreadable (or readable again) never moves the others between train, val and test.
+    prepared = {e["id"] for e in entries}
+    splits = {k: [c for c in v if c in prepared] for k, v in make_splits(source.cases, split, seed).items()}
     manifest = {
         "version": MANIFEST_VERSION,
         "name": source.name,
