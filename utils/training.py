@@ -657,13 +657,13 @@ def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, dist
     limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
     if state["epoch"] < config["epochs"] and not (limit and clock() >= limit) and not _stopped_early(state, config):
         distribution.prepare_fit(model, sampler)
-        with guarded(distribution.input_for_fit(sampler, config["workers"])) as data:
+        with guarded(distribution.input_for_fit(sampler, config["workers"])) as (data, watch):
             model.fit(
                 data,
                 epochs=config["epochs"],
                 steps_per_epoch=config["steps_per_epoch"],
                 initial_epoch=int(state["epoch"]),
-                callbacks=callbacks,
+                callbacks=[*callbacks, *watch],
                 shuffle=False,
                 verbose=2 if os.environ.get("CI") else "auto",
             )

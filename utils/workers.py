@@ -13,7 +13,8 @@
 :func:`guarded` wraps the sampler in a :class:`GuardedLoader`, which records an exception raised while building a
 batch (thread workers in the shared object, process workers through a pipe) and re-raises it. For process workers a
 :class:`PoolWatchdog` thread also looks at the pools' worker processes every 0.05 s; when one has ended with a
-non-zero status it fails every batch still awaited, so the enqueuer wakes up and ``fit`` raises, and the pools are
+non-zero status it fails every batch still awaited, so the enqueuer wakes up and ``fit`` raises (a callback also
+stops ``fit`` at the next step when the dead worker held no batch and was replaced), and the pools are
 then abandoned without ``Pool.terminate()``, which would wait for ever for a queue lock that a dead idle worker held
 (there and at interpreter exit). :func:`guarded` then turns whatever error leaves ``fit`` into a
 :class:`DataLoaderError` that names the cause, e.g. ``a data-loader worker process (pid 4242) died (killed by signal 9,
@@ -216,24 +217,40 @@ def _fail_pending(pool, message: str) -> None:
                 result._set(0, (False, DataLoaderError(message)))
 
 
+class _StopOnDeadWorker(keras.callbacks.Callback):
+    """Ends ``fit`` at the next step once the watchdog saw a worker die, even when no batch was lost (an idle worker
+    killed and replaced): the memory pressure that killed it is still there, so stopping with the cause is what
+    nnU-Net users know ("background workers are no longer alive") and what lets them act."""
+
+    def __init__(self, watchdog: PoolWatchdog | None):
+        super().__init__()
+        self.watchdog = watchdog
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.watchdog is not None and self.watchdog.failure is not None:
+            raise DataLoaderError(self.watchdog.failure)
+
+
 @contextlib.contextmanager
-def guarded(data) -> Iterator:
-    """Yield what to give ``fit`` in place of ``data``, and name the cause when a data-loader worker fails.
+def guarded(data) -> Iterator[tuple[object, list]]:
+    """Yield ``(input, callbacks)`` to give ``fit`` in place of ``data``, and name the cause when a data-loader worker
+    fails.
 
     Args:
         data: the training input; a :class:`keras.utils.PyDataset` is wrapped in a :class:`GuardedLoader` (and its
-            process pools watched), anything else (a ``tf.data`` pipeline) is yielded unchanged.
+            process pools watched, with a callback that stops ``fit`` after a death), anything else (a ``tf.data``
+            pipeline) is yielded unchanged with no callback.
 
     Raises:
         DataLoaderError: ``fit`` raised because a worker died or raised; the message names the worker and the cause.
     """
     if not isinstance(data, keras.utils.PyDataset):
-        yield data
+        yield data, []
         return
     loader = GuardedLoader(data)
     watchdog = PoolWatchdog().start() if loader.use_multiprocessing else None
     try:
-        yield loader
+        yield loader, ([_StopOnDeadWorker(watchdog)] if watchdog is not None else [])
     except Exception as error:
         died = watchdog.failure if watchdog is not None else None
         cause = died or loader.failure()
