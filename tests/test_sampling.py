@@ -186,7 +186,7 @@ def test_bad_arguments_are_refused():
         sampler_for((8, 8, 8), foreground_ratio=1.5)
 
 
-def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_sample, monkeypatch):
+def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_sample):
     import pickle
 
     from utils import dataset as dataset_module
@@ -195,7 +195,7 @@ def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_samp
     first, second, third = data.split("train")[:3]
     image = data.image(first)
     assert isinstance(image, np.memmap) and data.image(first) is image  # the open map is reused
-    monkeypatch.setattr(dataset_module, "_open_maps_limit", lambda: 2)
+    data._max_maps = 2
     data.label(first)  # most recent: image(first) is now the oldest of three, and is closed
     data.image(second)
     assert list(data._maps) == [data.cases[first]["label"], data.cases[second]["image"]]

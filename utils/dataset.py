@@ -323,6 +323,7 @@ class PreparedDataset:
     def __init__(self, path: str | os.PathLike):
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._max_maps = _open_maps_limit()
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: prepared dataset folder not found (run data_gen.py first)")
@@ -368,14 +369,14 @@ class PreparedDataset:
             array = fileio.load_npy(fileio.inside(self.path, relative))
         with self._lock:
             self._maps[relative] = array
-            while len(self._maps) > _open_maps_limit():
+            while len(self._maps) > self._max_maps:
                 self._maps.popitem(last=False)
         return array
 
     def __getstate__(self) -> dict:
         """Pickled for worker processes without the open maps and the lock (each worker opens its own)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock", "_max_maps")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._maps, self._lock = OrderedDict(), threading.Lock()
+        self._maps, self._lock, self._max_maps = OrderedDict(), threading.Lock(), _open_maps_limit()

@@ -173,7 +173,7 @@ def model_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     """``batch -> probabilities`` for a Keras model (first output of deep-supervision models), as float32 numpy.
 
     Batches go through ``model.predict_on_batch``, Keras's compiled predict function (traced once per batch size,
-    so at most ``batch_size`` traces per run): 1.5 times faster than calling the model eagerly on a CPU
+    so at most ``batch_size`` traces per run): 1.4 to 1.9 times faster than calling the model eagerly on a CPU
     (benchmarks/RESULTS.md). A model built under a ``tf.distribute`` strategy or a Keras distribution is called
     eagerly, since their compiled step would split the batch over devices.
     """
