@@ -17,17 +17,10 @@ import logging
 import sys
 
 from utils.cli import add_reader_flags, label_map_option, reader_options
-from utils.dataset import PreparationError, prepare_dataset
-from utils.exports import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, ExportSettings
-from utils.preprocessing import (
-    CROPS,
-    EQUALIZATIONS,
-    INTERPOLATIONS,
-    NORMALIZATIONS,
-    WINDOW_PRESETS,
-    PreprocessSettings,
-)
-from utils.readers import discover
+from utils.formats import discover
+from utils.prepare.dataset import PreparationError, prepare_dataset
+from utils.prepare.exports import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, ExportSettings
+from utils.preprocessing import CROPS, EQUALIZATIONS, INTERPOLATIONS, NORMALIZATIONS, WINDOW_PRESETS, PreprocessSettings
 
 
 def build_parser() -> argparse.ArgumentParser:

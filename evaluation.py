@@ -145,7 +145,7 @@ def parse_regions(text: str | None) -> dict:
 def test_time_mirroring(args: argparse.Namespace) -> bool | list[int]:
     """``--tta`` / ``--no-tta``, or by default the axes the run mirrored in training (its ``config.json``)."""
     from utils import fileio
-    from utils.augment import mirrored_axes
+    from utils.train.augment import mirrored_axes
 
     config = Path(args.run) / "config.json"
     if args.tta is not None or not config.is_file():  # a missing run is reported when it is loaded
@@ -157,8 +157,8 @@ def test_time_mirroring(args: argparse.Namespace) -> bool | list[int]:
 
 
 def options_from_args(args: argparse.Namespace):
-    """The :class:`utils.evaluate.Options` of the flags (raises ValueError on bad values)."""
-    from utils.evaluate import Options
+    """The :class:`utils.evaluate.pipeline.Options` of the flags (raises ValueError on bad values)."""
+    from utils.evaluate.options import Options
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -189,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = options_from_args(args)
         if args.input:
-            from utils.predict import predict_images
+            from utils.evaluate.predict import predict_images
 
             summary = predict_images(
                 args.run, args.input, args.output, args.format, reader_options(args), args.data, options
             )
         else:
-            from utils.evaluate import evaluate
+            from utils.evaluate.pipeline import evaluate
 
             summary = evaluate(args.run, args.data, args.output, split=args.split, options=options)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_config_file(args.config) if args.config else {}
         if args.config:
-            from utils.training import check_settings
+            from utils.train.config import check_settings
 
             try:
                 check_settings(settings)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("data", "output"):
             if not settings.get(key):
                 raise ValueError(f"--{key} is required (as a flag or in the config file)")
-        from utils.training import train
+        from utils.train.loop import train
 
         config = train(settings)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -4,7 +4,7 @@ Both read the volumes ``data_gen.py`` wrote (``volumes/<id>_image.npy``, ``_labe
 of 40x56x40, each from a random case, one in three centred on foreground, and apply the same transforms with the same
 probabilities:
 
-| ours (``utils.augment``) | MONAI |
+| ours (``utils.train.augment``) | MONAI |
 |---|---|
 | foreground oversampling, ``foreground_ratio`` 1/3 | ``RandCropByPosNegLabeld(pos=1, neg=2)`` |
 | ``rotation`` p 0.1, +-15 deg/axis; ``scale`` p 0.1, 0.85-1.25 | ``RandAffined`` p 0.19 (1-0.9^2), +-15 deg, 1+-0.2 |
@@ -13,7 +13,7 @@ probabilities:
 | ``flip`` p 0.5 on each axis | ``RandFlipd`` p 0.5 on each axis |
 
 Ours is these transforms set explicitly through ``augmentation_settings`` (the config file's ``augmentation:``
-section), whatever the presets hold: :class:`utils.sampling.PatchSampler`, iterated by Keras's own ``PyDataset``
+section), whatever the presets hold: :class:`utils.train.sampling.PatchSampler`, iterated by Keras's own ``PyDataset``
 machinery (the adapter ``fit`` uses), with ``workers`` worker threads, the default of ``train.py --workers`` (process
 workers are an extra side). MONAI: ``CacheDataset`` (load, channel first, pad to the patch, foreground/background
 indices: cached once) + the random transforms + ``DataLoader`` with the same number of worker processes. Both return
@@ -80,9 +80,9 @@ class Ours:
     def setup(self) -> dict:
         from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-        from utils.augment import Augmenter, augmentation_settings
-        from utils.dataset import PreparedDataset
-        from utils.sampling import PatchSampler
+        from utils.prepared import PreparedDataset
+        from utils.train.augment import Augmenter, augmentation_settings
+        from utils.train.sampling import PatchSampler
 
         dataset = PreparedDataset(self.data)
         if self.preset == "matched":
@@ -178,7 +178,7 @@ class Monai:
         from monai.transforms import Compose
         from monai.utils import set_determinism
 
-        from utils.dataset import PreparedDataset
+        from utils.prepared import PreparedDataset
 
         set_determinism(0)
         dataset = PreparedDataset(self.data)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils.augment import PRESETS, TRANSFORMS, Augmenter, augmentation_settings
+from utils.train.augment import PRESETS, TRANSFORMS, Augmenter, augmentation_settings
 
 ZERO_STRENGTH = {
     "rotation": {"angle": [0.0, 0.0]},
@@ -203,7 +203,7 @@ def test_unknown_preset_is_refused():
 
 
 def test_test_time_mirroring_follows_the_axes_the_training_mirrored():
-    from utils.augment import mirrored_axes
+    from utils.train.augment import mirrored_axes
 
     def config(augment, augmentation=None, patch=(8, 8, 8)):
         return {"patch_size": list(patch), "augment": augment, "augmentation": augmentation or {}}

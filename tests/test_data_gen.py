@@ -10,10 +10,10 @@ from conftest import SAMPLE, SHARED_DATA
 from test_readers import make_brats, make_msd, make_png
 
 import data_gen
-from utils.dataset import PreparedDataset
-from utils.exports import grid_starts, random_starts
+from utils.formats import load_case
+from utils.prepare.exports import grid_starts, random_starts
+from utils.prepared import PreparedDataset
 from utils.preprocessing import restore_label
-from utils.readers import load_case
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from utils.distribute import Distribution, make_distribution
+from utils.train.distribute import Distribution, make_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--patch-size", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "3", "--no-tensorboard"]

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import data_gen
-import utils.evaluate
-from utils.evaluate import Options, check_compatible, check_regions, evaluate, finish_case, summarize
+import utils.evaluate.pipeline
+from utils.evaluate.options import Options, check_regions
+from utils.evaluate.pipeline import check_compatible, evaluate, finish_case
+from utils.evaluate.results import summarize
 
 LABELS = {"0": "background", "1": "core", "2": "rim"}
 SHAPE_IJK = (16, 20, 12)
@@ -197,7 +199,7 @@ def test_auto_postprocessing_is_decided_on_validation_and_stored_in_the_run(synt
     assert [d["plan"] for d in stored["decisions"]] == [
         {k: v for k, v in plan.items() if k != "lcc_class_names"}
     ] and stored["decisions"][0]["key"]["tta"] is False
-    monkeypatch.setattr("utils.evaluate.decide_lcc", lambda *a, **k: pytest.fail("decided again"))
+    monkeypatch.setattr("utils.evaluate.pipeline.decide_lcc", lambda *a, **k: pytest.fail("decided again"))
     again = evaluate(run, dataset, tmp_path / "again", split="test", options=options, predict=label_reader)
     assert again["postprocessing"] == plan and not again["failures"]
     (run / "postprocessing.json").unlink()
@@ -270,13 +272,13 @@ def test_foreground_cropped_cases_are_prepared_again_without_their_label(synthet
     assert data_gen.main(["--input", str(raw), "--output", str(dataset), "--split", "0.5", "0.25", "0.25", *flags]) == 0
     run = make_run(tmp_path / "run", dataset)
     seen = []
-    original = utils.evaluate.prepare_case
+    original = utils.evaluate.pipeline.prepare_case
 
     def spy(case, *args):
         seen.append(case.label)
         return original(case, *args)
 
-    monkeypatch.setattr(utils.evaluate, "prepare_case", spy)
+    monkeypatch.setattr(utils.evaluate.pipeline, "prepare_case", spy)
     options = Options(pictures="none", metrics=["dice"], progress=False)
     summary = evaluate(run, dataset, tmp_path / "out", split="test", options=options, predict=label_reader)
     assert len(seen) == summary["num_cases"] == 2 and all(label is None for label in seen)

@@ -19,10 +19,11 @@ from PIL import Image
 from test_evaluate import AFFINE, write_msd
 from test_readers import NRRD_PAIRS, make_png
 
-from utils import geometry, readers
+from utils import formats as readers
+from utils import geometry
+from utils.formats import source_values, write_mask
 from utils.inference import probabilities_to_labels
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
-from utils.writers import source_values, write_mask
 
 PYRADIOMICS = SHARED_DATA / "pyradiomics"
 TOTALSEG = SHARED_DATA / "totalsegmentator"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils.postprocess import (
+from utils.evaluate.postprocess import (
     apply_plan,
     decide_lcc,
     keep_largest_component,

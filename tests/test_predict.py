@@ -11,9 +11,9 @@ import SimpleITK as sitk
 from test_evaluate import label_reader, synthetic, write_msd  # noqa: F401  (synthetic is a fixture)
 
 import evaluation
-import utils.predict
-from utils.evaluate import Options
-from utils.predict import predict_images
+import utils.evaluate.predict
+from utils.evaluate.options import Options
+from utils.evaluate.predict import predict_images
 
 QUIET = Options(pictures="none", metrics=["dice", "hd95"], progress=False)
 
@@ -21,7 +21,7 @@ QUIET = Options(pictures="none", metrics=["dice", "hd95"], progress=False)
 def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_path, monkeypatch):  # noqa: F811
     raw, dataset, run = synthetic
     prepared = {}
-    original = utils.predict.prepare_case
+    original = utils.evaluate.predict.prepare_case
 
     def spy(case, *args):
         assert case.label is None  # a crop to the foreground could otherwise see the truth
@@ -29,7 +29,7 @@ def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_p
         prepared[case.case_id] = (image, record)
         return image, label, record
 
-    monkeypatch.setattr(utils.predict, "prepare_case", spy)
+    monkeypatch.setattr(utils.evaluate.predict, "prepare_case", spy)
     summary = predict_images(run, raw, tmp_path, options=QUIET, predict=label_reader)
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert summary["num_scored"] == 8 and not summary["failures"]

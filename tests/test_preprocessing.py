@@ -4,17 +4,11 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, SHARED_DATA
 
-from utils import geometry, readers
-from utils.preprocessing import (
-    PreprocessSettings,
-    aggregate_fingerprint,
-    case_fingerprint,
-    normalize_image,
-    prepare_case,
-    resample_label,
-    restore_label,
-)
-from utils.readers import CaseData
+from utils import formats as readers
+from utils import geometry
+from utils.formats import CaseData
+from utils.prepare.fingerprint import aggregate_fingerprint, case_fingerprint
+from utils.preprocessing import PreprocessSettings, normalize_image, prepare_case, resample_label, restore_label
 
 RAW = PreprocessSettings(spacing="original", normalize="none")
 

@@ -14,8 +14,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from utils import geometry, readers
-from utils.readers import CaseError
+from utils import formats as readers
+from utils import geometry
+from utils.formats import CaseError
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"

@@ -504,7 +504,7 @@ def _die_on_job_two(job: int) -> int:
 
 
 def test_a_data_gen_worker_that_dies_is_reported_not_a_traceback():
-    from utils.dataset import _run_parallel
+    from utils.prepare.dataset import _run_parallel
 
     assert _run_parallel(_die_on_job_two, [(0,), (1,), (3,)], 2, "prepare") == [0, 10, 30]
     with pytest.raises(ChildProcessError, match=r"worker process died in the prepare pass .* rerun the same command"):

@@ -22,9 +22,10 @@ from test_reliability import kill_when, tree_bytes
 
 import evaluation
 import model as model_zoo
-from utils import readers
-from utils.evaluate import Options, evaluate
-from utils.writers import write_mask
+from utils import formats as readers
+from utils.evaluate.options import Options
+from utils.evaluate.pipeline import evaluate
+from utils.formats import write_mask
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.evaluate import summarize
+from utils.evaluate.report import render_report, write_report
+from utils.evaluate.results import summarize
 from utils.plots import DisplayVolume, plot_dice_boxplot, plot_overlay
-from utils.report import render_report, write_report
 
 NAMES = {"1": "liver", "2": "tumour"}
 CHROMIUM = os.environ.get("CHROMIUM") or next(

@@ -4,8 +4,8 @@ augmentation read through the volume, deep-supervision targets."""
 import numpy as np
 import pytest
 
-from utils.augment import Augmenter, augmentation_settings
-from utils.sampling import PatchSampler, StackSampler, extract_patch, foreground_flags, read_transformed
+from utils.train.augment import Augmenter, augmentation_settings
+from utils.train.sampling import PatchSampler, StackSampler, extract_patch, foreground_flags, read_transformed
 
 
 def make_volumes():
@@ -189,7 +189,7 @@ def test_bad_arguments_are_refused():
 def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_sample):
     import pickle
 
-    from utils import dataset as dataset_module
+    from utils.prepare import dataset as dataset_module
 
     data = dataset_module.PreparedDataset(prepared_sample)
     first, second, third = data.split("train")[:3]

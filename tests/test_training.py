@@ -11,20 +11,14 @@ import pytest
 
 import model as model_zoo
 import train
-from utils import planning
-from utils.dataset import PreparedDataset
-from utils.distribute import Distribution, read_events
-from utils.exports import ExportSettings, export_dataset
 from utils.inference import predict_volume
-from utils.training import (
-    SETTINGS,
-    LearningRate,
-    check_settings,
-    load_model,
-    read_history,
-    resolve_config,
-    write_history,
-)
+from utils.prepare.exports import ExportSettings, export_dataset
+from utils.prepared import PreparedDataset
+from utils.runs import load_model
+from utils.train import planning
+from utils.train.callbacks import LearningRate, read_history, write_history
+from utils.train.config import SETTINGS, check_settings, resolve_config
+from utils.train.distribute import Distribution, read_events
 
 TINY = ["--patch-size", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "3"]
 

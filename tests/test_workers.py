@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 from test_evaluate import synthetic  # noqa: F401  (a fixture: a tiny prepared dataset)
 
-from utils.training import load_model
-from utils.workers import describe_exit
+from utils.runs import load_model
+from utils.train.workers import describe_exit
 
 TIMEOUT_S = 240  # a hang shows as a timeout; the runs below end in well under a minute
 

@@ -11,9 +11,9 @@ from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 from test_readers import NRRD_PAIRS, make_png
 
-from utils import readers
+from utils import formats as readers
+from utils.formats import class_indices, source_values, write_mask
 from utils.preprocessing import PreprocessSettings, prepare_case
-from utils.writers import class_indices, source_values, write_mask
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from utils.sampling import PatchSampler  # noqa: E402
+from utils.train.sampling import PatchSampler
 
 MAIN_PID = os.getpid()
 

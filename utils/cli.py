@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from utils.readers import DISCOVERERS
+from utils.formats import LAYOUTS
 
 
 def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = True) -> None:
@@ -19,7 +19,7 @@ def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = T
     group.add_argument(
         "--format",
         default="auto",
-        choices=["auto", *sorted(DISCOVERERS)],
+        choices=["auto", *LAYOUTS],
         help="input layout; auto detects it (default: auto)",
     )
     group.add_argument(
@@ -79,7 +79,7 @@ def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = T
 
 
 def reader_options(args: argparse.Namespace) -> dict:
-    """Reader options for :func:`utils.readers.discover` from the flags (raises ValueError on bad values)."""
+    """Reader options for :func:`utils.formats.discover` from the flags (raises ValueError on bad values)."""
     options = {
         "label": args.label,
         "image_pattern": args.image_pattern,

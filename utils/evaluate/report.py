@@ -169,7 +169,7 @@ def _sort_key(record: Mapping, keys: Sequence[str]) -> tuple:
 
 
 def describe_plan(plan: Mapping) -> str:
-    """One sentence on a post-processing plan of :mod:`utils.postprocess`."""
+    """One sentence on a post-processing plan of :mod:`utils.evaluate.postprocess`."""
     kept = plan.get("lcc_class_names") or [str(k) for k in plan.get("lcc_classes", [])]
     text = f"largest connected component kept for {', '.join(kept)}" if kept else "no largest-component filtering"
     if plan.get("decided_on"):

@@ -3,11 +3,11 @@
 ``evaluation.py --run runs/NAME --input PATH --output results/NAME`` lands here. The run's ``config.json`` names its
 training dataset (``data``); that folder's ``manifest.json`` holds the preprocessing settings (spacing, window,
 normalisation, crop, label remapping) and ``fingerprint.json`` the dataset statistics some of them need (median
-spacing, CT intensity percentiles). Each new case is read by :func:`utils.readers.discover` /
-:func:`utils.readers.load_case` with the training's label remapping, prepared by
+spacing, CT intensity percentiles). Each new case is read by :func:`utils.formats.discover` /
+:func:`utils.formats.load_case` with the training's label remapping, prepared by
 :func:`utils.preprocessing.prepare_case` *without its label* (so a ``foreground`` crop cannot peek at the truth),
 predicted, written back on its source grid, and scored when it has a label. Results are laid out as in
-:mod:`utils.evaluate`.
+:mod:`utils.evaluate.pipeline`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from utils import fileio
-from utils.evaluate import (
-    Options,
+from utils.evaluate.options import Options
+from utils.evaluate.pipeline import (
     Predictor,
     class_names,
     file_stamps,
     finish_case,
     label_values,
-    load_run,
     model_stamp,
     open_output,
     plan_key,
@@ -37,11 +36,11 @@ from utils.evaluate import (
     segment,
     training_dataset,
     validation_cases,
-    write_results,
 )
+from utils.evaluate.results import write_results
+from utils.formats import class_indices, discover, load_case, source_values
 from utils.preprocessing import PreprocessSettings, prepare_case
-from utils.readers import discover, load_case
-from utils.writers import class_indices, source_values
+from utils.runs import load_run
 
 log = logging.getLogger(__name__)
 READER_OPTIONS = (
@@ -121,12 +120,12 @@ def predict_images(
 
     Args:
         run_dir: ``runs/<name>``.
-        input_path: a folder or file in a format of :mod:`utils.readers`.
+        input_path: a folder or file in a format of :mod:`utils.formats`.
         output: ``results/<name>``.
         fmt: ``auto`` or a reader name (``msd``, ``files``, ``hdf5``, ``brats``, ``dicom``, ``png``).
         reader_options: reader options of :data:`READER_OPTIONS` (``label``, ``image_pattern``, ...).
         data: the run's training dataset folder when it is not where ``config.json`` says.
-        options: inference, post-processing and scoring settings (:class:`utils.evaluate.Options`).
+        options: inference, post-processing and scoring settings (:class:`utils.evaluate.pipeline.Options`).
         predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
 
     Returns:

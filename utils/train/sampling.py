@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from utils.augment import Augmenter, resample
+from utils.train.augment import Augmenter, resample
 
 _MAX_LOCATIONS = 5_000
 
@@ -107,7 +107,7 @@ class PatchSampler(keras.utils.PyDataset):
         batch_size: samples per batch.
         steps_per_epoch: batches per epoch.
         foreground_ratio: expected share of samples placed on foreground, in [0, 1].
-        augment: an :class:`~utils.augment.Augmenter`, any ``(image, label, rng) -> (image, label)`` callable, or
+        augment: an :class:`~utils.train.augment.Augmenter`, any ``(image, label, rng) -> (image, label)`` callable, or
             ``None``.
         seed: random seed.
         start_epoch: the epoch that index 0 belongs to (resuming).

@@ -4,13 +4,14 @@ Two entries share everything below them:
 
 - :func:`evaluate` takes a split of a prepared dataset (``data/<name>/``): the prepared volumes are predicted and
   each case's source files give the truth and the image for the pictures.
-- :func:`utils.predict.predict_images` takes raw images of any supported format and prepares them first.
+- :func:`utils.evaluate.predict.predict_images` takes raw images of any supported format and prepares them first.
 
 Per case (:func:`segment`): whole-volume inference (:func:`utils.inference.predict_volume`), probabilities resampled
 to the source resolution one class at a time and arg-maxed (:func:`utils.inference.probabilities_to_labels`), every
 other preprocessing step inverted (:func:`utils.preprocessing.restore_label`), then post-processing
-(:mod:`utils.postprocess`). The mask is written as ``masks/<id>.nii.gz`` on the source grid plus the format's own copy
-(:func:`utils.writers.write_mask`); a labelled case is scored on the source grid with every metric of
+(:mod:`utils.evaluate.postprocess`). The mask is written as ``masks/<id>.nii.gz`` on the source grid plus the
+format's own copy
+(:func:`utils.formats.write_mask`); a labelled case is scored on the source grid with every metric of
 :mod:`utils.metrics`, per class and per region, in the label values of the source files. Each case leaves
 ``cases/<id>.json``, so an interrupted evaluation resumes and a case that fails does not lose the others.
 At the end: ``metrics.csv``, ``summary.json``, ``dice_boxplot.png``, ``overlays/<id>.png`` and ``.gif``, and
@@ -22,128 +23,31 @@ out of means and counted in ``summary.json`` as ``n_empty``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import keras
 import numpy as np
 from tqdm import tqdm
 
 from utils import fileio
-from utils.dataset import PreparedDataset
+from utils.evaluate.options import DEFAULT_METRICS, Options
+from utils.evaluate.postprocess import apply_plan, decide_lcc, make_plan, parse_min_size
+from utils.evaluate.results import write_results
+from utils.formats import load_case, source_values, write_mask
 from utils.inference import predict_volume, probabilities_to_labels
-from utils.metrics import METRICS, compute_case_metrics
-from utils.plots import DisplayVolume, plot_dice_boxplot, plot_overlay, write_overlay_gif
-from utils.postprocess import POSTPROCESS_CHOICES, apply_plan, decide_lcc, make_plan, parse_min_size
+from utils.metrics import compute_case_metrics
+from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
+from utils.prepared import PreparedDataset
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
-from utils.readers import load_case
-from utils.report import write_report
-from utils.training import load_model
-from utils.writers import source_values, write_mask
+from utils.runs import load_run, model_path
 
 log = logging.getLogger(__name__)
-DEFAULT_METRICS = METRICS
-PICTURES = ("all", "overlays", "none")
 POSTPROCESSING_FILE = "postprocessing.json"
-
-
-@dataclass
-class Options:
-    """Inference, post-processing, scoring and picture settings of one evaluation (the flags of evaluation.py).
-
-    Attributes:
-        overlap, blend, tta: sliding-window settings (:func:`utils.inference.predict_volume`); ``tta`` is ``True``
-            (mirror every axis), ``False``, or the spatial axes to mirror (evaluation.py's default: the axes the
-            run's training mirrored).
-        batch_size: windows per model call; ``None`` takes the run's training batch size.
-        postprocess: ``none``, ``lcc`` (largest component of every class) or ``auto`` (per class, decided on the
-            validation split and stored in the run folder's ``postprocessing.json``).
-        min_size: ``--min-size`` text: components below it are removed (``"50"`` voxels, ``"30mm3"``, ``"0.5ml"``).
-        connectivity: 1 (faces) to 3 (corners) for connected components.
-        regions: BraTS-style regions scored besides the classes, ``{name: [label values]}``.
-        metrics: names from :data:`utils.metrics.METRICS`.
-        nsd_tolerance: the tolerance of ``nsd`` in mm.
-        pictures: ``all`` (overlay PNG and GIF per case), ``overlays`` (PNG only) or ``none``.
-        progress: progress bars over cases and windows.
-    """
-
-    overlap: float = 0.5
-    blend: str = "gaussian"
-    tta: bool | list[int] = False
-    batch_size: int | None = None
-    postprocess: str = "none"
-    min_size: str | None = None
-    connectivity: int = 1
-    regions: dict[str, list[int]] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    nsd_tolerance: float = 1.0
-    pictures: str = "all"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.postprocess not in POSTPROCESS_CHOICES:
-            raise ValueError(f"postprocess must be one of {POSTPROCESS_CHOICES}, got {self.postprocess!r}")
-        if self.pictures not in PICTURES:
-            raise ValueError(f"pictures must be one of {PICTURES}, got {self.pictures!r}")
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
-        parse_min_size(self.min_size)
-        self.regions = check_regions(self.regions)
-
-    def key(self) -> dict:
-        """The settings that change a case's result (for the per-case cache)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("progress",)}
-
-
-def check_regions(regions: Mapping | None) -> dict[str, list[int]]:
-    """Validate ``{name: [label values]}``.
-
-    Raises:
-        ValueError: a name that is empty or all digits (those are class keys), or members that are not integers.
-    """
-    checked = {}
-    for name, members in (regions or {}).items():
-        if not str(name) or str(name).isdigit():
-            raise ValueError(f"region names must not be empty or a number, got {name!r}")
-        if isinstance(members, int | str) or not members:
-            raise ValueError(f"region {name!r} needs a list of label values, got {members!r}")
-        try:
-            checked[str(name)] = [int(v) for v in members]
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"region {name!r}: label values must be integers, got {members!r}") from error
-    return checked
-
-
-def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[dict, keras.Model | None]:
-    """The run's resolved config and its best model (``model.keras``, else ``last.keras``), loaded in safe mode
-    (``None`` with ``load=False``).
-
-    Raises:
-        FileNotFoundError: the run folder, its config or both model files are missing.
-        ValueError: the model file is not a readable Keras model.
-    """
-    config = fileio.read_json(Path(run_dir) / "config.json")
-    return config, load_model(model_path(run_dir)) if load else None
-
-
-def model_path(run_dir: str | os.PathLike) -> Path:
-    """``model.keras`` (best) or else ``last.keras`` of a run.
-
-    Raises:
-        FileNotFoundError: neither exists.
-    """
-    for name in ("model.keras", "last.keras"):
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
-    raise FileNotFoundError(f"{run_dir}: neither model.keras nor last.keras found (train first)")
 
 
 def check_compatible(config: dict, dataset: PreparedDataset) -> None:
@@ -563,88 +467,3 @@ def finish_case(
     by_class = {k: names[str(int(v))] for k, v in enumerate(values) if k > 0}
     record.update(draw_case(output, case["id"], image, truth, classes, affine, by_class, options, title))
     return record
-
-
-def write_results(
-    output: Path,
-    records: Sequence[dict],
-    failures: Sequence[dict],
-    names: Mapping[str, str],
-    options: Options,
-    settings: dict,
-    plan: dict,
-    title: str,
-) -> dict:
-    """``metrics.csv``, ``summary.json``, ``dice_boxplot.png`` and ``report.html`` from the case records."""
-    summary = summarize(records, names, options.metrics)
-    summary["settings"] = settings
-    summary["postprocessing"] = plan
-    summary["failures"] = list(failures)
-    write_metrics_csv(output / "metrics.csv", records, names)
-    fileio.write_json(output / "summary.json", summary)
-    scored = [r for r in records if r["metrics"]]
-    if scored and "dice" in options.metrics:
-        keys = list(dict.fromkeys(k for r in scored for k in r["metrics"]))
-        plot_dice_boxplot(
-            {names.get(k, k): [r["metrics"].get(k, {}).get("dice", np.nan) for r in scored] for k in keys},
-            output / "dice_boxplot.png",
-            title=f"dice per case ({len(scored)} cases)",
-        )
-    write_report(summary, records, names, output, title=f"Segmentation results: {title}")
-    return summary
-
-
-def summarize(records: Sequence[dict], names: Mapping, metrics: Sequence[str]) -> dict:
-    """Per class (and region) and metric: mean, std, median, quartiles, n, n_empty; plus the foreground mean of each
-    metric over the classes (regions are left out of it)."""
-    names = {str(k): v for k, v in names.items()}
-    scored = [r for r in records if r["metrics"]]
-    classes = {}
-    for key in list(dict.fromkeys(k for r in scored for k in r["metrics"])):
-        entry = {"name": names.get(key, key)}
-        if not key.isdigit():
-            entry["region"] = True
-        for metric in metrics:
-            values = np.array([r["metrics"].get(key, {}).get(metric, np.nan) for r in scored], dtype=float)
-            finite = values[np.isfinite(values)]
-            entry[metric] = {
-                "mean": _f(finite.mean()) if finite.size else None,
-                "std": _f(finite.std()) if finite.size else None,
-                "median": _f(np.median(finite)) if finite.size else None,
-                "q1": _f(np.percentile(finite, 25)) if finite.size else None,
-                "q3": _f(np.percentile(finite, 75)) if finite.size else None,
-                "n": int(finite.size),
-                "n_empty": int(values.size - finite.size),
-            }
-        classes[key] = entry
-    foreground_mean = {}
-    for metric in metrics:
-        means = [c[metric]["mean"] for k, c in classes.items() if k.isdigit() and c[metric]["mean"] is not None]
-        foreground_mean[metric] = _f(np.mean(means)) if means else None
-    return {
-        "num_cases": len(records),
-        "num_scored": len(scored),
-        "classes": classes,
-        "foreground_mean": foreground_mean,
-        "empty_rule": "a class absent from both truth and prediction has NaN dice/iou and NaN distances; NaN values "
-        "are left out of the means and counted as n_empty; a class absent from only one of them has dice 0",
-    }
-
-
-def _f(value) -> float:
-    return round(float(value), 6)
-
-
-def write_metrics_csv(path: Path, records: Sequence[dict], names: Mapping) -> None:
-    """One row per (case, class or region): ``case, label, class, <metric>...``."""
-    names = {str(k): v for k, v in names.items()}
-    rows = []
-    for record in records:
-        for key, values in (record["metrics"] or {}).items():
-            rows.append({"case": record["id"], "label": key, "class": names.get(key, key), **values})
-    fields = list(dict.fromkeys(k for row in rows for k in row)) or ["case", "label", "class"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    fileio.write_text(path, buffer.getvalue())
