@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +11,7 @@ from conftest import SAMPLE, SHARED_DATA
 from test_readers import make_brats, make_msd, make_png
 
 import data_gen
+from utils import fileio
 from utils.formats import load_case
 from utils.prepare.exports import grid_starts, random_starts
 from utils.prepared import PreparedDataset
@@ -95,6 +97,13 @@ def test_rerun_skips_finished_work(sample_output, capsys):
         "--patch-size", 16, 32, 32, "--patch-ratio", 1, 1.5, "--patches-per-case", 5,
     )  # fmt: skip
     assert code == 0 and {p: p.stat().st_mtime_ns for p in sample_output.rglob("*.npy")} == stamps
+
+
+def test_cache_keys_keep_the_recipe_of_existing_datasets():
+    """Prepared datasets already on disk hold keys of this recipe: a new one would make their rerun redo every case."""
+    spec = {"id": "case_01", "image": [Path("a/b.nii.gz")], "label": None}
+    key = fileio.digest(spec, {"a/b.nii.gz": [12, 3]}, np.int64(3), (1.5, "x"), "prepare-v1")
+    assert key == "ceccb6862e7a513a0ee55b0dcadeb183076a8eac"
 
 
 def test_random_patches_follow_the_ratio():

@@ -1,4 +1,4 @@
-"""Safe, atomic file output and small JSON helpers.
+"""Safe, atomic file output, small JSON helpers, and the key that marks finished work for a rerun.
 
 Every artifact of the toolkit is written through these functions: the content goes to a temporary file in the
 destination folder, is flushed to disk, and is then renamed over the final name. An interrupted run therefore never
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -159,6 +160,15 @@ def as_json(data: Any) -> Any:
     """``data`` as :func:`write_json` then :func:`read_json` give it back: numpy values as Python numbers, tuples as
     lists, keys as strings. Results computed now and results read from a file then print the same."""
     return json.loads(json.dumps(data, default=_json_default, allow_nan=True))
+
+
+def digest(*parts: Any) -> str:
+    """A stable key of JSON-like ``parts`` (SHA-1 hex of their JSON, keys sorted, other values as ``str``).
+
+    Prepared datasets store these keys to skip finished work on a rerun, so the recipe must never change: a new
+    recipe would make every existing dataset redo all of its cases.
+    """
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -11,8 +11,6 @@ that fails is reported without losing the others.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -57,10 +55,6 @@ def _source_key(spec: dict) -> dict:
             st = os.stat(path)
             stats[str(path)] = [st.st_size, int(st.st_mtime_ns)]
     return stats
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, description: str) -> list:
@@ -112,7 +106,7 @@ def _failure_message(spec: dict, error: Exception) -> str:
 
 
 def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str, num_channels: int) -> tuple:
-    key = _digest(spec, _source_key(spec), "fingerprint-v2")
+    key = fileio.digest(spec, _source_key(spec), "fingerprint-v2")
     cache = Path(cache_dir) / f"{spec['id']}.json"
     if cache.is_file():
         try:
@@ -140,7 +134,7 @@ def _prepare_job(
 ) -> tuple:
     settings_obj = PreprocessSettings(**settings)
     out = Path(output)
-    key = _digest(spec, _source_key(spec), settings, resolved, "prepare-v1")
+    key = fileio.digest(spec, _source_key(spec), settings, resolved, "prepare-v1")
     entry_path = out / "volumes" / f"{spec['id']}.json"
     if entry_path.is_file():
         try:

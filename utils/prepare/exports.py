@@ -17,8 +17,6 @@ Labels files are written for a split only when all its cases are labelled.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -137,7 +135,7 @@ def export_dataset(output: str | os.PathLike, manifest: dict, splits: dict, sett
         if kind not in settings.kinds:
             continue
         folder = output / kind
-        key = _digest(kind, settings.to_dict(), splits, volumes.stamp())
+        key = fileio.digest(kind, settings.to_dict(), splits, volumes.stamp())
         record = folder / "export.json"
         if record.is_file():
             try:
@@ -151,10 +149,6 @@ def export_dataset(output: str | os.PathLike, manifest: dict, splits: dict, sett
         fileio.write_json(record, {"settings": settings.to_dict(), "counts": kind_counts, "files": files, "key": key})
         counts[kind] = kind_counts
     return counts
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _write_rows(path: Path, shape: tuple, dtype, fill: Callable[[np.ndarray], None]) -> str:
