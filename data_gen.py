@@ -16,11 +16,12 @@ import argparse
 import logging
 import sys
 
-from utils.cli import add_reader_flags, label_map_option, reader_options
+from utils.cli import add_reader_flags, add_setting, label_map_option, reader_options
 from utils.formats import discover
 from utils.prepare.dataset import PreparationError, prepare_dataset
-from utils.prepare.exports import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, ExportSettings
-from utils.preprocessing import CROPS, EQUALIZATIONS, INTERPOLATIONS, NORMALIZATIONS, WINDOW_PRESETS, PreprocessSettings
+from utils.prepare.exports import ExportSettings
+from utils.preprocessing import PreprocessSettings
+from utils.settings import INTERPOLATIONS, PREPARE, WINDOW_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,14 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="raw dataset: a folder or file (see --format)")
     parser.add_argument("--output", required=True, help="folder of the prepared dataset, e.g. data/NAME")
     add_reader_flags(parser)
-    parser.add_argument(
-        "--spacing",
-        nargs="+",
-        default=["median"],
-        metavar="MM",
-        help="target voxel spacing: 'median' (dataset median, default), 'original' (no resampling) "
-        "or three numbers Z Y X in mm",
-    )
+    add_setting(parser, "spacing", PREPARE["spacing"])
     parser.add_argument(
         "--window",
         nargs=2,
@@ -55,86 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="clip each case to its own LOW/HIGH intensity percentiles",
     )
-    parser.add_argument(
-        "--normalize",
-        default="auto",
-        choices=NORMALIZATIONS,
-        help="auto: z-score per case for MR, dataset-percentile clip + z-score for CT (default); zscore: per case; "
-        "zscore_dataset: the dataset's mean and std; zscore_nonzero: per case inside the non-zero voxels, 0 outside; "
-        "minmax: to [0, 1] (or the window); none",
-    )
-    parser.add_argument(
-        "--equalize",
-        default="none",
-        choices=EQUALIZATIONS,
-        help="histogram equalisation into [0, 1] after the window: hist (whole volume) or clahe (per slice); "
-        "with --normalize auto nothing more is done (default: none)",
-    )
-    parser.add_argument(
-        "--interpolation",
-        default="linear",
-        choices=sorted(INTERPOLATIONS),
-        help="image resampling: linear, bspline (cubic) or nearest; labels use nearest, then each class keeps its "
-        "source volume (default: linear)",
-    )
-    parser.add_argument(
-        "--downsample",
-        type=int,
-        default=1,
-        metavar="N",
-        help="integer in-plane downsampling on top of --spacing, e.g. 2 turns 512x512 into 256x256 (default: 1)",
-    )
-    parser.add_argument("--crop", default="none", choices=CROPS, help="crop to a bounding box (default: none)")
-    parser.add_argument("--crop-margin", type=int, default=0, help="voxels kept around the crop box")
+    for key in ("normalize", "equalize", "interpolation", "downsample", "crop", "crop_margin"):
+        add_setting(parser, key, PREPARE[key])
     _add_export_flags(parser)
-    parser.add_argument(
-        "--split",
-        nargs=3,
-        type=float,
-        default=[0.8, 0.2, 0.0],
-        metavar=("TRAIN", "VAL", "TEST"),
-        help="patient-level split fractions (default: 0.8 0.2 0)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    parser.add_argument("--workers", type=int, default=1, help="processes over cases (default: 1)")
+    add_setting(parser, "split", PREPARE["split"], nargs=3, metavar=("TRAIN", "VAL", "TEST"))
+    add_setting(parser, "seed", PREPARE["seed"])
+    add_setting(parser, "workers", PREPARE["workers"])
     return parser
 
 
 def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("exports (slices/, patches/)")
-    group.add_argument(
-        "--export",
-        nargs="+",
-        default=["volumes"],
-        choices=EXPORT_KINDS,
-        help="what to write besides the manifest: volumes (always written), slices, patches (default: volumes)",
-    )
-    group.add_argument(
-        "--slice-filter",
-        default="all",
-        choices=SLICE_FILTERS,
-        help="slices export of train/val: all slices or only those with foreground; test keeps all (default: all)",
-    )
+    add_setting(group, "export", PREPARE["export"])
+    add_setting(group, "slice_filter", PREPARE["slice_filter"])
     group.add_argument("--slice-size", nargs=2, type=int, metavar=("H", "W"), help="resize exported slices to H x W")
     group.add_argument(
         "--patch-size", nargs="+", type=int, metavar="N", help="patch size D H W (3D) or H W (2D) for --export patches"
     )
-    group.add_argument(
-        "--patch-sampling",
-        default="random",
-        choices=PATCH_SAMPLINGS,
-        help="random centres (see --patch-ratio) or a grid covering each volume (default: random)",
-    )
-    group.add_argument("--patches-per-case", type=int, default=8, help="random patches per case (default: 8)")
-    group.add_argument(
-        "--patch-ratio",
-        nargs=2,
-        type=float,
-        default=[1.0, 1.0],
-        metavar=("FG", "BG"),
-        help="weights of patch centres on foreground and background voxels, e.g. 1 1.5; 1 0 = always on "
-        "foreground (default: 1 1)",
-    )
+    add_setting(group, "patch_sampling", PREPARE["patch_sampling"])
+    add_setting(group, "patches_per_case", PREPARE["patches_per_case"])
+    add_setting(group, "patch_ratio", PREPARE["patch_ratio"], nargs=2, metavar=("FG", "BG"))
 
 
 def export_settings(args: argparse.Namespace) -> ExportSettings:

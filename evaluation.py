@@ -28,11 +28,10 @@ import os
 import sys
 from pathlib import Path
 
-from utils.cli import add_reader_flags, reader_options
+from utils.cli import add_reader_flags, add_setting, reader_options
+from utils.settings import EVALUATE
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the run's training dataset when it is no longer where the run's config.json says",
     )
     parser.add_argument("--input", help="raw images to predict (a folder or file of any supported format)")
-    parser.add_argument("--split", default="test", help="with --data: train, val, test or all (default: test)")
+    add_setting(parser, "split", EVALUATE["split"])
     parser.add_argument("--output", required=True, help="results folder to write (results/NAME)")
     _add_inference_flags(parser)
     _add_postprocess_flags(parser)
@@ -55,13 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference")
-    group.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default: 0.5)")
-    group.add_argument(
-        "--blend",
-        choices=["gaussian", "constant"],
-        default="gaussian",
-        help="weighting of overlapping windows: gaussian (sigma = patch/8) or constant (default: gaussian)",
-    )
+    add_setting(group, "overlap", EVALUATE["overlap"])
+    add_setting(group, "blend", EVALUATE["blend"])
     group.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -71,50 +65,25 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
         "held-out mean dice from 0.864 to 0.871",
     )
     group.add_argument("--batch-size", type=int, help="windows per model call (default: the run's batch size)")
-    group.add_argument(
-        "--pictures",
-        choices=["all", "overlays", "none"],
-        default="all",
-        help="per-case pictures: all (overlays/<id>.png and an animated .gif), overlays (png only) or none "
-        "(default: all)",
-    )
+    add_setting(group, "pictures", EVALUATE["pictures"])
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_postprocess_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("post-processing")
-    group.add_argument(
-        "--postprocess",
-        choices=["none", "lcc", "auto"],
-        default="none",
-        help="lcc: keep the largest connected component of every class; auto: only for the classes where that "
-        "raises the mean dice on the training dataset's validation split (decided once, stored in the run folder's "
-        "postprocessing.json) (default: none)",
-    )
+    add_setting(group, "postprocess", EVALUATE["postprocess"])
     group.add_argument(
         "--min-size",
         metavar="SIZE",
         help="remove connected components smaller than SIZE: voxels (50), mm3 (30mm3) or ml (0.5ml)",
     )
-    group.add_argument(
-        "--connectivity",
-        type=int,
-        choices=[1, 2, 3],
-        default=1,
-        help="neighbours of connected components: 1 faces, 2 edges, 3 corners (default: 1)",
-    )
+    add_setting(group, "connectivity", EVALUATE["connectivity"])
 
 
 def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring")
-    group.add_argument(
-        "--metrics",
-        nargs="+",
-        choices=METRIC_NAMES,
-        default=list(METRIC_NAMES),
-        help="metrics to compute (default: all)",
-    )
-    group.add_argument("--nsd-tolerance", type=float, default=1.0, help="tolerance of nsd in mm (default: 1)")
+    add_setting(group, "metrics", EVALUATE["metrics"])
+    add_setting(group, "nsd_tolerance", EVALUATE["nsd_tolerance"])
     group.add_argument(
         "--regions",
         metavar="JSON",

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from utils.train.augment import PRESETS, TRANSFORMS, Augmenter, augmentation_settings
+from utils.settings import AUGMENT_PRESETS
+from utils.train.augment import TRANSFORMS, Augmenter, augmentation_settings
 
 ZERO_STRENGTH = {
     "rotation": {"angle": [0.0, 0.0]},
@@ -144,7 +145,7 @@ def test_brightness_is_multiplicative_and_gamma_keeps_the_statistics():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", AUGMENT_PRESETS)
 def test_presets_run_and_keep_shapes(name, ndim):
     image, label = blobs(ndim)
     augmenter = Augmenter(augmentation_settings(name, ndim), ndim)

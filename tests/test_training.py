@@ -15,9 +15,10 @@ from utils.inference import predict_volume
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepared import PreparedDataset
 from utils.runs import load_model
+from utils.settings import TRAINING, defaults
 from utils.train import planning
 from utils.train.callbacks import LearningRate, read_history, write_history
-from utils.train.config import SETTINGS, check_settings, resolve_config
+from utils.train.config import check_settings, resolve_config
 from utils.train.distribute import Distribution, read_events
 
 TINY = ["--patch-size", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "3"]
@@ -112,8 +113,8 @@ def test_bad_settings_are_refused_before_any_work(prepared_sample, overrides, me
 
 def test_every_setting_has_a_flag_explained_in_help():
     text = train.build_parser().format_help()
-    for key in SETTINGS:
-        flag = "--no-tensorboard" if key == "tensorboard" else "--" + key.replace("_", "-")
+    for key in TRAINING:
+        flag = "--" + key.replace("_", "-")
         assert flag in text, flag
     actions = [a for a in train.build_parser()._actions if a.dest != "help"]
     assert all(a.help for a in actions)
@@ -302,4 +303,4 @@ def test_every_architecture_trains_and_predicts_end_to_end(prepared_sample, tmp_
 
 
 def test_check_settings_accepts_the_defaults():
-    check_settings({key: default for key, (default, _) in SETTINGS.items()})
+    check_settings(defaults(TRAINING))

@@ -1,10 +1,54 @@
-"""Command-line pieces shared by the scripts: how to read an input, as flags."""
+"""Command-line pieces shared by the scripts: flags made from :mod:`utils.settings`, and how to read an input."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from utils.formats import LAYOUTS
+from utils.settings import PREPARE, Setting, defaults
+
+
+def json_object(text: str) -> dict:
+    """An argparse ``type``: a JSON object (``{...}``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({error})") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_setting(group, key: str, setting: Setting, with_default: bool = True, **overrides) -> argparse.Action:
+    """Add ``--key`` (underscores become dashes) with the setting's type, choices, help and default.
+
+    Args:
+        group: a parser or argument group.
+        key: the setting's name.
+        setting: what the flag takes (:class:`utils.settings.Setting`).
+        with_default: the flag's default is the setting's; ``False`` leaves it ``None`` (train.py, where a config
+            file may set the key and the flag only wins when given); the help names the default either way.
+        overrides: argparse options that differ (``nargs``, ``metavar``, ...).
+
+    A true/false setting becomes a ``--key`` / ``--no-key`` pair.
+    """
+    options: dict = {"help": setting.help_text(), "default": defaults({key: setting})[key] if with_default else None}
+    if setting.type is list:
+        options.update(nargs="+", type=setting.item)
+    elif setting.type is dict:
+        options["type"] = json_object
+    elif setting.type in (int, float):
+        options["type"] = setting.type
+    elif setting.type is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    if setting.choices is not None:
+        options["choices"] = list(setting.choices)
+    if setting.metavar is not None:
+        options["metavar"] = setting.metavar
+    options.update(overrides)
+    return group.add_argument(
+        "--" + key.replace("_", "-"), **{k: v for k, v in options.items() if v is not None or k == "default"}
+    )
 
 
 def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = True) -> None:
@@ -16,12 +60,7 @@ def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = T
             takes those from the training dataset instead.
     """
     group = parser.add_argument_group("reading the input")
-    group.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", *LAYOUTS],
-        help="input layout; auto detects it (default: auto)",
-    )
+    add_setting(group, "format", PREPARE["format"])
     group.add_argument(
         "--label",
         metavar="PATH",

@@ -6,16 +6,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from utils.evaluate.postprocess import POSTPROCESS_CHOICES, parse_min_size
-from utils.metrics import METRICS
+from utils.evaluate.postprocess import parse_min_size
+from utils.settings import EVALUATE, METRIC_NAMES, PICTURES, POSTPROCESS_CHOICES
 
 log = logging.getLogger(__name__)
-
-
-DEFAULT_METRICS = METRICS
-
-
-PICTURES = ("all", "overlays", "none")
 
 
 @dataclass
@@ -32,23 +26,23 @@ class Options:
         min_size: ``--min-size`` text: components below it are removed (``"50"`` voxels, ``"30mm3"``, ``"0.5ml"``).
         connectivity: 1 (faces) to 3 (corners) for connected components.
         regions: BraTS-style regions scored besides the classes, ``{name: [label values]}``.
-        metrics: names from :data:`utils.metrics.METRICS`.
+        metrics: names from :data:`utils.settings.METRIC_NAMES`.
         nsd_tolerance: the tolerance of ``nsd`` in mm.
         pictures: ``all`` (overlay PNG and GIF per case), ``overlays`` (PNG only) or ``none``.
         progress: progress bars over cases and windows.
     """
 
-    overlap: float = 0.5
-    blend: str = "gaussian"
+    overlap: float = EVALUATE["overlap"].default
+    blend: str = EVALUATE["blend"].default
     tta: bool | list[int] = False
     batch_size: int | None = None
-    postprocess: str = "none"
+    postprocess: str = EVALUATE["postprocess"].default
     min_size: str | None = None
-    connectivity: int = 1
+    connectivity: int = EVALUATE["connectivity"].default
     regions: dict[str, list[int]] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    nsd_tolerance: float = 1.0
-    pictures: str = "all"
+    metrics: list[str] = field(default_factory=lambda: list(EVALUATE["metrics"].default))
+    nsd_tolerance: float = EVALUATE["nsd_tolerance"].default
+    pictures: str = EVALUATE["pictures"].default
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -56,9 +50,9 @@ class Options:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_CHOICES}, got {self.postprocess!r}")
         if self.pictures not in PICTURES:
             raise ValueError(f"pictures must be one of {PICTURES}, got {self.pictures!r}")
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
         parse_min_size(self.min_size)
         self.regions = check_regions(self.regions)
 

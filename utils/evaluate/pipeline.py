@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import fileio
-from utils.evaluate.options import DEFAULT_METRICS, Options
+from utils.evaluate.options import Options
 from utils.evaluate.postprocess import apply_plan, decide_lcc, make_plan, parse_min_size
 from utils.evaluate.results import write_results
 from utils.formats import load_case, source_values, write_mask
@@ -352,10 +352,6 @@ def evaluate(
     data: str | os.PathLike,
     output: str | os.PathLike,
     split: str = "test",
-    overlap: float = 0.5,
-    blend: str = "gaussian",
-    tta: bool = False,
-    metrics: Sequence[str] = DEFAULT_METRICS,
     options: Options | None = None,
     predict: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict:
@@ -366,14 +362,13 @@ def evaluate(
         data: the prepared dataset ``data/<name>`` (labels and channels must match the run's).
         output: ``results/<name>``.
         split: ``train``, ``val``, ``test`` or ``all``.
-        overlap, blend, tta, metrics: shortcuts for the same fields of ``options``.
-        options: every other setting (:class:`Options`).
+        options: the inference, scoring and picture settings (:class:`Options`; its defaults when ``None``).
         predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
 
     Raises:
         FileNotFoundError, ValueError: a missing or incompatible run or dataset, or an empty split.
     """
-    options = options or Options(overlap=overlap, blend=blend, tta=tta, metrics=list(metrics))
+    options = options or Options()
     config, model = load_run(run_dir, load=predict is None)
     predictor = Predictor(model, config, predict)
     dataset = PreparedDataset(data)

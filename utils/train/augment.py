@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
-PRESETS = ("none", "default", "strong")
+from utils.settings import AUGMENT_PRESETS
 
 # Every transform, its options and their defaults (used when the config file enables a transform the preset leaves
 # out). Ranges are [low, high] and drawn uniformly per sample.
@@ -66,8 +66,8 @@ def preset(name: str, ndim: int) -> dict[str, dict]:
     Raises:
         ValueError: an unknown preset name.
     """
-    if name not in PRESETS:
-        raise ValueError(f"augment preset must be one of {PRESETS}, got {name!r}")
+    if name not in AUGMENT_PRESETS:
+        raise ValueError(f"augment preset must be one of {AUGMENT_PRESETS}, got {name!r}")
     if name == "none":
         return {}
     if name == "default":

@@ -7,98 +7,23 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import platform
 from pathlib import Path
 
 import keras
 import numpy as np
 
-import model as model_zoo
 from utils import fileio
-from utils.losses import LOSSES, get_loss
+from utils.losses import get_loss
 from utils.prepared import PreparedDataset
+from utils.settings import MODEL_DEFAULTS, RESUME_MAY_CHANGE, TRAINING, defaults
 from utils.train import planning
-from utils.train.augment import PRESETS, augmentation_settings
-from utils.train.distribute import STRATEGIES
+from utils.train.augment import augmentation_settings
 
 log = logging.getLogger(__name__)
 
 
-SOURCES = ("volumes", "slices", "patches")
-
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-SCHEDULES = ("poly", "cosine", "plateau", "none")
-
-
-LR_SCALINGS = ("none", "linear", "sqrt")
-
-
-WORKER_MODES = ("thread", "process")
-
-
-# Every setting, its default and its type. ``int+``: an integer >= 1; ``ints``: a list of integers; ``None`` defaults
-# are planned or mean "off". A config file or the flags may set any of them.
-SETTINGS: dict[str, tuple[object, object]] = {
-    "model": ("unet3d", tuple(model_zoo.MODELS)),
-    "model_args": ({}, "dict"),
-    "loss": ("dice_ce", tuple(LOSSES)),
-    "loss_args": ({}, "dict"),
-    "source": ("volumes", SOURCES),
-    "patch_size": (None, "ints"),
-    "batch_size": (None, "int+"),
-    "memory_budget": (planning.DEFAULT_MEMORY_GB, "float+"),
-    "epochs": (1000, "int+"),
-    "steps_per_epoch": (100, "int+"),
-    "lr": (3e-3, "float+"),
-    "optimizer": ("adam", OPTIMIZERS),
-    "momentum": (0.99, "float"),
-    "weight_decay": (0.0, "float"),
-    "schedule": ("poly", SCHEDULES),
-    "poly_exponent": (0.9, "float+"),
-    "warmup_epochs": (0.0, "float"),
-    "plateau_patience": (10, "int+"),
-    "plateau_factor": (0.5, "float+"),
-    "min_lr": (0.0, "float"),
-    "grad_clip": (None, "float+"),
-    "lr_scaling": ("none", LR_SCALINGS),
-    "augment": ("default", PRESETS),
-    "augmentation": ({}, "dict"),
-    "foreground_ratio": (0.33, "float"),
-    "pad_placement": ("centre", ("centre", "random")),
-    "workers": (1, "int+"),
-    "worker_mode": ("thread", WORKER_MODES),
-    "time_limit": (None, "float+"),
-    "early_stopping": (0, "int"),
-    "val_overlap": (0.5, "float"),
-    "tensorboard": (True, "bool"),
-    "tensorboard_images": (3, "int"),
-    "mixed_precision": (False, "bool"),
-    "strategy": ("default", STRATEGIES),
-    "deterministic": (False, "bool"),
-    "seed": (0, "int"),
-}
-
-
-DEFAULTS = {key: default for key, (default, _) in SETTINGS.items()}
-
-
 RUN_KEYS = ("data", "output", "resume")
-
-
-# Settings a resumed run may change (they steer the run, not what is learnt).
-RESUME_MAY_CHANGE = ("epochs", "time_limit", "early_stopping", "workers", "worker_mode", "tensorboard_images")
-
-
-# Per-architecture defaults chosen for dice per second on a small budget (see benchmarks/RESULTS.md).
-MODEL_DEFAULTS = {
-    "unet": {"filters": 16, "norm": "instance", "stem_stride": 2},
-}
-
-
 STATE_FILE = "state.json"
 
 
@@ -108,43 +33,12 @@ def check_settings(settings: dict) -> None:
     Raises:
         ValueError: naming the first bad key and its value.
     """
-    unknown = sorted(set(settings) - set(SETTINGS) - set(RUN_KEYS))
+    unknown = sorted(set(settings) - set(TRAINING) - set(RUN_KEYS))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(TRAINING)}")
     for key, value in settings.items():
-        if key in RUN_KEYS or value is None:
-            continue
-        kind = SETTINGS[key][1]
-        if not _matches(value, kind):
-            expected = f"one of {list(kind)}" if isinstance(kind, tuple) else _KIND_NAMES[kind]
-            raise ValueError(f"setting {key!r} must be {expected}, got {value!r}")
-
-
-_KIND_NAMES = {
-    "dict": "a mapping",
-    "ints": "a list of positive integers",
-    "int": "an integer",
-    "int+": "an integer >= 1",
-    "float": "a number",
-    "float+": "a positive number",
-    "bool": "true or false",
-}
-
-
-def _matches(value, kind) -> bool:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(kind, tuple):
-        return isinstance(value, str) and value in kind
-    return {
-        "dict": isinstance(value, dict),
-        "ints": isinstance(value, list | tuple) and all(isinstance(v, int) and v >= 1 for v in value),
-        "int": is_int,
-        "int+": is_int and value >= 1,
-        "float": is_number and math.isfinite(value),
-        "float+": is_number and math.isfinite(value) and value > 0,
-        "bool": isinstance(value, bool),
-    }[kind]
+        if key not in RUN_KEYS:
+            TRAINING[key].check(key, value)
 
 
 def model_family(name: str) -> str:
@@ -194,7 +88,7 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
     """
     check_settings(overrides)
     chosen = {k: v for k, v in overrides.items() if v is not None and k not in RUN_KEYS}
-    config = copy.deepcopy({**DEFAULTS, **chosen})
+    config = copy.deepcopy({**defaults(TRAINING), **chosen})
     ndim = spatial_dims(config["model"])
     if config["patch_size"] is not None and len(config["patch_size"]) != ndim:
         raise ValueError(f"model {config['model']} needs a patch size of {ndim} numbers, got {config['patch_size']}")
@@ -254,11 +148,11 @@ def _resume_config(run_dir: Path, dataset: PreparedDataset, overrides: dict) -> 
     config = fileio.read_json(run_dir / "config.json")
     if config.get("labels") != dataset.labels or config.get("num_channels") != dataset.num_channels:
         raise ValueError(f"{run_dir}: the run was made for a dataset with other labels or channels than {dataset.path}")
-    config = {**DEFAULTS, **config}
+    config = {**defaults(TRAINING), **config}
     changed = sorted(
         key
         for key, value in overrides.items()
-        if key in SETTINGS and key not in RESUME_MAY_CHANGE and value is not None and _differs(value, config.get(key))
+        if key in TRAINING and key not in RESUME_MAY_CHANGE and value is not None and _differs(value, config.get(key))
     )
     if changed:
         raise ValueError(

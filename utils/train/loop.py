@@ -23,9 +23,10 @@ from utils.losses import deep_supervision_compile_args, get_loss
 from utils.metrics import MeanForegroundDice
 from utils.prepared import PreparedDataset
 from utils.runs import load_model
+from utils.settings import TRAINING
 from utils.train.augment import Augmenter, augmentation_settings
 from utils.train.callbacks import LearningRate, RunRecorder, TensorBoard, Validation, read_history
-from utils.train.config import DEFAULTS, STATE_FILE, _resume_config, check_settings, resolve_config, stack_paths
+from utils.train.config import STATE_FILE, _resume_config, check_settings, resolve_config, stack_paths
 from utils.train.distribute import (
     Distribution,
     enable_determinism,
@@ -124,8 +125,8 @@ def train(config_overrides: dict) -> dict:
     """Train a model as configured and write the run folder; returns the resolved config with the best score.
 
     Args:
-        config_overrides: settings from flags or a config file (keys of :data:`SETTINGS`); ``data`` and ``output``
-            are required, ``resume`` continues the run in ``output``.
+        config_overrides: settings from flags or a config file (keys of :data:`utils.settings.TRAINING`); ``data``
+            and ``output`` are required, ``resume`` continues the run in ``output``.
 
     Raises:
         FileNotFoundError: the prepared dataset is missing; or ``resume`` without a previous run.
@@ -136,7 +137,7 @@ def train(config_overrides: dict) -> dict:
     run_dir = Path(config_overrides["output"])
     resume = bool(config_overrides.get("resume"))
     saved = _resume_config(run_dir, dataset, config_overrides) if resume else None
-    strategy = (saved or config_overrides).get("strategy") or DEFAULTS["strategy"]
+    strategy = (saved or config_overrides).get("strategy") or TRAINING["strategy"].default
     distribution = make_distribution(strategy)
     previous_policy = keras.config.dtype_policy()
     try:

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 import numpy as np
 
 import model as model_zoo
+from utils.settings import DEFAULT_MEMORY_GB
 
 MAX_PATCH = {2: 256, 3: 128}
 MIN_FEATURE_MAP = 4
 MAX_DEPTH = 6
-DEFAULT_MEMORY_GB = 8.0
 
 
 def builder_options(name: str) -> dict:

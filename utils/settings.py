@@ -1,0 +1,370 @@
+"""Every choice and default that the three scripts show, in one place.
+
+``data_gen.py``, ``train.py`` and ``evaluation.py`` build their flags (choices, defaults, help) from the tables
+below, and the library modules take their choice lists from here, so a default is written once. A test checks that
+every flag's default equals its setting's. This module imports nothing heavy: ``--help`` stays instant.
+
+A :class:`Setting` says what a value must be with plain Python types: ``type`` (``int``, ``float``, ``bool``,
+``str``, ``dict`` or ``list``), ``choices``, ``minimum`` (inclusive), ``positive`` (``> 0``) and, for lists, the
+type and bounds of every ``item``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Names whose implementations live in heavier modules; tests check that they match (model.MODELS, utils.losses.LOSSES,
+# utils.formats.FORMATS, utils.metrics.METRICS).
+MODEL_NAMES = (
+    "unet2d",
+    "unet3d",
+    "resunet2d",
+    "resunet3d",
+    "attention_unet2d",
+    "attention_unet3d",
+    "dilated2d",
+    "dilated3d",
+    "fcn2d",
+    "fcn3d",
+    "twopath2d",
+)
+LOSS_NAMES = ("dice", "gdl", "dice_ce", "gdl_ce", "ce", "weighted_ce", "tversky", "focal", "dice_focal")
+LAYOUTS = ("msd", "files", "hdf5", "brats", "dicom", "png")
+METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
+
+# Preparation (data_gen.py).
+WINDOW_PRESETS = {
+    "soft_tissue": (-135.0, 250.0),
+    "liver": (-100.0, 200.0),
+    "lung": (-1000.0, 400.0),
+    "brain": (0.0, 80.0),
+    "bone": (-450.0, 1050.0),
+}
+NORMALIZATIONS = ("auto", "zscore", "zscore_dataset", "zscore_nonzero", "minmax", "ct", "none")
+EQUALIZATIONS = ("none", "hist", "clahe")
+CROPS = ("none", "foreground", "nonzero")
+INTERPOLATIONS = {"nearest": 0, "linear": 1, "bspline": 3}
+EXPORT_KINDS = ("volumes", "slices", "patches")
+SLICE_FILTERS = ("all", "foreground")
+PATCH_SAMPLINGS = ("random", "grid")
+
+# Training (train.py).
+SOURCES = ("volumes", "slices", "patches")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("poly", "cosine", "plateau", "none")
+LR_SCALINGS = ("none", "linear", "sqrt")
+WORKER_MODES = ("thread", "process")
+PAD_PLACEMENTS = ("centre", "random")
+AUGMENT_PRESETS = ("none", "default", "strong")
+STRATEGIES = ("default", "mirrored", "multiworker")
+DEFAULT_MEMORY_GB = 8.0
+
+# Evaluation (evaluation.py).
+BLENDS = ("gaussian", "constant")
+PICTURES = ("all", "overlays", "none")
+POSTPROCESS_CHOICES = ("none", "lcc", "auto")
+CONNECTIVITIES = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its default, what a value must be, and the sentence ``--help`` shows.
+
+    Attributes:
+        default: the value used when nobody sets it; ``None`` means "planned" or "off" (the help says which).
+        help: the flag's help, without the default (added by :meth:`help_text`).
+        type: ``int``, ``float``, ``bool``, ``str``, ``dict`` or ``list``.
+        choices: the allowed values, if only some are.
+        minimum: the smallest allowed number (inclusive).
+        positive: numbers must be ``> 0``.
+        item: for lists, the type of each item (bounds from ``minimum`` / ``positive`` apply to items).
+        metavar: the flag's placeholder in ``--help``.
+        default_text: how the default reads in ``--help`` when ``str(default)`` would not say it well.
+    """
+
+    default: Any
+    help: str
+    type: type = str
+    choices: tuple | None = None
+    minimum: float | None = None
+    positive: bool = False
+    item: type | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise a ``ValueError`` quoting ``key`` and ``value`` when ``value`` is not allowed (``None`` always is)."""
+        if value is None:
+            return
+        is_list = self.type is list
+        values = list(value) if is_list and isinstance(value, list | tuple) else [value]
+        allowed = (not is_list or isinstance(value, list | tuple)) and all(
+            self._fits(v, self.item if is_list else self.type) for v in values
+        )
+        if allowed and self.choices is not None:
+            allowed = all(v in self.choices for v in values)
+        if not allowed:
+            raise ValueError(f"setting {key!r} must be {self.describe()}, got {value!r}")
+
+    def _fits(self, value: Any, kind: type | None) -> bool:
+        if kind in (int, float):
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not is_number or (kind is int and not isinstance(value, int)) or not math.isfinite(value):
+                return False
+            if self.minimum is not None and value < self.minimum:
+                return False
+            return not (self.positive and value <= 0)
+        return isinstance(value, kind) if kind is not None else True
+
+    def describe(self) -> str:
+        """What a value must be, in words: ``one of ['adam', 'sgd']``, ``an integer >= 1``, ``a positive number``."""
+        if self.choices is not None:
+            return f"{'a list of values from' if self.type is list else 'one of'} {list(self.choices)}"
+        if self.type is list:
+            noun = {int: "integers", float: "numbers", str: "strings"}.get(self.item, "values")
+            return "a list of " + self._bounded(noun, article="")
+        noun = {int: "integer", float: "number"}.get(self.type)
+        if noun is None:
+            return {bool: "true or false", dict: "a mapping", str: "a string"}.get(self.type, "a value")
+        return self._bounded(noun, article="an " if noun == "integer" else "a ")
+
+    def _bounded(self, noun: str, article: str) -> str:
+        if self.positive:
+            return f"{article and 'a '}positive {noun}"
+        return f"{article}{noun}" + (f" >= {self.minimum:g}" if self.minimum is not None else "")
+
+    def help_text(self) -> str:
+        """The help sentence with ``(default: ...)`` appended."""
+        if self.default_text is not None:
+            shown = self.default_text
+        elif isinstance(self.default, bool):
+            shown = "on" if self.default else "off"
+        elif isinstance(self.default, list | tuple):
+            shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in self.default)
+        elif isinstance(self.default, float):
+            shown = f"{self.default:g}"
+        else:
+            shown = str(self.default)
+        return f"{self.help} (default: {shown})"
+
+
+def defaults(table: dict[str, Setting]) -> dict[str, Any]:
+    """``{key: default}`` of a table (copies of mutable defaults)."""
+    return {key: _copy(setting.default) for key, setting in table.items()}
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+_UNET_RECIPE = "unet: filters 16, instance norm, stem_stride 2; depth planned"
+
+TRAINING: dict[str, Setting] = {
+    "model": Setting("unet3d", "architecture", choices=MODEL_NAMES),
+    "model_args": Setting(
+        {},
+        'architecture options as JSON, e.g. \'{"filters": 32, "deep_supervision": true}\'',
+        type=dict,
+        metavar="JSON",
+        default_text=f"{{}}, then the recipe ({_UNET_RECIPE})",
+    ),
+    "loss": Setting("dice_ce", "loss", choices=LOSS_NAMES),
+    "loss_args": Setting({}, "loss options as JSON, e.g. '{\"batch\": true}'", type=dict, metavar="JSON"),
+    "source": Setting(
+        "volumes",
+        "train from volumes/, or from the slices/ or patches/ stacks of data_gen.py --export",
+        choices=SOURCES,
+    ),
+    "patch_size": Setting(
+        None,
+        "D H W for 3D, H W for 2D",
+        type=list,
+        item=int,
+        positive=True,
+        metavar="N",
+        default_text="planned from the median shape and --memory-budget",
+    ),
+    "batch_size": Setting(None, "samples per step per device", type=int, minimum=1, default_text="planned"),
+    "memory_budget": Setting(
+        DEFAULT_MEMORY_GB, "memory of one device the plan may use, in GiB", type=float, positive=True, metavar="GB"
+    ),
+    "epochs": Setting(1000, "maximum epochs (--time-limit usually ends first)", type=int, minimum=1),
+    "steps_per_epoch": Setting(100, "steps per epoch", type=int, minimum=1),
+    "lr": Setting(3e-3, "initial learning rate", type=float, positive=True),
+    "optimizer": Setting("adam", "adam, or sgd with Nesterov momentum", choices=OPTIMIZERS),
+    "momentum": Setting(0.99, "SGD momentum", type=float),
+    "weight_decay": Setting(0.0, "decoupled weight decay", type=float),
+    "schedule": Setting(
+        "poly",
+        "learning-rate decay over the epochs or the time limit, whichever ends first; plateau: times "
+        "--plateau-factor after --plateau-patience epochs without a better validation dice",
+        choices=SCHEDULES,
+    ),
+    "poly_exponent": Setting(0.9, "exponent of the poly schedule", type=float, positive=True),
+    "warmup_epochs": Setting(0.0, "linear warm-up from 0 over this many epochs", type=float),
+    "plateau_patience": Setting(10, "epochs without improvement before a cut", type=int, minimum=1),
+    "plateau_factor": Setting(0.5, "learning-rate cut of the plateau schedule", type=float, positive=True),
+    "min_lr": Setting(0.0, "floor of the learning rate", type=float),
+    "grad_clip": Setting(
+        None, "clip the global gradient norm to this (nnU-Net: 12)", type=float, positive=True, default_text="off"
+    ),
+    "lr_scaling": Setting("none", "scale the learning rate with the number of replicas", choices=LR_SCALINGS),
+    "augment": Setting(
+        "default",
+        "augmentation preset: none; default (mirroring on every axis); strong (nnU-Net's rotation, scaling, "
+        "elastic, noise, blur, brightness, contrast, low resolution, gamma, 90-degree turns, mirroring). Tune any "
+        "transform with --augmentation or 'augmentation' in --config",
+        choices=AUGMENT_PRESETS,
+    ),
+    "augmentation": Setting(
+        {},
+        'per-transform options as JSON, added to the preset, e.g. \'{"rotation": {"p": 0.3, "angle": [-15, '
+        "15]}}'; transforms: rotation, scale, elastic, noise, blur, brightness, contrast, lowres, gamma, rot90, flip "
+        "(options and defaults: utils/train/augment.py)",
+        type=dict,
+        metavar="JSON",
+    ),
+    "foreground_ratio": Setting(
+        0.33,
+        "expected share of samples placed on a foreground voxel, a class drawn uniformly among those present",
+        type=float,
+    ),
+    "pad_placement": Setting(
+        "centre",
+        "where a case smaller than the patch sits in it: centred, or at a random offset (a shift)",
+        choices=PAD_PLACEMENTS,
+    ),
+    "workers": Setting(
+        1,
+        "parallel batch builders (tf.data threads under --strategy; 1: built in the training loop); batches stay "
+        "the same for any number of workers",
+        type=int,
+        minimum=1,
+    ),
+    "worker_mode": Setting("thread", "workers as threads or processes", choices=WORKER_MODES),
+    "time_limit": Setting(
+        None,
+        "stop after the last whole epoch that fits in this many minutes (the schedule follows it)",
+        type=float,
+        positive=True,
+        metavar="MINUTES",
+        default_text="none",
+    ),
+    "early_stopping": Setting(
+        0, "stop after this many epochs without a better validation dice (0: off)", type=int, metavar="EPOCHS"
+    ),
+    "val_overlap": Setting(0.5, "sliding-window overlap of validation", type=float),
+    "tensorboard": Setting(True, "write tensorboard/ event files", type=bool),
+    "tensorboard_images": Setting(
+        3, "validation cases shown as image | truth | prediction in TensorBoard", type=int, metavar="N"
+    ),
+    "mixed_precision": Setting(
+        False, "mixed_float16 with float32 outputs (on a CPU without float16 kernels: mixed_bfloat16)", type=bool
+    ),
+    "strategy": Setting(
+        "default",
+        "default: one device; mirrored: every local GPU (tf.distribute.MirroredStrategy; JAX: DataParallel); "
+        "multiworker: several hosts from TF_CONFIG (MultiWorkerMirroredStrategy); --batch-size is per device",
+        choices=STRATEGIES,
+    ),
+    "deterministic": Setting(False, "deterministic kernels: the same seed gives the same weights (slower)", type=bool),
+    "seed": Setting(0, "seed of weights, batches and augmentation", type=int),
+}
+# Settings a resumed run may change (they steer the run, not what is learnt).
+RESUME_MAY_CHANGE = ("epochs", "time_limit", "early_stopping", "workers", "worker_mode", "tensorboard_images")
+# Per-architecture defaults chosen for dice per second on a small budget (see benchmarks/RESULTS.md).
+MODEL_DEFAULTS = {"unet": {"filters": 16, "norm": "instance", "stem_stride": 2}}
+
+PREPARE: dict[str, Setting] = {
+    "format": Setting("auto", "input layout; auto detects it", choices=("auto", *LAYOUTS)),
+    "spacing": Setting(
+        ["median"],
+        "target voxel spacing: 'median' (dataset median), 'original' (no resampling) or three numbers Z Y X in mm",
+        type=list,
+        metavar="MM",
+    ),
+    "normalize": Setting(
+        "auto",
+        "auto: z-score per case for MR, dataset-percentile clip + z-score for CT; zscore: per case; "
+        "zscore_dataset: the dataset's mean and std; zscore_nonzero: per case inside the non-zero voxels, 0 outside; "
+        "minmax: to [0, 1] (or the window); none",
+        choices=NORMALIZATIONS,
+    ),
+    "equalize": Setting(
+        "none",
+        "histogram equalisation into [0, 1] after the window: hist (whole volume) or clahe (per slice); with "
+        "--normalize auto nothing more is done",
+        choices=EQUALIZATIONS,
+    ),
+    "interpolation": Setting(
+        "linear",
+        "image resampling: linear, bspline (cubic) or nearest; labels use nearest, then each class keeps its source "
+        "volume",
+        choices=tuple(sorted(INTERPOLATIONS)),
+    ),
+    "downsample": Setting(
+        1,
+        "integer in-plane downsampling on top of --spacing, e.g. 2 turns 512x512 into 256x256",
+        type=int,
+        minimum=1,
+        metavar="N",
+    ),
+    "crop": Setting("none", "crop to a bounding box", choices=CROPS),
+    "crop_margin": Setting(0, "voxels kept around the crop box", type=int, minimum=0),
+    "export": Setting(
+        ["volumes"],
+        "what to write besides the manifest: volumes (always written), slices, patches",
+        type=list,
+        choices=EXPORT_KINDS,
+    ),
+    "slice_filter": Setting(
+        "all",
+        "slices export of train/val: all slices or only those with foreground; test keeps all",
+        choices=SLICE_FILTERS,
+    ),
+    "patch_sampling": Setting(
+        "random", "random centres (see --patch-ratio) or a grid covering each volume", choices=PATCH_SAMPLINGS
+    ),
+    "patches_per_case": Setting(8, "random patches per case", type=int, minimum=1),
+    "patch_ratio": Setting(
+        [1.0, 1.0],
+        "weights of patch centres on foreground and background voxels, e.g. 1 1.5; 1 0 = always on foreground",
+        type=list,
+        item=float,
+        minimum=0,
+    ),
+    "split": Setting([0.8, 0.2, 0.0], "patient-level split fractions", type=list, item=float, minimum=0),
+    "seed": Setting(0, "seed of the split", type=int),
+    "workers": Setting(1, "processes over cases", type=int, minimum=1),
+}
+
+EVALUATE: dict[str, Setting] = {
+    "split": Setting("test", "with --data: train, val, test or all"),
+    "overlap": Setting(0.5, "sliding-window overlap in [0, 1)", type=float, minimum=0),
+    "blend": Setting(
+        "gaussian", "weighting of overlapping windows: gaussian (sigma = patch/8) or constant", choices=BLENDS
+    ),
+    "pictures": Setting(
+        "all",
+        "per-case pictures: all (overlays/<id>.png and an animated .gif), overlays (png only) or none",
+        choices=PICTURES,
+    ),
+    "postprocess": Setting(
+        "none",
+        "lcc: keep the largest connected component of every class; auto: only for the classes where that raises "
+        "the mean dice on the training dataset's validation split (decided once, stored in the run folder's "
+        "postprocessing.json)",
+        choices=POSTPROCESS_CHOICES,
+    ),
+    "connectivity": Setting(
+        1, "neighbours of connected components: 1 faces, 2 edges, 3 corners", type=int, choices=CONNECTIVITIES
+    ),
+    "metrics": Setting(list(METRIC_NAMES), "metrics to compute", type=list, choices=METRIC_NAMES, default_text="all"),
+    "nsd_tolerance": Setting(1.0, "tolerance of nsd in mm", type=float, positive=True),
+}
