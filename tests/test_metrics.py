@@ -154,6 +154,21 @@ def test_helpers():
     assert sorted(to_second) == [0, 0, 1, 2] and sorted(to_first) == [0, 0, 1, 2]
 
 
+def test_finite_mean_leaves_out_what_was_not_scored():
+    assert metrics.finite_mean([0.5, NAN, None, 1.0]) == 0.75
+    assert math.isnan(metrics.finite_mean([NAN, None])) and math.isnan(metrics.finite_mean([]))
+
+
+def test_foreground_dice_of_a_case_leaves_out_classes_empty_in_both():
+    """Validation during training: class 2 is in neither map (NaN, not in the mean), class 3 only predicted (0)."""
+    truth, pred = blank(), blank()
+    truth[0, :4], pred[0, 2:6], pred[5, 7] = 1, 1, 3
+    mean, per_class = metrics.mean_foreground_dice(pred, truth, 4)
+    assert per_class[0] == metrics.dice_score(pred == 1, truth == 1) == 0.5
+    assert math.isnan(per_class[1]) and per_class[2] == 0.0 and mean == 0.25
+    assert math.isnan(metrics.mean_foreground_dice(blank(), blank(), 3)[0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -1,5 +1,7 @@
 """Post-processing: largest connected component, small components, and the validation decision, on hand-made masks."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from utils.evaluate.postprocess import (
     parse_min_size,
     remove_small_components,
 )
+from utils.evaluate.report import mean_dice
 
 
 def hand_made():
@@ -90,3 +93,17 @@ def test_decision_keeps_lcc_only_where_validation_dice_rises():
     assert plan["dice"]["2"]["with_lcc"] < plan["dice"]["2"]["without_lcc"] == 1.0
     assert plan["num_cases"] == 1 and plan["decided_on"] == "validation"
     np.testing.assert_array_equal(apply_plan(prediction, plan), truth)
+
+
+def test_a_class_no_case_scores_is_null_in_the_plan_and_nan_in_the_report():
+    """The shared dice (NaN when both masks are empty) and mean serve two callers with different corners: the plan
+    writes JSON ``null`` for a class that no validation case has and keeps its components; the report's mean dice of
+    a case leaves such a class out and is NaN when nothing is left."""
+    truth = np.zeros((6, 6, 6), dtype=np.uint8)
+    truth[1:3, 1:3, 1:3] = 1
+    plan = decide_lcc([(truth.copy(), truth, (1.0, 1.0, 1.0))], 3)
+    assert plan["dice"]["2"] == {"without_lcc": None, "with_lcc": None} and plan["lcc_classes"] == []
+    assert plan["dice"]["1"] == {"without_lcc": 1.0, "with_lcc": 1.0}
+    record = {"id": "a", "metrics": {"1": {"dice": 1.0}, "2": {"dice": float("nan")}}}
+    assert mean_dice(record, ["1", "2"]) == 1.0
+    assert math.isnan(mean_dice({"id": "b", "metrics": {"2": {"dice": float("nan")}}}, ["2"]))

@@ -29,6 +29,8 @@ Empty-class rule (truth and/or prediction without a voxel of the class):
 
 Distances to an empty mask are NaN rather than infinite (MONAI returns inf there): a summary then reports the
 distances over the cases where both masks exist, and the missed or spurious cases show in `dice` and `nsd`.
+`finite_mean` is that rule for averages (a case's mean over classes, a class's mean over cases): the values not
+scored are left out, and the mean is NaN when none is left.
 
 Training: `ClassDice` and `MeanForegroundDice` are streaming `keras.metrics.Metric` objects (argmax of the
 prediction against argmax of the one-hot truth, counts accumulated over the epoch, as nnU-Net's pseudo dice),
@@ -76,6 +78,13 @@ def iou_score(pred_mask: np.ndarray, truth_mask: np.ndarray) -> float:
     """Intersection over union (Jaccard) of two binary masks; NaN when both are empty."""
     pred_mask, truth_mask = np.asarray(pred_mask, bool), np.asarray(truth_mask, bool)
     return _ratio(np.count_nonzero(pred_mask & truth_mask), np.count_nonzero(pred_mask | truth_mask))
+
+
+def finite_mean(values: Iterable[float | None]) -> float:
+    """Mean of the finite values, leaving out the classes or cases not scored (NaN or None under the empty rule);
+    NaN when none is left."""
+    finite = [float(value) for value in values if value is not None and math.isfinite(float(value))]
+    return float(np.mean(finite)) if finite else NAN
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
@@ -236,6 +245,22 @@ def compute_case_metrics(
         pred_mask, truth_mask = np.isin(pred[box], members), np.isin(truth[box], members)
         results[key] = _case_values(pred_mask, truth_mask, spacing, metrics, nsd_tolerance)
     return results
+
+
+def mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
+    """Dice of one case per foreground class, and their mean over the classes scored (validation during training).
+
+    Args:
+        pred, truth: integer label maps of classes ``0..num_classes-1``, same shape ``(*spatial)``.
+        num_classes: ``K``, background included; classes ``1..K-1`` are scored.
+
+    Returns:
+        ``(mean, [dice of class 1, ..., dice of class K-1])``; a class empty in both maps has dice NaN and is left out
+        of the mean (:func:`finite_mean`), which is NaN when no class is scored.
+    """
+    scores = compute_case_metrics(pred, truth, range(1, num_classes), (1.0,) * np.ndim(truth), metrics=("dice",))
+    per_class = [float(scores[k]["dice"]) for k in range(1, num_classes)]
+    return finite_mean(per_class), per_class
 
 
 class _DiceCounts(keras.metrics.Metric):

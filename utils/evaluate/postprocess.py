@@ -13,11 +13,14 @@ A *plan* is plain JSON, stored in ``summary.json`` and, when decided on the vali
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from utils.metrics import dice_score, finite_mean
 
 POSTPROCESS_CHOICES = ("none", "lcc", "auto")
 SIZE_UNITS = ("voxels", "mm3")
@@ -144,12 +147,6 @@ def apply_plan(labels: np.ndarray, plan: Mapping | None, spacing: Sequence[float
     return out
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; NaN when both are empty (the project's empty rule)."""
-    total = int(pred.sum()) + int(truth.sum())
-    return float("nan") if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
-
-
 def decide_lcc(
     cases: Iterable[tuple[np.ndarray, np.ndarray, Sequence[float]]],
     num_classes: int,
@@ -174,12 +171,12 @@ def decide_lcc(
         base = apply_plan(prediction, make_plan("none", num_classes, min_size, connectivity), spacing)
         largest = apply_plan(prediction, make_plan("lcc", num_classes, min_size, connectivity), spacing)
         for k, (before, after) in scores.items():
-            before.append(_dice(base == k, truth == k))
-            after.append(_dice(largest == k, truth == k))
+            before.append(dice_score(base == k, truth == k))
+            after.append(dice_score(largest == k, truth == k))
     plan = make_plan("none", num_classes, min_size, connectivity)
     dice = {}
     for k, (before, after) in scores.items():
-        mean_before, mean_after = _nanmean(before), _nanmean(after)
+        mean_before, mean_after = _mean_or_none(before), _mean_or_none(after)
         dice[str(k)] = {"without_lcc": mean_before, "with_lcc": mean_after}
         if mean_before is not None and mean_after is not None and mean_after > mean_before:
             plan["lcc_classes"].append(k)
@@ -187,6 +184,8 @@ def decide_lcc(
     return plan
 
 
-def _nanmean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if np.isfinite(v)]
-    return round(float(np.mean(finite)), 6) if finite else None
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean dice over the cases that score the class (:func:`utils.metrics.finite_mean`), rounded for the plan;
+    ``None`` (JSON ``null``) when no case does, so that a class never seen keeps its components."""
+    mean = finite_mean(values)
+    return round(mean, 6) if math.isfinite(mean) else None

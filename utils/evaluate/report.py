@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from utils import fileio
+from utils.metrics import finite_mean
 
 SCRIPT = """
 function sortTable(th) {
@@ -158,9 +159,7 @@ def _pictures(record: Mapping, output: Path) -> str:
 def mean_dice(record: Mapping, keys: Sequence[str]) -> float:
     """Mean dice over the record's classes (not regions) with a finite dice; NaN when there is none."""
     metrics = record.get("metrics") or {}
-    values = [metrics[k].get("dice") for k in keys if k.isdigit() and k in metrics]
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(finite) / len(finite) if finite else float("nan")
+    return finite_mean(metrics[k].get("dice") for k in keys if k.isdigit() and k in metrics)
 
 
 def _sort_key(record: Mapping, keys: Sequence[str]) -> tuple:
