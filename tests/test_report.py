@@ -14,7 +14,8 @@ from PIL import Image
 
 from utils.evaluate.report import render_report, write_report
 from utils.evaluate.results import summarize
-from utils.plots import DisplayVolume, plot_dice_boxplot, plot_overlay
+from utils.geometry import resize_nearest, resize_volume
+from utils.plots import DisplayVolume, class_color, plot_dice_boxplot, plot_overlay, side_by_side
 
 NAMES = {"1": "liver", "2": "tumour"}
 CHROMIUM = os.environ.get("CHROMIUM") or next(
@@ -73,6 +74,31 @@ def test_a_report_without_scores_still_lists_the_cases(tmp_path):
     records = [{"id": "x", "metrics": None, "predicted_ml": {"1": 2.0}}]
     text = render_report(summarize(records, NAMES, ["dice"]), records, NAMES, tmp_path)
     assert "nothing was scored" in text and '<tr id="case-x">' in text and "volume liver (ml)" in text
+
+
+def test_training_pictures_use_the_class_colours_of_the_report():
+    """TensorBoard's ``image | truth | prediction`` and the overlays share one palette (class 3 was blue in one and
+    yellow in the other, class 7 black in TensorBoard)."""
+    truth = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    image = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4, 1)
+    picture = side_by_side(image, truth, np.zeros_like(truth), min_size=6)
+    assert picture.shape == (6, 2 * (3 * 4 + 4), 3) and picture.dtype == np.uint8
+    truth_panel = picture[::2, 2 * (4 + 2) : 2 * (2 * 4 + 2) : 2]
+    assert [tuple(colour) for colour in truth_panel.reshape(-1, 3)] == [(0, 0, 0), *map(class_color, range(1, 12))]
+    assert class_color(3) == (255, 225, 25) and class_color(11) == class_color(1)
+    assert not picture[::2, 2 * (2 * 4 + 4) :: 2].any() and (picture[:, 8:12] == 255).all()
+    grey = picture[::2, :8:2, 0]
+    assert grey[0, 0] == 0 and grey[-1, -1] == 255 and (np.diff(grey.ravel().astype(int)) >= 0).all()
+
+
+def test_one_nearest_resize_serves_label_volumes_and_display_slices():
+    """:func:`utils.geometry.resize_nearest` resamples prepared label volumes (channels kept) and the GIF's slices."""
+    volume = np.arange(4 * 6 * 5 * 2).reshape(4, 6, 5, 2)
+    resized = resize_nearest(volume, (8, 3, 5))
+    np.testing.assert_array_equal(resized, volume[[0, 0, 1, 1, 2, 2, 3, 3]][:, [1, 3, 5]])
+    np.testing.assert_array_equal(resize_volume(volume, (8, 3, 5), order=0), resized)
+    slice_ = volume[0, ..., 0]
+    np.testing.assert_array_equal(resize_nearest(slice_, (3, 10)), slice_[[1, 3, 5]][:, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]])
 
 
 def chromium(*args, timeout=90):

@@ -116,7 +116,7 @@ def resize_volume(array: np.ndarray, shape: Sequence[int], order: int) -> np.nda
         return array
     out_shape = shape + tuple(array.shape[3:])
     if order == 0:
-        return _resize_nearest(array, shape)
+        return resize_nearest(array, shape)
     out = resize(
         array.astype(np.float32, copy=False),
         out_shape,
@@ -128,11 +128,17 @@ def resize_volume(array: np.ndarray, shape: Sequence[int], order: int) -> np.nda
     return out.astype(np.float32, copy=False)
 
 
-def _resize_nearest(array: np.ndarray, shape: tuple) -> np.ndarray:
-    """Nearest-neighbour resampling by index lookup: exact, dtype-preserving and fast for label maps."""
+def resize_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resampling of the first ``len(shape)`` axes of ``array`` by index lookup (voxel edges
+    aligned; trailing axes kept): exact, dtype-preserving and fast for label maps and display slices.
+
+    Args:
+        array: e.g. ``(Z, Y, X)``, ``(Z, Y, X, C)`` or a slice ``(H, W)``.
+        shape: the new sizes of the leading axes, e.g. ``(Z', Y', X')`` or ``(H', W')``.
+    """
     index = [
         np.minimum(((np.arange(n) + 0.5) * (old / n)).astype(np.int64), old - 1)
-        for n, old in zip(shape, array.shape[:3], strict=True)
+        for n, old in zip(shape, array.shape[: len(shape)], strict=True)
     ]
     return array[np.ix_(*index)]
 

@@ -83,6 +83,34 @@ def class_color(k: int) -> tuple[int, int, int]:
     return CLASS_COLORS[(int(k) - 1) % len(CLASS_COLORS)]
 
 
+def label_rgb(label_map: np.ndarray) -> np.ndarray:
+    """A class map ``(*shape)`` as an RGB ``uint8`` picture ``(*shape, 3)``: background black, class ``k`` in
+    :func:`class_color` ``(k)``."""
+    palette = np.array([(0, 0, 0), *CLASS_COLORS], dtype=np.uint8)
+    labels = np.asarray(label_map, dtype=np.intp)
+    return palette[np.where(labels > 0, (labels - 1) % len(CLASS_COLORS) + 1, 0)]
+
+
+def side_by_side(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, min_size: int = 128) -> np.ndarray:
+    """``image | truth | prediction`` as one RGB ``uint8`` picture (TensorBoard's validation slices).
+
+    Args:
+        image: the slice ``(H, W, C)``; its first channel is shown in grey, scaled between its 0.5 and 99.5
+            percentiles.
+        truth, prediction: class maps ``(H, W)``, shown in the class colours of :func:`label_rgb`.
+        min_size: the picture is enlarged by pixel repetition to at least this many rows.
+
+    Returns:
+        ``(f * H, f * (3 * W + 4), 3)`` ``uint8``, with a white gap of two pixels between the panels.
+    """
+    grey = (_scale_intensity(np.asarray(image)[..., 0]) * 255).astype(np.uint8)
+    grey = np.repeat(grey[..., None], 3, axis=-1)
+    gap = np.full((grey.shape[0], 2, 3), 255, dtype=np.uint8)
+    strip = np.concatenate([grey, gap, label_rgb(truth), gap, label_rgb(prediction)], axis=1)
+    factor = max(1, -(-min_size // strip.shape[0]))
+    return np.repeat(np.repeat(strip, factor, axis=0), factor, axis=1)
+
+
 @dataclass
 class DisplayVolume:
     """A case turned to the display orientation: axis 0 points superior, 1 anterior, 2 right (``S, A, R``).
@@ -134,9 +162,11 @@ class DisplayVolume:
 
 
 def _scale_intensity(image: np.ndarray) -> np.ndarray:
+    """``image`` (any number of axes) scaled to [0, 1] between its 0.5 and 99.5 percentiles (over about two million
+    evenly spaced voxels; NaN shown as the low end)."""
     image = np.asarray(image, dtype=np.float32)
-    step = max(1, int(round((image.size / 2_000_000) ** (1 / 3))))
-    sample = image[::step, ::step, ::step]
+    step = max(1, int(round((image.size / 2_000_000) ** (1 / max(image.ndim, 1)))))
+    sample = image[(slice(None, None, step),) * image.ndim]
     finite = sample[np.isfinite(sample)]
     low, high = (float(v) for v in np.percentile(finite, [0.5, 99.5])) if finite.size else (0.0, 1.0)
     if high <= low:
@@ -203,6 +233,8 @@ def write_overlay_gif(
     at most ``max_frames`` of them evenly spaced; the longer side is ``size`` pixels, the aspect from the spacing."""
     from PIL import Image, ImageDraw
 
+    from utils.geometry import resize_nearest
+
     depth = volume.image.shape[0]
     foreground = volume.foreground().any(axis=(1, 2))
     if foreground.any():
@@ -219,7 +251,7 @@ def write_overlay_gif(
     frames = []
     for index in indices:
         (image, truth, prediction), _ = volume.plane("axial", int(index))
-        rgb = _overlay_rgb(*(None if a is None else _resize_nearest_2d(a, shape) for a in (image, truth, prediction)))
+        rgb = _overlay_rgb(*(None if a is None else resize_nearest(a, shape) for a in (image, truth, prediction)))
         frame = Image.fromarray(rgb)
         ImageDraw.Draw(frame).text((4, 2), f"{index + 1}/{depth}", fill=(255, 255, 0))
         frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE, colors=255))
@@ -228,12 +260,6 @@ def write_overlay_gif(
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
     return fileio.write_with(path, save, suffix=".gif")
-
-
-def _resize_nearest_2d(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * array.shape[0] / shape[0]).astype(int), array.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * array.shape[1] / shape[1]).astype(int), array.shape[1] - 1)
-    return array[np.ix_(rows, cols)]
 
 
 def _overlay_rgb(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray | None) -> np.ndarray:

@@ -17,43 +17,14 @@ import numpy as np
 
 from utils import fileio
 from utils.inference import predict_volume
-from utils.metrics import compute_case_metrics
-from utils.plots import plot_curves
+from utils.metrics import mean_foreground_dice
+from utils.plots import plot_curves, side_by_side
 from utils.prepared import PreparedDataset
 from utils.runs import save_model
 from utils.train.config import STATE_FILE
 from utils.train.distribute import Distribution
 
 log = logging.getLogger(__name__)
-
-
-def mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
-    """Mean over foreground classes of the case's dice (classes empty in both are left out), and per-class dice."""
-    scores = compute_case_metrics(pred, truth, range(1, num_classes), (1.0,) * truth.ndim, metrics=("dice",))
-    per_class = [float(scores[k]["dice"]) for k in range(1, num_classes)]
-    finite = [v for v in per_class if np.isfinite(v)]
-    return (float(np.mean(finite)) if finite else float("nan")), per_class
-
-
-PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [245, 130, 48], [145, 30, 180]],
-    dtype=np.uint8,
-)
-
-
-def side_by_side(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, min_size: int = 128) -> np.ndarray:
-    """``image | truth | prediction`` as one RGB ``uint8`` picture: the slice ``(H, W, C)`` (first channel, scaled
-    between its 0.5 and 99.5 percentiles) in grey, the label maps ``(H, W)`` in class colours; enlarged by pixel
-    repetition to at least ``min_size`` rows."""
-    channel = np.asarray(image, dtype=np.float32)[..., 0]
-    low, high = np.percentile(channel, [0.5, 99.5])
-    grey = np.clip((channel - low) / max(high - low, 1e-6), 0, 1)
-    grey = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    colour = [PALETTE[np.asarray(m, dtype=np.intp) % len(PALETTE)] for m in (truth, pred)]
-    gap = np.full((grey.shape[0], 2, 3), 255, dtype=np.uint8)
-    strip = np.concatenate([grey, gap, colour[0], gap, colour[1]], axis=1)
-    factor = max(1, int(math.ceil(min_size / strip.shape[0])))
-    return np.repeat(np.repeat(strip, factor, axis=0), factor, axis=1)
 
 
 class Validation(keras.callbacks.Callback):
