@@ -6,8 +6,9 @@ Examples (``--format auto`` detects each input format; README.md has one line pe
     python data_gen.py --input lab_petct_vox_5.00mm.h5 --binarize --export slices --output data/sts
     python data_gen.py --input ct_series/ --label seg.nii.gz --window-preset soft_tissue --output data/ct
 
-Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/`` into ``--output`` (docs/ARCHITECTURE.md), and
-with ``--export slices patches`` the ``slices/`` and ``patches/`` arrays of the classic 2D and patch workflows.
+Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/`` into ``--output``
+(docs/ARCHITECTURE.md), and with ``--export slices patches`` the ``slices/`` and ``patches/`` arrays of the classic
+2D and patch workflows.
 """
 
 from __future__ import annotations
