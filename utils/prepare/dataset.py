@@ -1,7 +1,8 @@
 """Prepare a dataset (``data_gen.py``); :mod:`utils.prepared` reads it back.
 
 A prepared dataset ``data/<name>/`` holds ``manifest.json``, ``fingerprint.json``, ``splits.json`` and
-``volumes/<id>_image.npy`` ``(Z, Y, X, C)`` float32 / ``volumes/<id>_label.npy`` ``(Z, Y, X)`` uint8 (docs/ARCHITECTURE.md).
+``volumes/<id>_image.npy`` ``(Z, Y, X, C)`` float32 / ``volumes/<id>_label.npy`` ``(Z, Y, X)`` uint8
+(docs/ARCHITECTURE.md).
 
 Preparation runs in two passes over the cases, each spread over ``workers`` processes with one progress bar:
 the fingerprint pass (shapes, spacings, intensities) and the preparation pass. Each case's result is written

@@ -1,10 +1,11 @@
 """The training loop: build and compile the model, make the sampler, fit with the callbacks, resume.
 
-The run folder (docs/ARCHITECTURE.md) receives ``config.json`` (every resolved setting, the plan, backend and versions),
-``model.keras`` (best validation mean foreground dice), ``last.keras`` (with optimizer state) plus ``state.json``
-(epochs done, best score, time used, learning-rate schedule state) for ``--resume``, ``history.csv``, ``curves.png``,
-``model_summary.txt`` and ``tensorboard/``. Every file is written atomically, so a run killed at any moment resumes
-from its last complete epoch and then sees the batches and learning rates the uninterrupted run would have seen.
+The run folder (docs/ARCHITECTURE.md) receives ``config.json`` (every resolved setting, the plan, backend and
+versions), ``model.keras`` (best validation mean foreground dice), ``last.keras`` (with optimizer state) plus
+``state.json`` (epochs done, best score, time used, learning-rate schedule state) for ``--resume``, ``history.csv``,
+``curves.png``, ``model_summary.txt`` and ``tensorboard/``. Every file is written atomically, so a run killed at any
+moment resumes from its last complete epoch and then sees the batches and learning rates the uninterrupted run would
+have seen.
 """
 
 from __future__ import annotations
