@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
-
-from utils.metrics import dice_score, finite_mean
 
 POSTPROCESS_CHOICES = ("none", "lcc", "auto")
 SIZE_UNITS = ("voxels", "mm3")
@@ -59,10 +57,7 @@ def keep_largest_component(
     Ties keep the component found first in array order. Returns a new array; ``labels`` is not changed.
     """
     out = np.array(labels, copy=True)
-    structure = _structure(out.ndim, connectivity)
-    for value in _classes(out, classes):
-        mask = out == value
-        components, count = ndimage.label(mask, structure)
+    for mask, components, count in _class_components(out, classes, connectivity):
         if count > 1:
             sizes = np.bincount(components.ravel())[1:]
             out[mask & (components != 1 + int(np.argmax(sizes)))] = 0
@@ -93,14 +88,23 @@ def remove_small_components(
         voxel_volume = float(np.prod(spacing))
     else:
         voxel_volume = 1.0
-    structure = _structure(out.ndim, connectivity)
-    for value in _classes(out, classes):
-        mask = out == value
-        components, count = ndimage.label(mask, structure)
+    for _, components, count in _class_components(out, classes, connectivity):
         if count:
             small = np.flatnonzero(np.bincount(components.ravel())[1:] * voxel_volume < min_size) + 1
             out[np.isin(components, small)] = 0
     return out
+
+
+def _class_components(
+    labels: np.ndarray, classes: Iterable[int] | None, connectivity: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Per class of ``classes`` present in ``labels`` (default: every foreground class), as ``labels`` is when the
+    class comes: its mask, its components numbered ``1..count`` and ``count`` (:func:`scipy.ndimage.label`)."""
+    structure = _structure(labels.ndim, connectivity)
+    for value in _classes(labels, classes):
+        mask = labels == value
+        components, count = ndimage.label(mask, structure)
+        yield mask, components, count
 
 
 def _classes(labels: np.ndarray, classes: Iterable[int] | None) -> list[int]:
@@ -164,6 +168,8 @@ def decide_lcc(
     Returns:
         A plan with the decision and, per class, the mean dice without and with lcc (``"dice"``) and the case count.
     """
+    from utils.metrics import dice_score  # brings Keras: imported here so that checking the flags stays quick
+
     scores = {k: ([], []) for k in range(1, num_classes)}
     count = 0
     for prediction, truth, spacing in cases:
@@ -187,5 +193,7 @@ def decide_lcc(
 def _mean_or_none(values: Sequence[float]) -> float | None:
     """The mean dice over the cases that score the class (:func:`utils.metrics.finite_mean`), rounded for the plan;
     ``None`` (JSON ``null``) when no case does, so that a class never seen keeps its components."""
+    from utils.metrics import finite_mean
+
     mean = finite_mean(values)
     return round(mean, 6) if math.isfinite(mean) else None
