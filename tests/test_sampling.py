@@ -189,9 +189,9 @@ def test_bad_arguments_are_refused():
 def test_prepared_dataset_keeps_maps_open_and_pickles_without_them(prepared_sample):
     import pickle
 
-    from utils.prepare import dataset as dataset_module
+    from utils.prepared import PreparedDataset
 
-    data = dataset_module.PreparedDataset(prepared_sample)
+    data = PreparedDataset(prepared_sample)
     first, second, third = data.split("train")[:3]
     image = data.image(first)
     assert isinstance(image, np.memmap) and data.image(first) is image  # the open map is reused
