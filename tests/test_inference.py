@@ -182,3 +182,31 @@ def test_mirroring_chosen_axes_averages_the_flipped_predictions():
     )
     with pytest.raises(ValueError, match="not spatial axes"):
         predict_volume(None, image, (8, 8, 8), 2, tta=[3], predict=predict)
+
+
+class CallRecorder:
+    """A stand-in Keras model that records whether it was called eagerly or through ``predict_on_batch``; its
+    output is a deep-supervision list whose first entry is the input plus one."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, batch, training=False):
+        self.calls.append(("eager", training))
+        return [batch + 1.0, batch]
+
+    def predict_on_batch(self, batch):
+        self.calls.append(("compiled", None))
+        return [batch + 1.0, batch]
+
+
+@pytest.mark.parametrize(("distributed", "kind"), [(False, "compiled"), (True, "eager")])
+def test_the_caller_says_whether_the_model_is_distributed(distributed, kind):
+    """A model under a distribution strategy is called eagerly (its compiled step would split the batch over the
+    devices); any other model goes through Keras's compiled predict function. Same numbers either way."""
+    model = CallRecorder()
+    image = np.random.default_rng(0).normal(size=(4, 8, 8, 2)).astype(np.float32)
+    out = predict_volume(model, image, (8, 8), 2, overlap=0.0, blend="constant", distributed=distributed)
+    np.testing.assert_allclose(out, image + 1.0, atol=1e-6)
+    assert model.calls and {call[0] for call in model.calls} == {kind}
+    assert all(training is not True for _, training in model.calls)

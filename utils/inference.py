@@ -3,7 +3,9 @@
 One function, :func:`predict_volume`, serves validation in ``train.py`` and ``evaluation.py``. 2D models see every
 slice (axis 0) of the volume, windows tiled over ``(Y, X)`` and batched across slices; 3D models see windows tiled
 over ``(Z, Y, X)``. Windows overlap by ``overlap`` of the patch size; each prediction is weighted by a Gaussian
-importance map (sigma = patch / 8, as in nnU-Net) or uniformly, and the weighted predictions are averaged.
+importance map (sigma = patch / 8, as in nnU-Net) or uniformly, and the weighted predictions are averaged. A Keras
+model is called through its compiled predict function, or eagerly when the caller says it lives under a distribution
+strategy (``distributed``: validation while training with ``--strategy mirrored|multiworker``).
 
 Memory: the importance map is separable and the windows form a grid, so the summed weight at every voxel is a product
 of one-dimensional sums. Each window's prediction is therefore multiplied by its *normalised* weight (its weight
@@ -169,17 +171,20 @@ def sliding_window(
     return output[(slice(None), *crop)] if any(pad) else output
 
 
-def model_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+def model_predictor(model, distributed: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """``batch -> probabilities`` for a Keras model (first output of deep-supervision models), as float32 numpy.
 
     Batches go through ``model.predict_on_batch``, Keras's compiled predict function (traced once per batch size,
     so at most ``batch_size`` traces per run): 1.4 to 1.9 times faster than calling the model eagerly on a CPU
-    (benchmarks/RESULTS.md). A model built under a ``tf.distribute`` strategy or a Keras distribution is called
-    eagerly, since their compiled step would split the batch over devices.
+    (benchmarks/RESULTS.md).
+
+    Args:
+        model: a Keras model taking ``(B, *patch, C)``.
+        distributed: the model was built under a ``tf.distribute`` strategy or a Keras distribution (training with
+            ``--strategy mirrored|multiworker``): it is then called eagerly, since its compiled step would split the
+            batch over the devices. The caller that set up the distribution says so.
     """
     import keras
-
-    distributed = getattr(model, "_distribute_strategy", None) is not None or keras.distribution.distribution()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         out = model(batch, training=False) if distributed else model.predict_on_batch(batch)
@@ -202,6 +207,7 @@ def predict_volume(
     progress: bool = False,
     predict: Callable[[np.ndarray], np.ndarray] | None = None,
     dtype: str | None = None,
+    distributed: bool = False,
 ) -> np.ndarray:
     """Class probabilities ``(Z, Y, X, K)`` for a prepared image ``(Z, Y, X, C)``.
 
@@ -215,6 +221,7 @@ def predict_volume(
             for 3D); a list of spatial axes (0 is the first patch axis) over the combinations of those.
         progress: progress bar over windows.
         predict: optional ``batch -> probabilities`` function used instead of ``model``.
+        distributed: ``model`` lives under a distribution strategy (see :func:`model_predictor`).
 
     Raises:
         ValueError: a patch size of other than 2 or 3 entries, or an image that is not ``(Z, Y, X, C)``.
@@ -224,7 +231,7 @@ def predict_volume(
         raise ValueError(f"patch size must have 2 or 3 entries, got {tuple(patch_size)}")
     if image.ndim != 4:
         raise ValueError(f"image must be (Z, Y, X, C), got shape {tuple(image.shape)}")
-    predict = predict or model_predictor(model)
+    predict = predict or model_predictor(model, distributed)
     axes = range(ndim) if tta is True else (tta or ())
     if any(not 0 <= int(a) < ndim for a in axes):
         raise ValueError(f"test-time mirroring axes {list(axes)} are not spatial axes of a {ndim}D patch")

@@ -30,12 +30,20 @@ log = logging.getLogger(__name__)
 class Validation(keras.callbacks.Callback):
     """After each epoch, predict every validation volume whole (:func:`utils.inference.predict_volume`) and log
     ``val_dice`` (mean foreground dice over cases) and ``val_dice_<k>`` per class. Keeps, for the first
-    ``num_examples`` cases, the axial slice with the most foreground as ``(image, truth, prediction)``."""
+    ``num_examples`` cases, the axial slice with the most foreground as ``(image, truth, prediction)``. ``distributed``:
+    the model lives under a distribution strategy, so it is called eagerly (:func:`utils.inference.model_predictor`)."""
 
-    def __init__(self, dataset: PreparedDataset, case_ids: Sequence[str], config: dict, num_examples: int = 0):
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        case_ids: Sequence[str],
+        config: dict,
+        num_examples: int = 0,
+        distributed: bool = False,
+    ):
         super().__init__()
         self.dataset, self.case_ids, self.config = dataset, list(case_ids), config
-        self.num_examples = num_examples
+        self.num_examples, self.distributed = num_examples, distributed
         self.examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def evaluate(self) -> dict:
@@ -50,6 +58,7 @@ class Validation(keras.callbacks.Callback):
                 num_classes,
                 overlap=self.config["val_overlap"],
                 batch_size=self.config["batch_size"],
+                distributed=self.distributed,
             )
             pred = np.argmax(probabilities, -1)
             mean, classes = mean_foreground_dice(pred, truth, num_classes)

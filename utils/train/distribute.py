@@ -6,12 +6,15 @@ module of the toolkit imports TensorFlow.
 
 Strategies (``--strategy``):
 
-- ``default``: one device (the first GPU, else the CPU), the sampler feeds ``fit`` directly (``PyDataset`` workers).
+- ``default``: one device (the first GPU, else the CPU), the sampler feeds ``fit`` directly (through the toolkit's
+  loader workers, :mod:`utils.train.workers`).
 - ``mirrored``: TensorFlow ``MirroredStrategy`` over every local GPU (every logical CPU device when there is no GPU);
   JAX ``DataParallel`` over the local devices.
-- ``multiworker``: TensorFlow ``MultiWorkerMirroredStrategy`` over the hosts listed in ``TF_CONFIG``; under JAX,
-  ``keras.distribution.initialize()`` (from ``KERAS_DISTRIBUTION_JOB_ADDRESSES``, ``..._NUM_PROCESSES``,
-  ``..._PROCESS_ID``) then ``DataParallel`` over every device of every process.
+- ``multiworker``: TensorFlow ``MultiWorkerMirroredStrategy`` over the hosts listed in ``TF_CONFIG``, as a subclass
+  whose public ``reduce`` also takes the structures and scalars that Keras's ``fit`` reduces
+  (:func:`multiworker_strategy`), so ``fit`` runs unchanged; under JAX, ``keras.distribution.initialize()`` (from
+  ``KERAS_DISTRIBUTION_JOB_ADDRESSES``, ``..._NUM_PROCESSES``, ``..._PROCESS_ID``) then ``DataParallel`` over every
+  device of every process.
 
 Batch and learning rate, as users of these engines expect: ``batch_size`` is the batch of one replica (device), so
 the global batch of one step is ``batch_size x replicas`` and each replica holds what one device was planned for.
@@ -95,26 +98,6 @@ class Distribution:
             return sampler
         return _distributed_dataset(self, sampler, workers)
 
-    def prepare_fit(self, model, sampler) -> None:
-        """Work around Keras 3 ``fit`` under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585): before the
-        first step Keras pulls a batch and averages it over all replicas to build the model's loss, metric and
-        optimizer state, and that cross-host average of a ``(x, y)`` pair fails. Build that state here from a local
-        batch, which has the same shapes, and skip Keras's step."""
-        if self.name != "multiworker" or self.strategy is None:
-            return
-        batch = sampler.batch(sampler.start_epoch, 0, self.worker_index)
-        with self.strategy.scope():
-            model._symbolic_build(data_batch=batch)
-        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-        # Keras then averages each step's logged scalars over the hosts with a reduction along axis 0, which a scalar
-        # lacks: give every logged value that axis (one entry per replica), so the average is taken over replicas.
-        train_step = model.train_step
-
-        def train_step_with_axis(data):
-            return {key: keras.ops.reshape(value, (1,)) for key, value in train_step(data).items()}
-
-        model.train_step = train_step_with_axis
-
 
 def make_distribution(name: str) -> Distribution:
     """Set up the strategy ``name`` for the current backend; call before any model is built.
@@ -149,11 +132,49 @@ def _tensorflow_distribution(name: str) -> Distribution:
     cluster = resolver.cluster_spec().as_dict()
     if not cluster:
         raise ValueError("--strategy multiworker needs TF_CONFIG describing the cluster (see the README)")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    strategy = multiworker_strategy(resolver)
     hosts = [("chief", i) for i in range(len(cluster.get("chief", [])))]
     hosts += [("worker", i) for i in range(len(cluster.get("worker", [])))]
     index = hosts.index((resolver.task_type, int(resolver.task_id or 0)))
     return Distribution(name, strategy, strategy.num_replicas_in_sync, len(hosts), index)
+
+
+# Dtypes that TensorFlow's collective all-reduce takes; other integers and booleans are reduced in int32 or int64.
+_COLLECTIVE_DTYPES = ("bfloat16", "float16", "float32", "float64", "int32", "int64")
+
+
+def multiworker_strategy(resolver):
+    """A ``tf.distribute.MultiWorkerMirroredStrategy`` whose :meth:`reduce` also takes what Keras 3's ``fit`` gives it
+    (keras-team/keras#20585).
+
+    Before the first step, ``fit`` averages one ``(x, y)`` batch over the replicas to build the loss, metric and
+    optimizer state (``strategy.reduce("MEAN", batch, axis=None)``), and after each step it averages every logged
+    scalar with ``axis=0``. The collective strategy takes neither a structure of values, nor a ``uint8`` label map,
+    nor an axis that a scalar lacks. This subclass overrides the public ``reduce``: it reduces each value of a
+    structure, reduces integer types that the collectives lack in ``int32``/``int64`` (cast back after), and averages a
+    scalar over the replicas (``axis=None``), which is what ``axis=0`` means for a value without a batch axis.
+
+    Args:
+        resolver: the ``tf.distribute.cluster_resolver.TFConfigClusterResolver`` describing the hosts.
+    """
+    import tensorflow as tf
+
+    class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis=None):
+            leaves = [self.reduce_one(reduce_op, leaf, axis) for leaf in tf.nest.flatten(value)]
+            return tf.nest.pack_sequence_as(value, leaves)
+
+        def reduce_one(self, reduce_op, value, axis):
+            local = self.experimental_local_results(value)[0]
+            if axis is not None and local.shape.rank == 0:
+                axis = None
+            if local.dtype.name in _COLLECTIVE_DTYPES:
+                return super().reduce(reduce_op, value, axis)
+            wide = tf.int64 if local.dtype.size > 4 else tf.int32
+            widened = self.run(tf.cast, args=(value, wide))
+            return tf.cast(super().reduce(reduce_op, widened, axis), local.dtype)
+
+    return MultiWorkerStrategy(cluster_resolver=resolver)
 
 
 def _jax_distribution(name: str) -> Distribution:

@@ -182,7 +182,9 @@ def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, dist
     history = read_history(run_dir / "history.csv")[: int(state["epoch"])] if saved else []
     schedule = LearningRate(config, lr, clock, distribution, state.get("schedule"))
     examples = config["tensorboard_images"] if config["tensorboard"] else 0
-    validation = Validation(dataset, dataset.split("val"), config, num_examples=examples)
+    validation = Validation(
+        dataset, dataset.split("val"), config, num_examples=examples, distributed=distribution.name != "default"
+    )
     recorder = RunRecorder(run_dir, history, state, clock, config, schedule, distribution)
     callbacks = [schedule, validation]
     writer = summary_writer(run_dir / "tensorboard") if config["tensorboard"] and distribution.is_chief else None
@@ -191,7 +193,6 @@ def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, dist
     callbacks.append(recorder)
     limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
     if state["epoch"] < config["epochs"] and not (limit and clock() >= limit) and not _stopped_early(state, config):
-        distribution.prepare_fit(model, sampler)
         with guarded(distribution.input_for_fit(sampler, config["workers"])) as (data, watch):
             model.fit(
                 data,
