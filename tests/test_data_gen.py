@@ -12,7 +12,8 @@ from test_readers import make_brats, make_msd, make_png
 
 import data_gen
 from utils import fileio
-from utils.formats import load_case
+from utils.formats import CaseSpec, load_case
+from utils.geometry import GeometryRecord
 from utils.prepare.exports import grid_starts, random_starts
 from utils.prepared import PreparedDataset
 from utils.preprocessing import restore_label
@@ -27,14 +28,19 @@ def run(output, *flags) -> int:
 
 
 def check_inverts(output, exact=True):
-    """Each prepared label, restored, equals the source label (and the manifest holds the source geometry)."""
+    """Each prepared label, restored, equals the source label (and the manifest holds the source geometry); each
+    case's spec and geometry record read back typed and write the same JSON, keys in the same order."""
     dataset = PreparedDataset(output)
     for case_id, entry in dataset.cases.items():
-        source = load_case({"id": case_id, **entry["source"]})
-        geometry = entry["geometry"]
-        assert geometry["source_shape"] == list(source.image.shape[:3])
-        assert np.allclose(geometry["source_affine"], source.affine)
-        assert dataset.image(case_id).shape[:3] == tuple(geometry["shape"])
+        spec, geometry = dataset.spec(case_id), dataset.geometry(case_id)
+        stored = {"id": case_id, "patient": entry["patient"], **entry["source"]}
+        assert json.dumps(spec.to_json()) == json.dumps(stored) and CaseSpec.from_json(spec.to_json()) == spec
+        assert json.dumps(geometry.to_json()) == json.dumps(entry["geometry"])
+        assert GeometryRecord.from_json(geometry.to_json()) == geometry
+        source = load_case(spec)
+        assert geometry.source_shape == list(source.image.shape[:3])
+        assert np.allclose(geometry.source_affine, source.affine)
+        assert dataset.image(case_id).shape[:3] == tuple(geometry.shape)
         if source.label is not None:
             restored = restore_label(np.asarray(dataset.label(case_id)), geometry)
             assert np.array_equal(restored, source.label) if exact else restored.shape == source.label.shape
@@ -104,6 +110,35 @@ def test_cache_keys_keep_the_recipe_of_existing_datasets():
     spec = {"id": "case_01", "image": [Path("a/b.nii.gz")], "label": None}
     key = fileio.digest(spec, {"a/b.nii.gz": [12, 3]}, np.int64(3), (1.5, "x"), "prepare-v1")
     assert key == "ceccb6862e7a513a0ee55b0dcadeb183076a8eac"
+
+
+def copy_of_manifest(sample_output, folder, edit) -> dict:
+    """A prepared dataset folder holding the sample's manifest (changed by ``edit``) and splits, without volumes."""
+    manifest = json.loads((sample_output / "manifest.json").read_text())
+    edit(manifest)
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "splits.json").write_text((sample_output / "splits.json").read_text())
+    return manifest
+
+
+def test_a_damaged_case_entry_is_refused_naming_the_key(sample_output, tmp_path):
+    def damage(manifest):
+        manifest["cases"][0]["source"]["colour"] = "red"
+        del manifest["cases"][1]["geometry"]["crop_box"]
+        manifest["cases"][2]["source"]["image"] = "one.nii.gz"
+
+    folder = tmp_path / "damaged"
+    first, second, third = (c["id"] for c in copy_of_manifest(sample_output, folder, damage)["cases"][:3])
+    dataset = PreparedDataset(folder)
+    with pytest.raises(ValueError, match=rf"manifest\.json: case '{first}': unknown key 'colour' \(known keys: id, "):
+        dataset.spec(first)
+    with pytest.raises(ValueError, match=rf"manifest\.json: case '{second}': geometry: missing key 'crop_box'$"):
+        dataset.geometry(second)
+    with pytest.raises(ValueError, match=rf"case '{third}': key 'image' must be list\[str\], got 'one\.nii\.gz'"):
+        dataset.spec(third)
+    assert dataset.spec(second).id == second  # the other cases still read
+    assert dataset.geometry(first).shape == dataset.cases[first]["geometry"]["shape"]
 
 
 def test_random_patches_follow_the_ratio():
@@ -185,7 +220,7 @@ def test_sts_hdf5_with_binarised_labels_and_slices(tmp_path):
     assert run(output, "--input", SHARED_DATA / "sts_layout" / "lab_petct_vox_5.00mm.h5", *flags) == 0
     dataset = check_inverts(output)
     assert dataset.manifest["channels"] == {"0": "CT"} and dataset.manifest["preprocessing"]["binarize"] is True
-    assert dataset.cases["STS_101"]["geometry"]["spacing"] == [5.0, 5.0, 5.0]
+    assert dataset.geometry("STS_101").spacing == [5.0, 5.0, 5.0]
     image = dataset.image("STS_101")
     assert image.min() == pytest.approx(0.0) and image.max() == pytest.approx(1.0)  # window then CT = (x - low) / width
     counts = json.loads((output / "slices" / "export.json").read_text())["counts"]
@@ -198,9 +233,9 @@ def test_dicom_with_seg_resampled(tmp_path):
     assert run(output, "--input", SHARED_DATA / "dcmqi", "--spacing", 2, 1.5, 1.5, "--window-preset", "liver") == 0
     dataset = check_inverts(output, exact=False)
     entry = dataset.cases["dcmqi"]
-    assert entry["geometry"]["shape"] == [1, 277, 277] and entry["writer"]["kind"] == "dicom"
-    source = load_case({"id": "dcmqi", **entry["source"]})
-    restored = restore_label(np.asarray(dataset.label("dcmqi")), entry["geometry"])
+    assert dataset.geometry("dcmqi").shape == [1, 277, 277] and entry["writer"]["kind"] == "dicom"
+    source = load_case(dataset.spec("dcmqi"))
+    restored = restore_label(np.asarray(dataset.label("dcmqi")), dataset.geometry("dcmqi"))
     assert (restored == 1).sum() == pytest.approx((source.label == 1).sum(), rel=0.02)
 
 

@@ -14,6 +14,7 @@ import utils.evaluate.pipeline
 from utils.evaluate.options import Options, check_regions
 from utils.evaluate.pipeline import check_compatible, evaluate, finish_case
 from utils.evaluate.results import summarize
+from utils.geometry import GeometryRecord
 
 LABELS = {"0": "background", "1": "core", "2": "rim"}
 SHAPE_IJK = (16, 20, 12)
@@ -248,11 +249,22 @@ def test_cases_are_scored_and_written_in_source_label_values(tmp_path):
     truth[1:3, 4:6, 1:4] = 2
     prediction = truth.copy()
     prediction[1, 1, 1] = 0
-    case = {
-        "id": "c1",
-        "geometry": {"source_shape": [4, 6, 6], "source_affine": np.eye(4).tolist(), "source_spacing": [2, 1, 1]},
-        "writer": {},
-    }
+    shape, affine, spacing = [4, 6, 6], np.eye(4).tolist(), [2, 1, 1]
+    geometry = GeometryRecord(
+        source_shape=shape,
+        source_affine=affine,
+        source_spacing=spacing,
+        source_axcodes=["R", "A", "S"],
+        oriented_shape=shape,
+        crop_box=[[0, 4], [0, 6], [0, 6]],
+        cropped_shape=shape,
+        shape=shape,
+        spacing=spacing,
+        target_spacing=spacing,
+        downsample=1,
+        affine=affine,
+    )
+    case = {"id": "c1", "geometry": geometry, "writer": {}}
     options = Options(regions={"tumour": [4, 7]}, metrics=["dice", "volume_pred_ml"], pictures="none")
     names = {"4": "core", "7": "edge"}
     record = finish_case(tmp_path, case, prediction, truth, truth[..., None], np.eye(4), [0, 4, 7], names, options)

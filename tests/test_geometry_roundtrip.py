@@ -22,6 +22,8 @@ from test_readers import NRRD_PAIRS, make_png
 from utils import formats as readers
 from utils import geometry
 from utils.formats import source_values, write_mask
+from utils.formats.dicom import read_dicom_series
+from utils.geometry import GeometryRecord
 from utils.inference import probabilities_to_labels
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
 
@@ -77,10 +79,10 @@ SETTINGS = {
 }
 
 
-def predicted_on_prepared_grid(label: np.ndarray, record: dict, num_classes: int) -> np.ndarray:
+def predicted_on_prepared_grid(label: np.ndarray, record: GeometryRecord, num_classes: int) -> np.ndarray:
     """A perfect prediction on the prepared grid taken back to the source grid as evaluation does."""
     probabilities = np.eye(num_classes, dtype=np.float32)[label]
-    return restore_label(probabilities_to_labels(probabilities, record["cropped_shape"]), record)
+    return restore_label(probabilities_to_labels(probabilities, record.cropped_shape), record)
 
 
 def sitk_grid(image: sitk.Image) -> tuple:
@@ -101,7 +103,7 @@ def test_mask_is_written_back_on_the_source_grid(name, preparation, tmp_path):
         pytest.skip(f"real test data folder {SHARED_DATA} is not in this checkout")
     path, fmt, options, case_id = make(tmp_path)
     source = readers.discover(path, fmt, options)
-    spec = next(s for s in source.cases if s["id"] == case_id)
+    spec = next(s for s in source.cases if s.id == case_id)
     case = readers.load_case(spec)
     settings = SETTINGS[preparation](case.spacing)
     image, label, record = prepare_case(case, settings, None, ["image"])
@@ -128,13 +130,11 @@ def check_nifti(path, case, spec, fmt, mask):
     written = nib.load(path)
     np.testing.assert_array_equal(np.transpose(np.asarray(written.dataobj), (2, 1, 0)), mask)
     if fmt == "msd":
-        np.testing.assert_array_equal(written.affine, nib.load(spec["label"]).affine)
+        np.testing.assert_array_equal(written.affine, nib.load(spec.label).affine)
         return
     np.testing.assert_allclose(written.affine, geometry.zyx_affine_to_nifti(case.affine), rtol=0, atol=1e-4)
     if fmt in ("files", "dicom"):
-        reference = (
-            readers.read_dicom_series(spec["image"], "series") if fmt == "dicom" else sitk.ReadImage(spec["label"])
-        )
+        reference = read_dicom_series(spec.image, "series") if fmt == "dicom" else sitk.ReadImage(spec.label)
         assert_same_grid(sitk.ReadImage(str(path)), reference, atol=1e-4)
 
 
@@ -143,7 +143,7 @@ def check_format_copy(paths, case, spec, fmt, mask, source, preparation, input_p
     reads back onto the series."""
     if fmt == "files":
         (path,) = paths
-        written, reference = sitk.ReadImage(str(path)), sitk.ReadImage(spec["label"])
+        written, reference = sitk.ReadImage(str(path)), sitk.ReadImage(spec.label)
         assert sitk_grid(written) == sitk_grid(reference)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(written), mask)
         if preparation == "exact":
@@ -151,12 +151,12 @@ def check_format_copy(paths, case, spec, fmt, mask, source, preparation, input_p
     elif fmt == "hdf5":
         (path,) = paths
         writer = case.writer
-        with h5py.File(path) as written, h5py.File(spec["image"][0]) as original:
+        with h5py.File(path) as written, h5py.File(spec.image[0]) as original:
             assert written[writer["key"]].shape == tuple(writer["shape"])
             assert written[writer["key"]].dtype == np.dtype(writer["dtype"])
             if preparation == "exact":
-                index = spec["hdf5"]["index"]
-                stored = original[spec["hdf5"]["label"]]
+                index = spec.hdf5.index
+                stored = original[spec.hdf5.label]
                 expected = stored[index] if index is not None else stored[()]
                 np.testing.assert_array_equal(written[writer["key"]][()].reshape(expected.shape), expected)
     elif fmt == "png":
@@ -167,7 +167,7 @@ def check_format_copy(paths, case, spec, fmt, mask, source, preparation, input_p
                 original = np.asarray(Image.open(input_path / "masks" / path.name))
                 np.testing.assert_array_equal(np.asarray(Image.open(path)), original)
     elif fmt == "dicom":
-        if not pydicom.dcmread(spec["image"][0], stop_before_pixels=True).get("SOPClassUID"):
+        if not pydicom.dcmread(spec.image[0], stop_before_pixels=True).get("SOPClassUID"):
             assert paths == []  # a SEG must reference the series' SOP classes; writers warn and skip it
             return
         (path,) = paths
@@ -175,7 +175,7 @@ def check_format_copy(paths, case, spec, fmt, mask, source, preparation, input_p
         if preparation == "exact":
             series = str(input_path)
             reread = readers.discover(series, "dicom", {"label": str(path)})
-            assert reread.cases[0]["label_kind"] == "seg"
+            assert reread.cases[0].label_kind == "seg"
             np.testing.assert_array_equal(readers.load_case(reread.cases[0]).label, case.label)
     else:
         assert paths == []
@@ -186,6 +186,6 @@ def test_the_oblique_case_is_really_reoriented(tmp_path):
     path, fmt, options, case_id = oblique_msd(tmp_path)
     case = readers.load_case(readers.discover(path, fmt, options).cases[0])
     _, label, record = prepare_case(case, PreprocessSettings(spacing="original"), None, ["image"])
-    assert geometry.axcodes(case.affine) != ("S", "A", "R") and record["source_axcodes"] != ["S", "A", "R"]
+    assert geometry.axcodes(case.affine) != ("S", "A", "R") and record.source_axcodes != ["S", "A", "R"]
     assert label.shape != case.label.shape
     assert nib.aff2axcodes(AFFINE) == ("P", "R", "S")  # of the (i, j, k) file axes

@@ -36,7 +36,7 @@ def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_p
     for case in manifest["cases"]:
         image, record = prepared[case["id"]]
         np.testing.assert_array_equal(image, np.load(dataset / case["image"]))
-        assert record == case["geometry"]
+        assert record.to_json() == case["geometry"]
         mask, truth = nib.load(tmp_path / "masks" / f"{case['id']}.nii.gz"), nib.load(case["source"]["label"])
         np.testing.assert_array_equal(mask.affine, truth.affine)
         assert mask.shape == truth.shape

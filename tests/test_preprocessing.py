@@ -1,5 +1,7 @@
 """Preprocessing: each step by hand-checked values, and prepare_case → restore_label giving back the source label."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import SAMPLE, SHARED_DATA
@@ -7,6 +9,8 @@ from conftest import SAMPLE, SHARED_DATA
 from utils import formats as readers
 from utils import geometry
 from utils.formats import CaseData
+from utils.formats.base import axis_aligned_affine
+from utils.geometry import GeometryRecord
 from utils.prepare.fingerprint import aggregate_fingerprint, case_fingerprint
 from utils.preprocessing import PreprocessSettings, normalize_image, prepare_case, resample_label, restore_label
 
@@ -35,21 +39,21 @@ def lps_case() -> CaseData:
 
 def test_identity_round_trip_on_the_sample(sample_case):
     image, label, record = prepare_case(sample_case, RAW, None, ["MRI"])
-    assert image.shape == sample_case.image.shape and record["crop_box"] == [[0, n] for n in label.shape]
+    assert image.shape == sample_case.image.shape and record.crop_box == [[0, n] for n in label.shape]
     assert np.array_equal(image, sample_case.image) and np.array_equal(label, sample_case.label)
     assert np.array_equal(restore_label(label, record), sample_case.label)
-    assert record["source_affine"] == sample_case.affine.tolist() and record["spacing"] == [1.0, 1.0, 1.0]
+    assert record.source_affine == sample_case.affine.tolist() and record.spacing == [1.0, 1.0, 1.0]
 
 
 def test_lps_case_is_reoriented_exactly_and_restored():
     case = lps_case()
     assert geometry.axcodes(case.affine) == ("S", "P", "L")
     image, label, record = prepare_case(case, RAW, None, ["a", "b"])
-    assert geometry.axcodes(np.asarray(record["affine"])) == ("S", "A", "R")
+    assert geometry.axcodes(np.asarray(record.affine)) == ("S", "A", "R")
     assert np.array_equal(image, case.image[:, ::-1, ::-1]) and np.array_equal(label, case.label[:, ::-1, ::-1])
-    assert record["source_axcodes"] == ["S", "P", "L"] and record["spacing"] == pytest.approx([2.5, 0.7, 0.8])
+    assert record.source_axcodes == ["S", "P", "L"] and record.spacing == pytest.approx([2.5, 0.7, 0.8])
     assert np.array_equal(restore_label(label, record), case.label)
-    world = np.asarray(record["affine"]) @ [0, 0, 0, 1]  # prepared voxel (0, 0, 0) is source voxel (0, 8, 10)
+    world = np.asarray(record.affine) @ [0, 0, 0, 1]  # prepared voxel (0, 0, 0) is source voxel (0, 8, 10)
     assert np.allclose(world, case.affine @ [0, 8, 10, 1])
 
 
@@ -58,16 +62,16 @@ def test_foreground_crop_with_margin_is_recorded_and_undone():
     settings = PreprocessSettings(spacing="original", normalize="none", crop="foreground", crop_margin=1)
     image, label, record = prepare_case(case, settings, None, ["a", "b"])
     # foreground after flipping y and x: z 1..4, y 1..6 (flipped 2..7), x 2..9 (flipped 1..8), grown by 1
-    assert record["crop_box"] == [[0, 6], [0, 8], [1, 11]] and label.shape == (6, 8, 10)
+    assert record.crop_box == [[0, 6], [0, 8], [1, 11]] and label.shape == (6, 8, 10)
     assert np.array_equal(restore_label(label, record), case.label)
-    assert np.array_equal(volume_ml(label, record["spacing"], 3), volume_ml(case.label, case.spacing, 3))
+    assert np.array_equal(volume_ml(label, record.spacing, 3), volume_ml(case.label, case.spacing, 3))
 
 
 def test_upsampling_round_trip_is_exact(sample_case):
     settings = PreprocessSettings(spacing=[0.5, 0.5, 0.5], normalize="none")
     image, label, record = prepare_case(sample_case, settings, None, ["MRI"])
     assert label.shape == tuple(2 * n for n in sample_case.label.shape) and image.shape[:3] == label.shape
-    assert np.allclose(volume_ml(label, record["spacing"], 3), volume_ml(sample_case.label, sample_case.spacing, 3))
+    assert np.allclose(volume_ml(label, record.spacing, 3), volume_ml(sample_case.label, sample_case.spacing, 3))
     assert np.array_equal(restore_label(label, record), sample_case.label)
 
 
@@ -78,8 +82,8 @@ def test_resampled_liver_keeps_its_volume_within_one_percent():
     image, label, record = prepare_case(
         case, PreprocessSettings(spacing=[3.0, 3.0, 3.0], normalize="none"), None, ["CT"]
     )
-    assert record["shape"] == [30, 102, 122] and record["spacing"] == pytest.approx([3.0, 2.99, 2.992], abs=1e-3)
-    source_ml, prepared_ml = volume_ml(case.label, case.spacing, 2), volume_ml(label, record["spacing"], 2)
+    assert record.shape == [30, 102, 122] and record.spacing == pytest.approx([3.0, 2.99, 2.992], abs=1e-3)
+    source_ml, prepared_ml = volume_ml(case.label, case.spacing, 2), volume_ml(label, record.spacing, 2)
     assert prepared_ml == pytest.approx(source_ml, rel=0.01)
     assert np.array_equal(restore_label(label, record), case.label)
 
@@ -102,12 +106,10 @@ def test_resampled_labels_keep_each_class_volume(shape):
 def test_downsampling_averages_2x2_blocks_and_restores_the_grid():
     rng = np.random.default_rng(2)
     label = (rng.random((3, 8, 10)) > 0.7).astype(np.uint8)
-    case = CaseData(
-        "d", rng.normal(size=(3, 8, 10, 1)).astype(np.float32), label, readers.axis_aligned_affine([2, 1, 1])
-    )
+    case = CaseData("d", rng.normal(size=(3, 8, 10, 1)).astype(np.float32), label, axis_aligned_affine([2, 1, 1]))
     settings = PreprocessSettings(spacing="original", normalize="none", downsample=2)
     image, prepared, record = prepare_case(case, settings, None, ["MR"])
-    assert image.shape == (3, 4, 5, 1) and record["downsample"] == 2 and record["spacing"] == [2.0, 2.0, 2.0]
+    assert image.shape == (3, 4, 5, 1) and record.downsample == 2 and record.spacing == [2.0, 2.0, 2.0]
     blocks = case.image[..., 0].reshape(3, 4, 2, 5, 2).mean(axis=(2, 4))
     assert np.allclose(image[..., 0], blocks, atol=1e-6)
     assert prepared.sum() == round(label.sum() / 4)  # nearest voxels, then the class volume is kept
@@ -187,10 +189,10 @@ def test_fingerprint_values_by_hand():
         "a",
         channel([1, 2, 3, 4]).reshape(1, 2, 2, 1),
         np.array([[[0, 1], [1, 2]]], np.uint8),
-        readers.axis_aligned_affine([2, 1, 1]),
+        axis_aligned_affine([2, 1, 1]),
     )
     second = CaseData(
-        "b", channel([5, 6]).reshape(1, 1, 2, 1), np.array([[[0, 0]]], np.uint8), readers.axis_aligned_affine([4, 1, 1])
+        "b", channel([5, 6]).reshape(1, 1, 2, 1), np.array([[[0, 0]]], np.uint8), axis_aligned_affine([4, 1, 1])
     )
     records = [case_fingerprint(first, 3), case_fingerprint(second, 3)]
     assert records[0]["class_voxels"] == [1, 2, 1] and records[0]["channels"][0]["foreground_sample"] == [2, 3, 4]
@@ -204,3 +206,28 @@ def test_fingerprint_values_by_hand():
     assert intensity["min"] == 1 and intensity["max"] == 6
     assert fingerprint["class_fraction"] == pytest.approx({"0": 0.5, "1": 2 / 6, "2": 1 / 6})
     assert fingerprint["cases_with_class"] == {"0": 2, "1": 1, "2": 1}
+
+
+@pytest.mark.parametrize("settings", [RAW, PreprocessSettings(spacing=[2.0, 1.5, 0.8], crop="foreground")])
+def test_the_geometry_record_round_trips_through_json(sample_case, settings):
+    _, _, record = prepare_case(sample_case, settings, None, ["MRI"])
+    data = json.loads(json.dumps(record.to_json()))
+    assert data == record.to_json() and GeometryRecord.from_json(data) == record
+    assert list(data) == [
+        "source_shape", "source_affine", "source_spacing", "source_axcodes", "oriented_shape", "crop_box",
+        "cropped_shape", "shape", "spacing", "target_spacing", "downsample", "affine",
+    ]  # fmt: skip
+
+
+def test_the_geometry_record_refuses_unknown_missing_and_malformed_keys(sample_case):
+    data = prepare_case(sample_case, RAW, None, ["MRI"])[2].to_json()
+    with pytest.raises(ValueError, match=r"^geometry record: unknown key 'crop' \(known keys: source_shape, "):
+        GeometryRecord.from_json({**data, "crop": [[0, 1]] * 3})
+    with pytest.raises(ValueError, match=r"^case 7: missing key 'source_axcodes'$"):
+        GeometryRecord.from_json({k: v for k, v in data.items() if k != "source_axcodes"}, "case 7")
+    with pytest.raises(ValueError, match=r"key 'crop_box' must be 3x2 integers, got \[\[0, 35\]\]"):
+        GeometryRecord.from_json({**data, "crop_box": [[0, 35]]})
+    with pytest.raises(ValueError, match=r"key 'affine' must be 4x4 numbers"):
+        GeometryRecord.from_json({**data, "affine": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]})
+    with pytest.raises(ValueError, match=r"key 'downsample' must be a positive integer, got 0"):
+        GeometryRecord.from_json({**data, "downsample": 0})

@@ -17,6 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from utils import formats as readers
 from utils import geometry
 from utils.formats import CaseError
+from utils.formats.base import build_label_lookup
+from utils.formats.dicom import read_dicom_series, scan_dicom
+from utils.formats.itk import sitk_geometry
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"
@@ -69,11 +72,11 @@ def test_msd_sample_reads_as_stored():
     assert source.label_values == [0, 1, 2]
     spec = source.cases[0]
     case = readers.load_case(spec, {0, 1, 2})
-    raw = nib.load(spec["label"])
+    raw = nib.load(spec.label)
     assert case.image.shape == tuple(reversed(raw.shape)) + (1,) and case.image.dtype == np.float32
     assert counts_by_value(case.label) == counts_by_value(np.asarray(raw.dataobj))
     assert np.allclose(case.affine, geometry.nifti_affine_to_zyx(raw.affine))
-    assert case.writer == {"kind": "nifti", "reference": spec["label"]}
+    assert case.writer == {"kind": "nifti", "reference": spec.label}
 
 
 def test_msd_missing_label_file_is_named(tmp_path):
@@ -127,7 +130,7 @@ def test_bad_label_values_are_refused(tmp_path, label, message):
     ],
 )
 def test_label_lookup_makes_classes_contiguous(values, label_map, binarize, lookup, label_values):
-    assert readers.build_label_lookup(values, label_map, binarize) == (lookup, label_values)
+    assert build_label_lookup(values, label_map, binarize) == (lookup, label_values)
 
 
 def test_non_contiguous_msd_labels_are_remapped(tmp_path):
@@ -145,16 +148,16 @@ def test_non_contiguous_msd_labels_are_remapped(tmp_path):
 @needs_shared
 def test_files_pairs_by_pattern_and_remaps_prostate_labels():
     source = readers.discover(PYRADIOMICS, "files", NRRD_PAIRS)
-    assert [c["id"] for c in source.cases] == ["brain1", "breast1", "lung1", "prostate_phantom"]
+    assert [c.id for c in source.cases] == ["brain1", "breast1", "lung1", "prostate_phantom"]
     assert source.label_values == [0, 1, 7, 8, 9]
     assert source.labels == {"0": "background", "1": "label_1", "2": "label_7", "3": "label_8", "4": "label_9"}
     spec = source.cases[3]
     case = readers.load_case(spec, set(range(5)))
-    raw_label = sitk.ReadImage(spec["label"])
+    raw_label = sitk.ReadImage(spec.label)
     raw = counts_by_value(sitk.GetArrayFromImage(raw_label))
     assert {source.label_values[k]: n for k, n in counts_by_value(case.label).items()} == raw
     assert case.image.shape == (13, 67, 82, 1)
-    geo = readers.sitk_geometry(raw_label)
+    geo = sitk_geometry(raw_label)
     assert np.allclose(case.affine, geometry.affine_from_sitk(geo["spacing"], geo["origin"], geo["direction"]))
     assert geometry.axcodes(case.affine) == ("S", "A", "R")  # LPS direction (-1, -1, 1): RAS axes
     assert case.writer["kind"] == "sitk" and case.writer["extension"] == ".nrrd"
@@ -166,7 +169,7 @@ def test_files_pairs_by_pattern_and_remaps_prostate_labels():
 def test_files_default_patterns_are_detected():
     assert readers.detect_format(PYRADIOMICS) == "files"
     source = readers.discover(PYRADIOMICS)
-    assert [c["id"] for c in source.cases] == ["brain1", "breast1", "lung1"]
+    assert [c.id for c in source.cases] == ["brain1", "breast1", "lung1"]
     case = readers.load_case(source.cases[1])
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(PYRADIOMICS / "breast1_label.nrrd")))
     assert np.array_equal(case.label, expected)
@@ -193,7 +196,7 @@ def test_files_single_image_with_label_and_patient_pattern(tmp_path):
     label = _write_sitk(tmp_path / "seg.nrrd", (np.arange(60).reshape(3, 4, 5) % 3 == 0).astype(np.uint8) * 2)
     source = readers.discover(image, "auto", {"label": str(label), "patient_pattern": r"pat(\d+)"})
     assert source.format == "files" and len(source.cases) == 1
-    assert source.cases[0]["patient"] == "7"
+    assert source.cases[0].patient == "7"
     case = readers.load_case(source.cases[0])
     assert source.label_values == [0, 2] and counts_by_value(case.label) == {0: 40, 1: 20}
     assert np.array_equal(case.image[..., 0], np.arange(60).reshape(3, 4, 5))
@@ -204,8 +207,8 @@ def test_hdf5_sts_layout_reads_ct_channel_at_5mm():
     path = SHARED_DATA / "sts_layout" / "lab_petct_vox_5.00mm.h5"
     assert readers.detect_format(path.parent) == "hdf5"
     source = readers.discover(path, "auto", {"binarize": True})
-    assert source.channels == {"0": "CT"} and [c["id"] for c in source.cases] == ["STS_101", "STS_102"]
-    assert source.cases[0]["spacing"] == [5.0, 5.0, 5.0] and source.cases[0]["spacing_from"] == "file name"
+    assert source.channels == {"0": "CT"} and [c.id for c in source.cases] == ["STS_101", "STS_102"]
+    assert source.cases[0].spacing == [5.0, 5.0, 5.0] and source.cases[0].spacing_from == "file name"
     case = readers.load_case(source.cases[1], {0, 1})
     with h5py.File(path) as handle:
         ct, label = handle["ct_data/STS_102"][()], handle["label_data/STS_102"][()]
@@ -218,7 +221,7 @@ def test_hdf5_sts_layout_reads_ct_channel_at_5mm():
 def test_hdf5_stacked_samples_become_one_slice_cases():
     path = SHARED_DATA / "msd_lung_patches" / "test_patches.h5"
     source = readers.discover(path, "hdf5", {"source_spacing": [2.0]})
-    assert len(source.cases) == 130 and source.cases[5]["id"] == "test_patches_0005"
+    assert len(source.cases) == 130 and source.cases[5].id == "test_patches_0005"
     case = readers.load_case(source.cases[5], {0, 1})
     with h5py.File(path) as handle:
         image, label = handle["images"][5], handle["labels"][5]
@@ -338,7 +341,7 @@ def test_dicom_seg_beside_the_series_is_found_and_matches_the_nrrd():
     source = readers.discover(DCMQI)
     assert source.format == "dicom" and source.labels == {"0": "background", "1": "Liver"}
     spec = source.cases[0]
-    assert spec["label_kind"] == "seg" and spec["patient"] == "99000" and len(spec["image"]) == 3
+    assert spec.label_kind == "seg" and spec.patient == "99000" and len(spec.image) == 3
     case = readers.load_case(spec, {0, 1})
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(DCMQI / "liver_seg.nrrd")))
     assert np.array_equal(case.label, expected)
@@ -362,7 +365,7 @@ def write_rtstruct(path, series_dir, contours):
     """An RTSTRUCT on a series: ``contours`` = ``{roi name: [(slice, [(row, col), ...]), ...]}`` in voxel units."""
     files = sorted(series_dir.iterdir())
     reference = pydicom.dcmread(files[0], stop_before_pixels=True)
-    image = readers.read_dicom_series(readers.scan_dicom(series_dir)[0][0]["files"], str(series_dir))
+    image = read_dicom_series(scan_dicom(series_dir)[0][0]["files"], str(series_dir))
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -415,7 +418,8 @@ def test_rtstruct_contours_are_rasterised_with_holes(tmp_path):
     source = readers.discover(series_dir)
     assert source.labels == {"0": "background", "1": "tumour", "2": "node"}
     case = readers.load_case(source.cases[0], {0, 1, 2})
-    assert source.cases[0]["label_kind"] == "rtstruct"
+    assert source.cases[0].label_kind == "rtstruct" and source.cases[0].rtstruct_rois == {"tumour": 1, "node": 2}
+    assert_specs_round_trip(source)
     assert counts_by_value(case.label[1]) == {0: 512 * 512 - 10000 + 400, 1: 10000 - 400}
     assert counts_by_value(case.label[2]) == {0: 512 * 512 - 200, 2: 200}
     assert case.label[1, 100, 150] == 1 and case.label[1, 130, 180] == 0 and not case.label[0].any()
@@ -453,7 +457,7 @@ def test_png_slices_are_stacked_per_patient_in_slice_order(tmp_path):
     root = make_png(tmp_path / "png", rgb=True)
     assert readers.detect_format(root) == "png"
     source = readers.discover(root, "auto", {"patient_pattern": r"STS_(\d+)_(\d+)", "source_spacing": [5, 1, 1]})
-    assert [(c["id"], c["patient"]) for c in source.cases] == [("STS_001", "001"), ("STS_002", "002")]
+    assert [(c.id, c.patient) for c in source.cases] == [("STS_001", "001"), ("STS_002", "002")]
     assert source.label_values == [0, 255] and source.channels == {"0": "image"}
     case = readers.load_case(source.cases[0], {0, 1})
     assert case.image.shape == (3, 6, 8, 1) and case.image[:, 0, 0, 0].tolist() == [10, 20, 100]
@@ -464,7 +468,7 @@ def test_png_slices_are_stacked_per_patient_in_slice_order(tmp_path):
 def test_png_without_slice_group_gives_one_slice_cases_grouped_by_patient(tmp_path):
     root = make_png(tmp_path / "png")
     source = readers.discover(root / "images", "png", {"label": str(root / "masks"), "patient_pattern": r"STS_(\d+)"})
-    assert [c["patient"] for c in source.cases] == ["001", "001", "001", "002"]
+    assert [c.patient for c in source.cases] == ["001", "001", "001", "002"]
     assert all(readers.load_case(c).image.shape == (1, 6, 8, 1) for c in source.cases)
 
 
@@ -484,3 +488,72 @@ def test_detect_format_refuses_unknown_input(tmp_path):
         readers.detect_format(tmp_path)
     with pytest.raises(FileNotFoundError, match="input not found"):
         readers.discover(tmp_path / "missing")
+
+
+def assert_specs_round_trip(source):
+    """Every case spec of ``source`` writes plain JSON that reads back to the same spec."""
+    for spec in source.cases:
+        data = json.loads(json.dumps(spec.to_json()))
+        assert data == spec.to_json() and readers.CaseSpec.from_json(data) == spec
+
+
+def unreadable_hdf5_folder(tmp_path):
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    with h5py.File(folder / "a.h5", "w") as handle:
+        handle["ct_data/STS_1"] = np.zeros((2, 3, 3), np.float32)
+    (folder / "b.h5").write_bytes(b"not an HDF5 file")
+    return folder, "hdf5", {}
+
+
+SPEC_SOURCES = {
+    "msd": (lambda tmp: (SAMPLE, "msd", {}), False, ["id", "patient", "format", "image", "label"]),
+    "files": (lambda tmp: (PYRADIOMICS, "files", NRRD_PAIRS), True, ["label_lookup", "label_values"]),
+    "hdf5": (lambda tmp: (SHARED_DATA / "sts_layout" / "lab_petct_vox_5.00mm.h5", "hdf5", {}), True, ["hdf5"]),
+    "hdf5-stacked": (
+        lambda tmp: (SHARED_DATA / "msd_lung_patches" / "test_patches.h5", "hdf5", {}),
+        True,
+        ["hdf5", "spacing", "spacing_from"],
+    ),
+    "hdf5-unreadable": (unreadable_hdf5_folder, False, ["error"]),
+    "dicom-seg": (lambda tmp: (DCMQI, "dicom", {}), True, ["label_kind", "series_uid", "label_names"]),
+    "dicom-unlabelled": (lambda tmp: (TOTALSEG / "example_ct_dicom", "dicom", {}), True, ["label_kind"]),
+    "png": (
+        lambda tmp: (make_png(tmp / "png"), "png", {"patient_pattern": r"STS_(\d+)_(\d+)"}),
+        False,
+        ["masks", "channels", "label_lookup"],
+    ),
+    "brats": (lambda tmp: (make_brats(tmp / "brats"), "brats", {}), False, ["label_lookup", "label_values"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SPEC_SOURCES))
+def test_case_specs_of_every_format_round_trip_through_json(name, tmp_path):
+    make, shared, keys = SPEC_SOURCES[name]
+    if shared and not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data folder {SHARED_DATA} is not in this checkout")
+    source = readers.discover(*make(tmp_path))
+    assert_specs_round_trip(source)
+    assert all(key in source.cases[-1].to_json() for key in keys)
+    if name == "dicom-unlabelled":  # as discovery always wrote it for DICOM
+        assert source.cases[0].to_json()["label_kind"] is None
+
+
+def test_a_case_spec_refuses_unknown_missing_and_mistyped_keys():
+    data = readers.discover(SAMPLE).cases[0].to_json()
+    with pytest.raises(ValueError, match=r"^case 'hippocampus_001': unknown key 'lable' \(known keys: id, patient"):
+        readers.CaseSpec.from_json({**data, "lable": data["label"]})
+    with pytest.raises(ValueError, match=r"^case 'hippocampus_001': missing key 'format'$"):
+        readers.CaseSpec.from_json({k: v for k, v in data.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"key 'channels' must be int \| None, got '3'"):
+        readers.CaseSpec.from_json({**data, "channels": "3"})
+    with pytest.raises(ValueError, match=r"case 'x': hdf5: unknown key 'indices'"):
+        readers.CaseSpec.from_json({**data, "id": "x", "hdf5": {"image": ["ct"], "label": None, "indices": 3}})
+    assert readers.CaseSpec.from_json({k: v for k, v in data.items() if k != "patient"}).patient == "hippocampus_001"
+
+
+def test_load_case_takes_a_spec_or_its_json():
+    spec = readers.discover(SAMPLE).cases[1]
+    typed, plain = readers.load_case(spec, {0, 1, 2}), readers.load_case(spec.to_json(), {0, 1, 2})
+    assert np.array_equal(typed.image, plain.image) and np.array_equal(typed.label, plain.label)
+    assert typed.writer == plain.writer

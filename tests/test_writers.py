@@ -25,7 +25,7 @@ def entry_and_values(source, index=0):
     spec = source.cases[index]
     case = readers.load_case(spec)
     _, _, record = prepare_case(case, PreprocessSettings(spacing="original", normalize="none"), None, ["x"])
-    entry = {"id": spec["id"], "source": spec, "geometry": record, "writer": case.writer}
+    entry = {"id": spec.id, "source": spec, "geometry": record, "writer": case.writer}
     return entry, source_values(case.label, source.label_values)
 
 
@@ -45,7 +45,7 @@ def test_label_values_map_both_ways():
 def test_nifti_mask_reuses_the_source_header(tmp_path):
     entry, values = entry_and_values(readers.discover(SAMPLE))
     (path,) = write_mask(values, entry, tmp_path)
-    written, source = nib.load(str(path)), nib.load(entry["source"]["label"])
+    written, source = nib.load(str(path)), nib.load(entry["source"].label)
     assert path == tmp_path / "masks" / "hippocampus_001.nii.gz"
     assert np.array_equal(written.affine, source.affine)
     assert written.header.get_sform(coded=True)[1] == source.header.get_sform(coded=True)[1]
@@ -60,7 +60,7 @@ def test_nrrd_mask_keeps_geometry_and_prostate_values(tmp_path):
     entry, values = entry_and_values(source, 3)
     paths = write_mask(values, entry, tmp_path)
     assert [p.name for p in paths] == ["prostate_phantom.nii.gz", "prostate_phantom.nrrd"]
-    written, original = sitk.ReadImage(str(paths[1])), sitk.ReadImage(entry["source"]["label"])
+    written, original = sitk.ReadImage(str(paths[1])), sitk.ReadImage(entry["source"].label)
     assert written.GetSpacing() == original.GetSpacing() and written.GetOrigin() == original.GetOrigin()
     assert written.GetDirection() == original.GetDirection()
     assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(original))
@@ -100,5 +100,5 @@ def test_dicom_seg_round_trip(tmp_path):
     paths = write_mask(values, entry, tmp_path / "out")
     assert [p.name for p in paths] == ["ct.nii.gz", "ct_seg.dcm"]
     reread = readers.discover(series, "dicom", {"label": str(paths[1])})
-    assert reread.cases[0]["label_kind"] == "seg" and reread.label_values == [0, 1, 2]
+    assert reread.cases[0].label_kind == "seg" and reread.label_values == [0, 1, 2]
     assert np.array_equal(readers.load_case(reread.cases[0]).label, values)

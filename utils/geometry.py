@@ -8,11 +8,15 @@ Conventions used everywhere in the toolkit:
   millimetres, in RAS+ orientation (nibabel's convention).
 - Prepared volumes are reoriented so that array axes ``(0, 1, 2)`` point to ``(S, A, R)``: the RAS+ canonical
   orientation of NIfTI read in ``(k, j, i)`` order.
+
+:class:`GeometryRecord` records the steps applied to one case's grid, so that they can be inverted.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import nibabel as nib
 import numpy as np
@@ -180,3 +184,92 @@ def uncrop(array: np.ndarray, box: Sequence[Sequence[int]], shape: Sequence[int]
     out = np.full(tuple(shape) + tuple(array.shape[len(box) :]), fill, dtype=array.dtype)
     out[tuple(slice(a, b) for a, b in box)] = array
     return out
+
+
+@dataclass(frozen=True)
+class GeometryRecord:
+    """What preparing a case did to its grid, so that a prediction goes back onto the source grid: made by
+    :func:`utils.preprocessing.prepare_case`, inverted by :func:`utils.preprocessing.restore_label`, stored as the
+    case's ``geometry`` in ``manifest.json`` (:meth:`to_json`, :meth:`from_json`).
+
+    Shapes are ``[Z, Y, X]``; spacings are mm along those axes; affines are 4x4 lists of rows mapping a ``(z, y, x)``
+    index to RAS mm. The steps, in order: reorientation to :data:`TARGET_AXCODES`, crop, resampling.
+
+    Attributes:
+        source_shape, source_affine, source_spacing: the source array's grid (where masks are written).
+        source_axcodes: the direction each source axis points to (what :func:`undo_reorient` needs).
+        oriented_shape: the shape after reorientation.
+        crop_box: ``[[start, stop], ...]`` per axis of the reoriented array.
+        cropped_shape: the shape inside the crop box.
+        shape, spacing, affine: the prepared grid; ``spacing`` is its true voxel size (the field of view is kept).
+        target_spacing: the spacing asked for (``downsample`` applied in-plane); ``spacing`` differs from it by the
+            rounding of the shape.
+        downsample: the in-plane downsampling factor.
+    """
+
+    source_shape: list[int]
+    source_affine: list[list[float]]
+    source_spacing: list[float]
+    source_axcodes: list[str]
+    oriented_shape: list[int]
+    crop_box: list[list[int]]
+    cropped_shape: list[int]
+    shape: list[int]
+    spacing: list[float]
+    target_spacing: list[float]
+    downsample: int
+    affine: list[list[float]]
+
+    def to_json(self) -> dict:
+        """The plain JSON object, keys in field order."""
+        return {item.name: copy.deepcopy(getattr(self, item.name)) for item in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "geometry record") -> GeometryRecord:
+        """The record of a JSON object as :meth:`to_json` writes it.
+
+        Raises:
+            ValueError: naming ``where`` and the key, for an unknown or missing key, or a value of the wrong shape
+                or type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {data!r}")
+        names = [item.name for item in fields(cls)]
+        unknown = [key for key in data if key not in names]
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(names)})")
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"{where}: missing key {missing[0]!r}")
+        for name in names:
+            _check_record_value(name, data[name], where)
+        return cls(**copy.deepcopy(data))
+
+
+_RECORD_ARRAYS = {"source_affine": (4, 4), "affine": (4, 4), "crop_box": (3, 2)}
+_RECORD_INTEGERS = ("source_shape", "oriented_shape", "crop_box", "cropped_shape", "shape")
+
+
+def _check_record_value(name: str, value, where: str) -> None:
+    """Refuse a :class:`GeometryRecord` value of the wrong type or shape.
+
+    Raises:
+        ValueError: naming ``where``, the key, what it must be and the value.
+    """
+    if name == "downsample":
+        expected = "a positive integer"
+        valid = type(value) is int and value >= 1
+    elif name == "source_axcodes":
+        expected = "three axis codes"
+        valid = isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)
+    else:
+        shape = _RECORD_ARRAYS.get(name, (3,))
+        kind = np.integer if name in _RECORD_INTEGERS else np.number
+        try:
+            array = np.asarray(value)
+            valid = isinstance(value, list) and array.shape == shape and np.issubdtype(array.dtype, kind)
+        except ValueError:  # ragged lists
+            valid = False
+        expected = f"{'x'.join(map(str, shape))} {'integers' if kind is np.integer else 'numbers'}"
+    if not valid:
+        raise ValueError(f"{where}: key {name!r} must be {expected}, got {value!r}")

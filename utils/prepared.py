@@ -2,6 +2,10 @@
 
 A prepared dataset holds ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/<id>_image.npy``
 ``(Z, Y, X, C)`` float32 / ``volumes/<id>_label.npy`` ``(Z, Y, X)`` uint8 (docs/ARCHITECTURE.md).
+
+Each case entry of ``manifest.json`` holds the case's :class:`~utils.formats.CaseSpec` (``source``, without ``id`` and
+``patient``) and its :class:`~utils.geometry.GeometryRecord` (``geometry``) as plain JSON;
+:meth:`PreparedDataset.spec` and :meth:`PreparedDataset.geometry` give them back typed.
 """
 
 from __future__ import annotations
@@ -11,10 +15,15 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from utils import fileio
+
+if TYPE_CHECKING:
+    from utils.formats import CaseSpec
+    from utils.geometry import GeometryRecord
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,31 @@ class PreparedDataset:
         if name not in self.splits:
             raise ValueError(f"{self.path / 'splits.json'}: no split {name!r} (have {sorted(self.splits)})")
         return list(self.splits[name])
+
+    def spec(self, case_id: str) -> CaseSpec:
+        """The case's source files and how to read them.
+
+        Raises:
+            ValueError: the manifest's entry is not a case spec, naming the key.
+        """
+        from utils.formats import CaseSpec  # here, so that training, which never reads sources, loads no readers
+
+        case = self.cases[case_id]
+        where = f"{self.path / 'manifest.json'}: case {case_id!r}"
+        if not isinstance(case.get("source"), dict):
+            raise ValueError(f"{where}: no 'source' object (the case spec)")
+        return CaseSpec.from_json({"id": case_id, "patient": case.get("patient", case_id), **case["source"]}, where)
+
+    def geometry(self, case_id: str) -> GeometryRecord:
+        """How the case's prepared grid came from its source grid.
+
+        Raises:
+            ValueError: the manifest's entry is not a geometry record, naming the key.
+        """
+        from utils.geometry import GeometryRecord  # here, like CaseSpec above
+
+        where = f"{self.path / 'manifest.json'}: case {case_id!r}: geometry"
+        return GeometryRecord.from_json(self.cases[case_id]["geometry"], where)
 
     def image(self, case_id: str) -> np.ndarray:
         """``(Z, Y, X, C)`` float32, memory-mapped."""

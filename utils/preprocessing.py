@@ -1,9 +1,10 @@
 """Preprocessing of one case and its exact inverse for predictions.
 
 ``prepare_case`` turns a :class:`~utils.formats.CaseData` into the prepared arrays (reoriented, cropped, resampled,
-normalised) and a *geometry record*: plain JSON that :func:`restore_label` uses to put a prediction back on the source
-grid. The dataset-level statistics that some steps need (median spacing, CT intensity percentiles) come from the
-fingerprint (:func:`case_fingerprint` and :func:`aggregate_fingerprint`).
+normalised) and a :class:`~utils.geometry.GeometryRecord` (stored as plain JSON in the manifest) that
+:func:`restore_label` uses to put a prediction back on the source grid. The dataset-level statistics that some
+steps need (median spacing, CT intensity percentiles) come from the fingerprint (:func:`case_fingerprint` and
+:func:`aggregate_fingerprint`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from utils import geometry
 from utils.formats import CaseData
+from utils.geometry import GeometryRecord
 
 WINDOW_PRESETS = {
     "soft_tissue": (-135.0, 250.0),
@@ -124,7 +126,7 @@ def target_spacing(settings: PreprocessSettings, fingerprint: dict | None, case_
 
 def prepare_case(
     case: CaseData, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray | None, dict]:
+) -> tuple[np.ndarray, np.ndarray | None, GeometryRecord]:
     """Reorient, crop, resample and normalise one case.
 
     Args:
@@ -135,8 +137,7 @@ def prepare_case(
 
     Returns:
         ``(image, label, record)``: image ``(Z, Y, X, C)`` float32, label ``(Z, Y, X)`` uint8 or ``None``, and the
-        geometry record that :func:`restore_label` inverts. The record's ``spacing`` is the prepared grid's true
-        voxel size (the field of view is kept, so it differs from ``target_spacing`` by the rounding of the shape).
+        geometry record that :func:`restore_label` inverts.
     """
     image, affine, source_codes = geometry.reorient(case.image, case.affine)
     label = None if case.label is None else geometry.reorient(case.label, case.affine)[0]
@@ -155,20 +156,20 @@ def prepare_case(
         label = resample_label(label, new_shape)
     image = normalize_image(image, settings, fingerprint, channel_names)
     new_affine = geometry.resampled_affine(crop_affine, cropped_shape, new_shape)
-    record = {
-        "source_shape": list(case.image.shape[:3]),
-        "source_affine": np.asarray(case.affine).tolist(),
-        "source_spacing": list(case.spacing),
-        "source_axcodes": source_codes,
-        "oriented_shape": oriented_shape,
-        "crop_box": box,
-        "cropped_shape": cropped_shape,
-        "shape": list(new_shape),
-        "spacing": list(geometry.spacing_from_affine(new_affine)),
-        "target_spacing": [float(v) for v in new_spacing],
-        "downsample": settings.downsample,
-        "affine": new_affine.tolist(),
-    }
+    record = GeometryRecord(
+        source_shape=list(case.image.shape[:3]),
+        source_affine=np.asarray(case.affine).tolist(),
+        source_spacing=list(case.spacing),
+        source_axcodes=source_codes,
+        oriented_shape=oriented_shape,
+        crop_box=box,
+        cropped_shape=cropped_shape,
+        shape=list(new_shape),
+        spacing=list(geometry.spacing_from_affine(new_affine)),
+        target_spacing=[float(v) for v in new_spacing],
+        downsample=settings.downsample,
+        affine=new_affine.tolist(),
+    )
     return image.astype(np.float32, copy=False), label, record
 
 
@@ -325,7 +326,7 @@ def _normalize_channel(channel: np.ndarray, method: str, settings: PreprocessSet
     return channel
 
 
-def restore_label(prediction: np.ndarray, record: dict) -> np.ndarray:
+def restore_label(prediction: np.ndarray, record: GeometryRecord) -> np.ndarray:
     """Put a prediction on the prepared grid back onto the source grid of the case.
 
     Args:
@@ -336,11 +337,11 @@ def restore_label(prediction: np.ndarray, record: dict) -> np.ndarray:
     Returns:
         Integer label map ``(Z, Y, X)`` in the source array's order and shape (uint8).
     """
-    cropped_shape = record["cropped_shape"]
+    cropped_shape = record.cropped_shape
     if prediction.ndim == 4:
         probabilities = geometry.resize_volume(prediction, cropped_shape, 1)
         label = np.argmax(probabilities, axis=-1).astype(np.uint8)
     else:
         label = geometry.resize_volume(prediction.astype(np.uint8), cropped_shape, 0)
-    label = geometry.uncrop(label, record["crop_box"], record["oriented_shape"])
-    return geometry.undo_reorient(label, record["source_axcodes"])
+    label = geometry.uncrop(label, record.crop_box, record.oriented_shape)
+    return geometry.undo_reorient(label, record.source_axcodes)

@@ -39,6 +39,7 @@ from utils.evaluate.options import Options
 from utils.evaluate.postprocess import apply_plan, decide_lcc, make_plan, parse_min_size
 from utils.evaluate.results import write_results
 from utils.formats import load_case, source_values, write_mask
+from utils.geometry import GeometryRecord
 from utils.inference import predict_volume, probabilities_to_labels
 from utils.metrics import compute_case_metrics
 from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
@@ -101,17 +102,19 @@ class Predictor:
         )
 
 
-def segment(predictor: Predictor, image: np.ndarray, record: dict, options: Options, plan: dict | None) -> np.ndarray:
+def segment(
+    predictor: Predictor, image: np.ndarray, record: GeometryRecord, options: Options, plan: dict | None
+) -> np.ndarray:
     """Classes ``(Z, Y, X)`` uint8 on the source grid for a prepared image and its geometry record.
 
     The probabilities are resampled to the cropped source resolution one class at a time and arg-maxed; cropping and
     reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last.
     """
     probabilities = predictor.probabilities(image, options)
-    labels = probabilities_to_labels(probabilities, record["cropped_shape"])
+    labels = probabilities_to_labels(probabilities, record.cropped_shape)
     del probabilities
     classes = restore_label(labels, record)
-    return apply_plan(classes, plan, record.get("source_spacing"))
+    return apply_plan(classes, plan, record.source_spacing)
 
 
 def score(
@@ -308,13 +311,13 @@ def validation_cases(predictor: Predictor, dataset: PreparedDataset, options: Op
 
     def cases():
         for case_id in dataset.split("val"):
-            case = dataset.cases[case_id]
-            if not case["source"].get("label"):
+            spec = dataset.spec(case_id)
+            if not spec.label:
                 continue
-            source = load_case({"id": case_id, **case["source"]})
+            source = load_case(spec)
             image, geometry = prepared_without_label(dataset, case_id, source)
             prediction = segment(predictor, image, geometry, options, None)
-            yield prediction, source.label, case["geometry"]["source_spacing"]
+            yield prediction, source.label, dataset.geometry(case_id).source_spacing
 
     return cases
 
@@ -329,14 +332,14 @@ def training_dataset(config: dict, fallback: PreparedDataset | None = None) -> P
     return fallback
 
 
-def prepared_without_label(dataset: PreparedDataset, case_id: str, source) -> tuple[np.ndarray, dict]:
+def prepared_without_label(dataset: PreparedDataset, case_id: str, source) -> tuple[np.ndarray, GeometryRecord]:
     """The prepared image and geometry record of a case, as a model may see it: the stored volume, except under
     ``--crop foreground``, whose crop box came from the case's own label; such a case is prepared again from its
     source image without the label (no crop), so that its score does not depend on knowing the truth."""
     case = dataset.cases[case_id]
     settings = dataset.manifest.get("preprocessing", {})
     if settings.get("crop") != "foreground" or not case.get("label"):
-        return dataset.image(case_id), case["geometry"]
+        return dataset.image(case_id), dataset.geometry(case_id)
     channels = dataset.manifest["channels"]
     image, _, geometry = prepare_case(
         replace(source, label=None),
@@ -398,15 +401,17 @@ def evaluate(
     def inputs(case_id: str) -> str:
         case = dataset.cases[case_id]
         prepared = [dataset.path / case[k] for k in ("image", "label") if case.get(k)]
-        return file_stamps([*prepared, *case["source"].get("image", []), case["source"].get("label")])
+        spec = dataset.spec(case_id)
+        return file_stamps([*prepared, *spec.image, spec.label])
 
     def process(case_id: str) -> dict:
-        case = dataset.cases[case_id]
-        source = load_case({"id": case_id, **case["source"]})
+        spec = dataset.spec(case_id)
+        source = load_case(spec)
         image, geometry = prepared_without_label(dataset, case_id, source)
         classes = segment(predictor, image, geometry, options, plan)
-        truth = source.label if case["source"].get("label") else None
-        return finish_case(output, case, classes, truth, source.image, source.affine, values, names, options)
+        truth = source.label if spec.label else None
+        entry = {"id": case_id, "geometry": dataset.geometry(case_id), "writer": dataset.cases[case_id]["writer"]}
+        return finish_case(output, entry, classes, truth, source.image, source.affine, values, names, options)
 
     records, failures = run_cases(case_ids, process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
@@ -441,12 +446,13 @@ def finish_case(
     """Write, score and draw one predicted case; returns its record (``cases/<id>.json``).
 
     Args:
-        case: ``{"id", "geometry", "writer"}`` as in the manifest.
+        case: ``{"id", "geometry", "writer"}`` as in the manifest, the geometry as a
+            :class:`~utils.geometry.GeometryRecord`.
         classes, truth: class maps on the source grid (truth ``None`` when unlabelled), classes of the run.
         image, affine: the source image ``(Z, Y, X, C)`` and its affine, for the pictures.
         values: label value of each class (``label_values``).
     """
-    spacing = case["geometry"]["source_spacing"]
+    spacing = case["geometry"].source_spacing
     mask = source_values(classes, list(int(v) for v in values))
     written = write_mask(mask, case, output)
     record = {

@@ -156,7 +156,7 @@ def predict_images(
         validation_cases(predictor, validation_set, options) if validation_set is not None else None,
         plan_key(options, run_dir, training.path),
     )
-    specs = {spec["id"]: spec for spec in source.cases}
+    specs = {spec.id: spec for spec in source.cases}
     settings_key = {
         "run": str(Path(run_dir).resolve()),
         "model_file": model_stamp(run_dir),
@@ -182,8 +182,7 @@ def predict_images(
         return finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
 
     def inputs(case_id: str) -> str:
-        spec = specs[case_id]
-        return file_stamps([*spec.get("image", []), spec.get("label"), *spec.get("masks", [])])
+        return file_stamps(specs[case_id].source_files())
 
     records, failures = run_cases(list(specs), process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "model": config["model"], "patch_size": config["patch_size"]}

@@ -4,8 +4,9 @@ predicted mask goes back in the geometry, and where it matters the format, of th
 Reading happens in two steps so that work can be spread over processes and recorded in JSON:
 
 1. ``discover(path, fmt, options)`` looks at the input and returns a :class:`DatasetSource`: the dataset's name,
-   labels, channel names and one *case spec* per case. A case spec is a plain JSON-able dict
-   ``{"id", "patient", "format", "image": [paths], "label": path or None, ...}``.
+   labels, channel names and one :class:`CaseSpec` per case: ``id``, ``patient``, ``format``, ``image`` (paths),
+   ``label`` (a path or ``None``) and what its format needs to read it, stored in manifests as plain JSON
+   (:meth:`CaseSpec.to_json`, :meth:`CaseSpec.from_json`).
 2. ``load_case(spec)`` reads one case and returns a :class:`CaseData`: the image ``(Z, Y, X, C)`` float32, the label
    ``(Z, Y, X)`` integer map or ``None``, the affine of the arrays (see :mod:`utils.geometry`) and the information the
    writer needs to put a mask back in the source file's own format.
@@ -37,8 +38,9 @@ Everything after the readers is format-blind.
 
 Writing (:func:`write_mask`): a mask arrives as an integer ``(Z, Y, X)`` map in the *source array's* order and shape,
 holding the source's own label values: the classes of :func:`utils.preprocessing.restore_label` mapped through the
-manifest's ``label_values`` (:func:`source_values`; e.g. class 2 → 7 for labels 1, 7, 8, 9). With it comes the case's
-``writer`` record from the manifest, which says how the source was stored. Every mask gets ``masks/<id>.nii.gz`` on
+manifest's ``label_values`` (:func:`source_values`; e.g. class 2 → 7 for labels 1, 7, 8, 9). With it come the case's
+:class:`~utils.geometry.GeometryRecord` and its ``writer`` record from the manifest, which says how the source was
+stored. Every mask gets ``masks/<id>.nii.gz`` on
 the source grid; the writer of the source's kind (:attr:`Format.write`) adds a copy in the source's own format:
 
 - ``sitk`` (NRRD, MHA): ``masks/<id>.nrrd`` (or ``.mha``) with the source's spacing, origin and direction;
@@ -63,7 +65,9 @@ from utils.formats.base import (
     SITK_SUFFIXES,
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
+    Hdf5Keys,
     apply_label_lookup,
     check_label_values,
     class_indices,
@@ -74,14 +78,17 @@ from utils.formats.hdf5 import discover_hdf5, load_hdf5_case, write_hdf5_mask
 from utils.formats.itk import discover_files, load_sitk_case, write_sitk_mask
 from utils.formats.nifti import _brats_files, discover_brats, discover_msd, load_nifti_case, write_nifti_mask
 from utils.formats.png import discover_png, load_png_case, write_png_masks
+from utils.geometry import GeometryRecord
 
 __all__ = [
     "FORMATS",
     "LAYOUTS",
     "CaseData",
     "CaseError",
+    "CaseSpec",
     "DatasetSource",
     "Format",
+    "Hdf5Keys",
     "class_indices",
     "detect_format",
     "discover",
@@ -101,7 +108,7 @@ class Format:
         kind: the case spec's ``format`` and the mask writer record's ``kind``, as manifests store them (``nifti``,
             ``sitk``, ``hdf5``, ``dicom``, ``png``); layouts read by the same loader share it (``msd``, ``brats``).
         discover: ``discover(path, options) -> DatasetSource``.
-        load: ``load(spec, allowed_labels) -> CaseData``.
+        load: ``load(spec: CaseSpec) -> CaseData``.
         write: ``write(mask, case, output_dir) -> [paths]``, the copy in the source's own format beside
             ``masks/<id>.nii.gz``; ``None`` where that file is the source's format already (NIfTI).
     """
@@ -192,27 +199,33 @@ def discover(path: str | os.PathLike, fmt: str = "auto", options: dict | None = 
     return FORMATS[fmt].discover(path, options or {})
 
 
-def load_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_case(spec: CaseSpec | dict, allowed_labels: set[int] | None = None) -> CaseData:
     """Read one case described by a spec from :func:`discover`; the label comes back as contiguous classes.
+
+    Args:
+        spec: the case's :class:`CaseSpec`, or its JSON object (:meth:`CaseSpec.to_json`, e.g. from a manifest).
+        allowed_labels: the classes the label may hold; ``None`` checks nothing.
 
     Raises:
         CaseError: the case cannot be read, or its label holds values outside ``allowed_labels``.
-        ValueError: no reader for the spec's format.
+        ValueError: no reader for the spec's format, or a JSON object that is not a case spec.
     """
-    if spec.get("error"):
-        raise CaseError(spec["error"])
-    fmt = format_of_kind(spec.get("format"))
+    if not isinstance(spec, CaseSpec):
+        spec = CaseSpec.from_json(spec)
+    if spec.error:
+        raise CaseError(spec.error)
+    fmt = format_of_kind(spec.format)
     if fmt is None:
-        raise ValueError(f"case {spec.get('id')!r}: no reader for format {spec.get('format')!r}")
-    case = fmt.load(spec, None)
+        raise ValueError(f"case {spec.id!r}: no reader for format {spec.format!r}")
+    case = fmt.load(spec)
     if case.label is not None:
-        where = spec.get("label") or spec["image"][0]
-        if spec.get("label_lookup"):
-            case.label = apply_label_lookup(case.label, spec["label_lookup"], where)
+        where = spec.label or spec.image[0]
+        if spec.label_lookup:
+            case.label = apply_label_lookup(case.label, spec.label_lookup, where)
         if allowed_labels is not None:
             check_label_values(case.label, allowed_labels, where)
-    if spec.get("label_values"):
-        case.writer["label_values"] = list(spec["label_values"])
+    if spec.label_values:
+        case.writer["label_values"] = list(spec.label_values)
     return case
 
 
@@ -222,27 +235,29 @@ def write_mask(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> l
     Args:
         mask: ``(Z, Y, X)`` source label values on the source grid (:func:`source_values` of the classes that
             :func:`utils.preprocessing.restore_label` returns).
-        case: the case's manifest entry (``id``, ``geometry``, ``writer``).
+        case: the case's manifest entry: ``id``, ``geometry`` (a :class:`~utils.geometry.GeometryRecord`, or its
+            JSON object) and ``writer``.
         output_dir: the results folder; files go to ``masks/``.
 
     Returns:
         The paths written.
 
     Raises:
-        ValueError: an unsafe case id, or a mask whose shape is not the source's.
+        ValueError: an unsafe case id, a geometry that is not a geometry record, or a mask whose shape is not the
+            source's.
     """
     case_id = fileio.check_case_id(case["id"])
     output_dir = Path(output_dir)
     writer = case.get("writer", {})
-    expected = tuple(case.get("geometry", {}).get("source_shape", mask.shape))
-    if tuple(mask.shape) != expected:
+    geometry = case["geometry"]
+    if not isinstance(geometry, GeometryRecord):
+        geometry = GeometryRecord.from_json(geometry, f"case {case_id}: geometry")
+    if tuple(mask.shape) != tuple(geometry.source_shape):
+        expected = tuple(geometry.source_shape)
         raise ValueError(f"case {case_id}: mask shape {tuple(mask.shape)} differs from the source shape {expected}")
     written = [
         write_nifti_mask(
-            mask,
-            output_dir / "masks" / f"{case_id}.nii.gz",
-            case["geometry"]["source_affine"],
-            writer.get("reference"),
+            mask, output_dir / "masks" / f"{case_id}.nii.gz", geometry.source_affine, writer.get("reference")
         )
     ]
     fmt = format_of_kind(writer.get("kind"))

@@ -1,6 +1,7 @@
 """What every format shares: the containers a reader returns, the checks, label remapping and file pairing.
 
-- :class:`CaseError`, :class:`CaseData` (one loaded case) and :class:`DatasetSource` (what discovery finds);
+- :class:`CaseError`, :class:`CaseSpec` (one case found: its source files and how to read them, as stored in
+  ``manifest.json``), :class:`CaseData` (one loaded case) and :class:`DatasetSource` (what discovery finds);
 - the file suffixes of each format, :func:`strip_suffix` and :func:`safe_id` (file names to case ids);
 - the checks every loader applies: :func:`as_label_map`, :func:`check_label_values`, :func:`check_image`,
   :func:`check_same_grid`;
@@ -13,11 +14,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +68,166 @@ class CaseData:
 
 
 @dataclass
+class Hdf5Keys:
+    """Where an HDF5 case lives in its file (:attr:`CaseSpec.hdf5`).
+
+    Attributes:
+        image: one dataset path per channel (``ct_data/STS_002``, ``STS_002/ct``, or a stacked ``images``).
+        label: the label's dataset path, or ``None`` when unlabelled.
+        index: the sample's index in stacked datasets; ``None`` when each dataset holds one case.
+    """
+
+    image: list[str]
+    label: str | None = None
+    index: int | None = None
+
+    def to_json(self) -> dict:
+        return {"image": list(self.image), "label": self.label, "index": self.index}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "hdf5 keys") -> Hdf5Keys:
+        """Raises: ValueError: an unknown or missing key, or a value of the wrong type, naming it."""
+        return cls(**copy.deepcopy(_fields_from_json(cls, data, where)))
+
+
+@dataclass(kw_only=True)
+class CaseSpec:
+    """One case as discovery finds it and :func:`utils.formats.load_case` reads it: the source files and how to read
+    them. ``manifest.json`` keeps it per case (:meth:`to_json`; the entry's ``source`` holds all but ``id`` and
+    ``patient``); :meth:`from_json` reads it back.
+
+    Every format sets the first five fields; the others stay ``None`` (and out of the JSON) unless the format named in
+    brackets, or the label remapping, sets them.
+
+    Attributes:
+        id: safe case identifier, used in output file names.
+        patient: the patient the case belongs to (splits keep a patient's cases together); the ``id`` when not given.
+        format: the kind that loads it (:attr:`utils.formats.Format.kind`: ``nifti``, ``sitk``, ``hdf5``, ``dicom``,
+            ``png``).
+        image: the source files: one per channel (NIfTI, ITK), one per slice (DICOM, PNG) or the HDF5 file.
+        label: the label file (for HDF5 the file itself, for PNG the first mask), or ``None`` when unlabelled.
+        error: why discovery could not read the source (:func:`unreadable_spec`); loading raises it.
+        hdf5: (hdf5) the datasets of the case in its file.
+        masks: (png) one mask file per slice; ``[]`` when unlabelled.
+        spacing: (hdf5, png) voxel size ``[z, y, x]`` in mm, as these files hold none (or only as an attribute).
+        spacing_from: (hdf5) where ``spacing`` came from: ``flag``, the attribute's name, ``file name``, ``default``.
+        channels: (png) the number of channels every slice must have.
+        label_kind: (dicom) ``file``, ``seg`` or ``rtstruct``; ``None`` when unlabelled.
+        modality, series_uid, frame_of_reference: (dicom) of the series.
+        unreadable: (dicom) files beside the series that are not readable DICOM.
+        mixed: (dicom) the slice layouts of a series UID that mixes acquisitions; loading refuses the case.
+        rtstruct_rois: (dicom) ``{ROI name: label value}`` of an RTSTRUCT label.
+        label_lookup: ``{source value (a string, as in JSON): class}`` when the classes are not the source values.
+        label_values: with ``label_lookup``, the source value of each class.
+        label_names: (dicom) the dataset's ``{class: name}``, naming the segments of a DICOM-SEG.
+    """
+
+    id: str
+    patient: str | None = None
+    format: str
+    image: list[str]
+    label: str | None = None
+    error: str | None = None
+    hdf5: Hdf5Keys | None = None
+    masks: list[str] | None = None
+    spacing: list[float] | None = None
+    spacing_from: str | None = None
+    channels: int | None = None
+    label_kind: str | None = None
+    modality: str | None = None
+    series_uid: str | None = None
+    frame_of_reference: str | None = None
+    unreadable: list[str] | None = None
+    mixed: str | None = None
+    rtstruct_rois: dict[str, int] | None = None
+    label_lookup: dict[str, int] | None = None
+    label_values: list[int] | None = None
+    label_names: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.patient is None:
+            self.patient = self.id
+
+    def source_files(self) -> list[str]:
+        """Every file the case is read from (images, label, masks): results made from them are stale once they
+        change."""
+        return [*self.image, *([self.label] if self.label else []), *(self.masks or [])]
+
+    def to_json(self) -> dict:
+        """The plain JSON object, keys in field order. A field at ``None`` is left out, except ``label`` and the
+        ``label_kind`` of a DICOM case, which discovery always wrote."""
+        out = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None and item.name != "label" and not (item.name == "label_kind" and self.format == "dicom"):
+                continue
+            out[item.name] = value.to_json() if isinstance(value, Hdf5Keys) else copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict, where: str | None = None) -> CaseSpec:
+        """The spec of a JSON object as :meth:`to_json` writes it.
+
+        Args:
+            data: the object; ``patient`` and the optional fields may be absent.
+            where: what to name in messages (default: the case).
+
+        Raises:
+            ValueError: an unknown or missing key, or a value of the wrong type, naming the key.
+        """
+        where = where or f"case {data.get('id') if isinstance(data, dict) else None!r}"
+        values = copy.deepcopy(_fields_from_json(cls, data, where))
+        if values.get("hdf5") is not None:
+            values["hdf5"] = Hdf5Keys.from_json(values["hdf5"], f"{where}: hdf5")
+        return cls(**values)
+
+
+def _fields_from_json(cls: type, data: dict, where: str) -> dict:
+    """``data`` checked against the fields of dataclass ``cls``: every key known, every field without a default
+    present, every value of its field's type (a dataclass field takes an object).
+
+    Raises:
+        ValueError: naming ``where`` and the key.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {data!r}")
+    known = {item.name: item for item in fields(cls)}
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    for name, item in known.items():
+        if name not in data:
+            if item.default is MISSING and item.default_factory is MISSING:
+                raise ValueError(f"{where}: missing key {name!r}")
+        elif not _has_type(data[name], hints[name]):
+            expected = str(hints[name]).replace(f"{__name__}.", "").replace("<class '", "").replace("'>", "")
+            raise ValueError(f"{where}: key {name!r} must be {expected}, got {data[name]!r}")
+    return data
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a type hint (``str``, ``int``, ``float``, ``None``, unions, lists, dicts, a dataclass
+    as an object)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()
+        )
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else int | float) and not isinstance(value, bool)
+    if is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+@dataclass
 class DatasetSource:
     """What ``discover`` finds: dataset-level facts and one spec per case.
 
@@ -76,7 +240,7 @@ class DatasetSource:
     format: str
     labels: dict[str, str]
     channels: dict[str, str]
-    cases: list[dict]
+    cases: list[CaseSpec]
     path: str = ""
     label_values: list[int] = field(default_factory=list)
 
@@ -96,11 +260,11 @@ def safe_id(text: str) -> str:
     return cleaned or "case"
 
 
-def as_label_map(label: np.ndarray, path: str | os.PathLike, allowed: set[int] | None = None) -> np.ndarray:
+def as_label_map(label: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     """Check that ``label`` holds integer class values (stored as any dtype) and return it as uint8/int16.
 
     Raises:
-        CaseError: non-integer or non-finite values, or values outside ``allowed``.
+        CaseError: non-integer or non-finite values.
     """
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
@@ -116,8 +280,6 @@ def as_label_map(label: np.ndarray, path: str | os.PathLike, allowed: set[int] |
     values = np.unique(label)
     if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int16).max):
         raise CaseError(f"{path}: label values out of range: {values.min()}..{values.max()}")
-    if allowed is not None:
-        check_label_values(values, allowed, path)
     dtype = np.uint8 if values.size == 0 or values.max() < 256 else np.int16
     return label.astype(dtype)
 
@@ -257,7 +419,7 @@ def finalize_source(
     name: str,
     fmt: str,
     channels: dict[str, str],
-    cases: list[dict],
+    cases: list[CaseSpec],
     path: str | os.PathLike,
     values: Iterable[int],
     names: dict[int, str] | None,
@@ -272,10 +434,10 @@ def finalize_source(
         raise ValueError(f"{path}: no cases found for format {fmt!r}")
     seen = set()
     for spec in cases:
-        check_case_id(spec["id"], path)
-        if spec["id"] in seen:
-            raise ValueError(f"{path}: case id {spec['id']!r} appears twice; rename one of the sources")
-        seen.add(spec["id"])
+        check_case_id(spec.id, path)
+        if spec.id in seen:
+            raise ValueError(f"{path}: case id {spec.id!r} appears twice; rename one of the sources")
+        seen.add(spec.id)
     names = {int(k): str(v) for k, v in (names or {}).items()}
     names.update({int(k): str(v) for k, v in (options.get("label_names") or {}).items()})
     lookup, label_values = build_label_lookup(values, options.get("label_map"), bool(options.get("binarize")))
@@ -285,8 +447,8 @@ def finalize_source(
         labels[str(k)] = "+".join(names.get(v, f"label_{v}") for v in sources) if sources else f"label_{k}"
     if any(k != v for k, v in lookup.items()):
         for spec in cases:
-            spec["label_lookup"] = {str(k): v for k, v in lookup.items()}
-            spec["label_values"] = label_values
+            spec.label_lookup = {str(k): v for k, v in lookup.items()}
+            spec.label_values = list(label_values)
     return DatasetSource(name, fmt, labels, channels, cases, str(path), label_values)
 
 
@@ -309,11 +471,10 @@ def _scan_values(arrays: Iterable[tuple[str, Callable[[], np.ndarray]]], skip_un
     return found
 
 
-def unreadable_spec(file: Path, fmt: str, error: str) -> dict:
+def unreadable_spec(file: Path, fmt: str, error: str) -> CaseSpec:
     """A case for a source file that discovery could not read: :func:`load_case` raises ``error`` for it."""
     case_id = safe_id(strip_suffix(file.name))
-    return {"id": case_id, "patient": case_id, "format": fmt, "image": [str(file.resolve())], "label": None,
-            "error": error}  # fmt: skip
+    return CaseSpec(id=case_id, format=fmt, image=[str(file.resolve())], error=error)
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -392,7 +553,7 @@ def _pair_files(
     return [(key, path, labels.get(key)) for key, path in sorted(images.items(), key=lambda item: str(item[1]))]
 
 
-def _apply_patient_pattern(cases: list[dict], pattern: str | None, names: Sequence[str]) -> None:
+def _apply_patient_pattern(cases: list[CaseSpec], pattern: str | None, names: Sequence[str]) -> None:
     """Set each case's ``patient`` from group 1 of ``pattern`` searched in its file name (splits stay per patient)."""
     if not pattern:
         return
@@ -401,7 +562,7 @@ def _apply_patient_pattern(cases: list[dict], pattern: str | None, names: Sequen
         match = regex.search(name)
         if match is None or not match.groups():
             raise ValueError(f"{name}: the patient pattern {pattern!r} does not match (it needs one group)")
-        case["patient"] = safe_id(match.group(1))
+        case.patient = safe_id(match.group(1))
 
 
 def source_values(classes: np.ndarray, label_values: list[int] | None) -> np.ndarray:

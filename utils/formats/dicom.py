@@ -27,6 +27,7 @@ from utils.formats.base import (
     SOFTWARE,
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
     _scan_values,
     as_label_map,
@@ -39,19 +40,9 @@ from utils.formats.itk import _itk_reason, _sitk_label_reader, read_sitk, sitk_g
 
 log = logging.getLogger(__name__)
 
-_DICOM_TAGS = (
-    "Modality",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
-    "PatientID",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "InstanceNumber",
-    "SeriesNumber",
-    "SeriesDescription",
-    "Rows",
-    "Columns",
+_DICOM_TAGS = tuple(  # the header elements that scanning reads
+    "Modality SeriesInstanceUID StudyInstanceUID FrameOfReferenceUID PatientID ImagePositionPatient "
+    "ImageOrientationPatient InstanceNumber SeriesNumber SeriesDescription Rows Columns".split()
 )
 _LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 _NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE", "REG", "DOC")
@@ -244,12 +235,12 @@ def discover_dicom(path: str | os.PathLike, options: dict | None = None) -> Data
             values |= set(found["names"])
             names.update(found["names"])
         elif found is not None:
-            spec["rtstruct_rois"] = {}
+            spec.rtstruct_rois = {}
             for name in found["names"].values():
                 value = roi_values.setdefault(name, len(roi_values) + 1)
-                spec["rtstruct_rois"][name] = value
+                spec.rtstruct_rois[name] = value
                 names[value] = name
-            values |= set(spec["rtstruct_rois"].values())
+            values |= set(spec.rtstruct_rois.values())
         cases.append(spec)
     modalities = [s["modality"] for s in series]
     channels = {"0": max(set(modalities), key=modalities.count)}
@@ -257,11 +248,11 @@ def discover_dicom(path: str | os.PathLike, options: dict | None = None) -> Data
         root.name if root.is_dir() else root.parent.name, "dicom", channels, cases, root, values, names, options
     )
     for spec in source.cases:
-        spec["label_names"] = source.labels
+        spec.label_names = source.labels
     return source
 
 
-def _dicom_spec(root: Path, series: dict, label: dict | None, used_ids: set, single: bool) -> dict:
+def _dicom_spec(root: Path, series: dict, label: dict | None, used_ids: set, single: bool) -> CaseSpec:
     folder = Path(series["folder"])
     base = root.name if single and root.is_dir() else (str(folder.relative_to(root)) if root.is_dir() else folder.name)
     if base in ("", "."):
@@ -272,19 +263,19 @@ def _dicom_spec(root: Path, series: dict, label: dict | None, used_ids: set, sin
     while case_id in used_ids:
         case_id = safe_id(f"{case_id}_{len(used_ids)}")
     used_ids.add(case_id)
-    return {
-        "id": case_id,
-        "patient": safe_id(series["patient"]) if series["patient"] else case_id,
-        "format": "dicom",
-        "image": series["files"],
-        "label": label["path"] if label else None,
-        "label_kind": label["modality"].lower() if label else None,
-        "modality": series["modality"],
-        "series_uid": series["uid"],
-        "frame_of_reference": series["frame"],
-        **({"unreadable": series["unreadable"]} if series.get("unreadable") else {}),
-        **({"mixed": series["mixed"]} if series.get("mixed") else {}),
-    }
+    return CaseSpec(
+        id=case_id,
+        patient=safe_id(series["patient"]) if series["patient"] else case_id,
+        format="dicom",
+        image=series["files"],
+        label=label["path"] if label else None,
+        label_kind=label["modality"].lower() if label else None,
+        modality=series["modality"],
+        series_uid=series["uid"],
+        frame_of_reference=series["frame"],
+        unreadable=series.get("unreadable") or None,
+        mixed=series.get("mixed") or None,
+    )
 
 
 def read_dicom_series(files: Sequence[str], where: str, unreadable: Sequence[str] = ()) -> sitk.Image:
@@ -468,36 +459,31 @@ def rasterize_rtstruct(path: str | os.PathLike, reference: sitk.Image, roi_value
     return label
 
 
-def load_dicom_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_dicom_case(spec: CaseSpec) -> CaseData:
     """Load a DICOM series (HU for CT) and its label resampled onto the series grid."""
-    where = str(Path(spec["image"][0]).parent)
-    if spec.get("mixed"):
+    where = str(Path(spec.image[0]).parent)
+    if spec.mixed:
         raise CaseError(
-            f"{where}: series {spec.get('series_uid')} mixes slices of different sizes or orientations "
-            f"({spec['mixed']}): more than one acquisition under one series UID; separate them into folders "
+            f"{where}: series {spec.series_uid} mixes slices of different sizes or orientations "
+            f"({spec.mixed}): more than one acquisition under one series UID; separate them into folders "
             "with their own series"
         )
-    image = read_dicom_series(spec["image"], where, spec.get("unreadable", ()))
-    if spec.get("unreadable"):
-        log.warning("%s: left out file(s) that are not readable DICOM: %s", where, ", ".join(spec["unreadable"]))
+    image = read_dicom_series(spec.image, where, spec.unreadable or ())
+    if spec.unreadable:
+        log.warning("%s: left out file(s) that are not readable DICOM: %s", where, ", ".join(spec.unreadable))
     array, affine = sitk_to_array(image, where)
     label = None
-    if spec.get("label"):
-        kind = spec.get("label_kind") or "file"
+    if spec.label:
+        kind = spec.label_kind or "file"
         if kind == "seg":
-            raw = _read_dicom_seg(spec["label"], image, spec.get("frame_of_reference", ""))
+            raw = _read_dicom_seg(spec.label, image, spec.frame_of_reference or "")
         elif kind == "rtstruct":
-            raw = rasterize_rtstruct(spec["label"], image, spec.get("rtstruct_rois", {}))
+            raw = rasterize_rtstruct(spec.label, image, spec.rtstruct_rois or {})
         else:
-            raw = resample_label_onto(read_sitk(spec["label"]), image, spec["label"])
-        label = as_label_map(raw, spec["label"], allowed_labels)
-    writer = {
-        "kind": "dicom",
-        "files": list(spec["image"]),
-        "labels": spec.get("label_names", {}),
-        **sitk_geometry(image),
-    }
-    return CaseData(spec["id"], check_image(array, where), label, affine, writer)
+            raw = resample_label_onto(read_sitk(spec.label), image, spec.label)
+        label = as_label_map(raw, spec.label)
+    writer = {"kind": "dicom", "files": list(spec.image), "labels": spec.label_names or {}, **sitk_geometry(image)}
+    return CaseData(spec.id, check_image(array, where), label, affine, writer)
 
 
 def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> list[Path]:

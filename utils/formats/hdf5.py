@@ -22,7 +22,9 @@ from utils.formats.base import (
     HDF5_SUFFIXES,
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
+    Hdf5Keys,
     _apply_patient_pattern,
     _scan_values,
     as_label_map,
@@ -157,19 +159,17 @@ def discover_hdf5(path: str | os.PathLike, options: dict | None = None) -> Datas
             raise ValueError(f"{file}: channels {names} differ from the other files' {channel_names}")
         channel_names = names
         cases.extend(file_cases)
-    _apply_patient_pattern(cases, options.get("patient_pattern"), [c["id"] for c in cases])
+    _apply_patient_pattern(cases, options.get("patient_pattern"), [c.id for c in cases])
     values = _scan_values(
-        (f"{c['image'][0]}:{c['hdf5']['label']}", _hdf5_label_reader(c))
-        for c in cases
-        if c.get("hdf5", {}).get("label")
+        (f"{c.image[0]}:{c.hdf5.label}", _hdf5_label_reader(c)) for c in cases if c.hdf5 is not None and c.hdf5.label
     )
     if channel_names is None:
-        raise ValueError(f"{root}: no HDF5 file could be read ({cases[0]['error']}, ...)")
+        raise ValueError(f"{root}: no HDF5 file could be read ({cases[0].error}, ...)")
     channels = {str(i): n for i, n in enumerate(channel_names)}
     return finalize_source(strip_suffix(root.name), "hdf5", channels, cases, root, values, None, options)
 
 
-def _discover_hdf5_file(file: Path, options: dict, prefix: bool) -> tuple[list[dict], list[str]]:
+def _discover_hdf5_file(file: Path, options: dict, prefix: bool) -> tuple[list[CaseSpec], list[str]]:
     with _open_hdf5(file) as handle:
         image_keys = list(options.get("hdf5_image_keys") or [])
         label_key = options.get("hdf5_label_key")
@@ -207,28 +207,27 @@ def _discover_hdf5_file(file: Path, options: dict, prefix: bool) -> tuple[list[d
                     label = f"{patient}/{label_key}" if label_key and patient in label_patients else None
                 case_id = safe_id(f"{stem}_{patient}" if prefix else patient)
                 spec = _hdf5_spec(file, case_id, paths, label, None, spacing, spacing_from)
-                spec["patient"] = safe_id(patient)
+                spec.patient = safe_id(patient)
                 cases.append(spec)
     return cases, [_channel_name(k) for k in image_keys]
 
 
-def _hdf5_spec(file: Path, case_id: str, images: list, label: str | None, index, spacing, spacing_from) -> dict:
-    return {
-        "id": case_id,
-        "patient": case_id,
-        "format": "hdf5",
-        "image": [str(file.resolve())],
-        "label": str(file.resolve()) if label else None,
-        "hdf5": {"image": list(images), "label": label, "index": index},
-        "spacing": spacing,
-        "spacing_from": spacing_from,
-    }
+def _hdf5_spec(file: Path, case_id: str, images: list, label: str | None, index, spacing, spacing_from) -> CaseSpec:
+    return CaseSpec(
+        id=case_id,
+        format="hdf5",
+        image=[str(file.resolve())],
+        label=str(file.resolve()) if label else None,
+        hdf5=Hdf5Keys(list(images), label, index),
+        spacing=spacing,
+        spacing_from=spacing_from,
+    )
 
 
-def _hdf5_label_reader(spec: dict) -> Callable[[], np.ndarray]:
+def _hdf5_label_reader(spec: CaseSpec) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        with _open_hdf5(spec["image"][0]) as handle:
-            return _hdf5_volume(handle, spec["hdf5"]["label"], spec["hdf5"]["index"], spec["image"][0])[0]
+        with _open_hdf5(spec.image[0]) as handle:
+            return _hdf5_volume(handle, spec.hdf5.label, spec.hdf5.index, spec.image[0])[0]
 
     return read
 
@@ -260,31 +259,31 @@ def _hdf5_volume(handle: h5py.File, key: str, index: int | None, path: str) -> t
     return squeezed, stored
 
 
-def load_hdf5_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_hdf5_case(spec: CaseSpec) -> CaseData:
     """Load one HDF5 case: each image key is a channel; spacing from the spec; arrays kept as stored."""
-    path, keys, index = spec["image"][0], spec["hdf5"], spec["hdf5"]["index"]
+    path, keys, index = spec.image[0], spec.hdf5, spec.hdf5.index
     with _open_hdf5(path) as handle:
         channels, shape = [], None
-        for key in keys["image"]:
+        for key in keys.image:
             data, _ = _hdf5_volume(handle, key, index, path)
             if shape is not None and data.shape != shape:
-                raise CaseError(f"{path}: {key!r} has shape {data.shape}, {keys['image'][0]!r} has {shape}")
+                raise CaseError(f"{path}: {key!r} has shape {data.shape}, {keys.image[0]!r} has {shape}")
             shape = data.shape
             channels.append(check_image(data, f"{path}:{key}"))
         label, stored, dtype = None, list(shape), "uint8"
-        if keys["label"]:
-            raw, stored = _hdf5_volume(handle, keys["label"], index, path)
+        if keys.label:
+            raw, stored = _hdf5_volume(handle, keys.label, index, path)
             if raw.shape != shape:
-                raise CaseError(f"{path}: label {keys['label']!r} has shape {raw.shape}, the image {shape}")
-            label, dtype = as_label_map(raw, f"{path}:{keys['label']}", allowed_labels), str(raw.dtype)
+                raise CaseError(f"{path}: label {keys.label!r} has shape {raw.shape}, the image {shape}")
+            label, dtype = as_label_map(raw, f"{path}:{keys.label}"), str(raw.dtype)
     writer = {
         "kind": "hdf5",
         "reference": path,
-        "key": keys["label"] or ("labels" if index is not None else f"label_data/{spec.get('patient', spec['id'])}"),
+        "key": keys.label or ("labels" if index is not None else f"label_data/{spec.patient}"),
         "shape": stored if index is None else [1, *stored],
         "dtype": dtype,
     }
-    return CaseData(spec["id"], np.concatenate(channels, axis=-1), label, axis_aligned_affine(spec["spacing"]), writer)
+    return CaseData(spec.id, np.concatenate(channels, axis=-1), label, axis_aligned_affine(spec.spacing), writer)
 
 
 def write_hdf5_mask(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> list[Path]:

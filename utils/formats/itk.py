@@ -23,6 +23,7 @@ from utils.formats.base import (
     SITK_SUFFIXES,
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
     _apply_patient_pattern,
     _as_list,
@@ -134,16 +135,15 @@ def discover_files(path: str | os.PathLike, options: dict | None = None) -> Data
     for _key, image, label in pairs:
         case_id = _case_id(image, root, [_pattern_regex(p) for p in _as_list(image_pattern)])
         cases.append(
-            {
-                "id": case_id,
-                "patient": case_id,
-                "format": "sitk",
-                "image": [str(image.resolve())],
-                "label": str(label.resolve()) if label else None,
-            }
+            CaseSpec(
+                id=case_id,
+                format="sitk",
+                image=[str(image.resolve())],
+                label=str(label.resolve()) if label else None,
+            )
         )
-    _apply_patient_pattern(cases, options.get("patient_pattern"), [Path(c["image"][0]).name for c in cases])
-    values = _scan_values((c["label"], _sitk_label_reader(c["label"])) for c in cases if c["label"])
+    _apply_patient_pattern(cases, options.get("patient_pattern"), [Path(c.image[0]).name for c in cases])
+    values = _scan_values((c.label, _sitk_label_reader(c.label)) for c in cases if c.label)
     return finalize_source(root.name, "files", {"0": "image"}, cases, root, values, None, options)
 
 
@@ -151,10 +151,10 @@ def _sitk_label_reader(path: str) -> Callable[[], np.ndarray]:
     return lambda: sitk_to_array(read_sitk(path), path)[0]
 
 
-def load_sitk_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_sitk_case(spec: CaseSpec) -> CaseData:
     """Load a case whose channels and label are files SimpleITK reads; the label must share the image grid."""
     channels, first = [], None
-    for path in spec["image"]:
+    for path in spec.image:
         source = read_sitk(path)
         data, affine = sitk_to_array(source, path)
         if first is None:
@@ -164,12 +164,12 @@ def load_sitk_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseDa
         channels.append(check_image(data, path))
     image = np.concatenate(channels, axis=-1)
     label, reference = None, first[3]
-    if spec.get("label"):
-        reference = read_sitk(spec["label"])
-        raw, label_affine = sitk_to_array(reference, spec["label"])
-        check_same_grid(first[:2], (raw.shape, label_affine), first[2], spec["label"])
-        label = as_label_map(raw, spec["label"], allowed_labels)
-    source_path = spec.get("label") or spec["image"][0]
+    if spec.label:
+        reference = read_sitk(spec.label)
+        raw, label_affine = sitk_to_array(reference, spec.label)
+        check_same_grid(first[:2], (raw.shape, label_affine), first[2], spec.label)
+        label = as_label_map(raw, spec.label)
+    source_path = spec.label or spec.image[0]
     suffix = next((s for s in SITK_SUFFIXES if source_path.lower().endswith(s)), ".nrrd")
     writer = {
         "kind": "sitk",
@@ -178,7 +178,7 @@ def load_sitk_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseDa
         "dimension": reference.GetDimension(),
         **sitk_geometry(reference),
     }
-    return CaseData(spec["id"], image, label, first[1], writer)
+    return CaseData(spec.id, image, label, first[1], writer)
 
 
 def write_sitk_mask(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> list[Path]:

@@ -22,6 +22,7 @@ from utils.fileio import check_case_id, read_json
 from utils.formats.base import (
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
     as_label_map,
     check_image,
@@ -71,10 +72,10 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.transpose(data, axes), geometry.nifti_affine_to_zyx(image.affine)
 
 
-def load_nifti_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_nifti_case(spec: CaseSpec) -> CaseData:
     """Load a case whose image channels and label are NIfTI files (MSD and BraTS layouts)."""
     channels, affine, first = [], None, None
-    for path in spec["image"]:
+    for path in spec.image:
         data, data_affine = read_nifti(path)
         if first is None:
             first, affine = (data.shape, data_affine, path), data_affine
@@ -83,12 +84,12 @@ def load_nifti_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseD
         channels.append(check_image(data, path))
     image = np.concatenate(channels, axis=-1)
     label = None
-    if spec.get("label"):
-        raw, label_affine = read_nifti(spec["label"])
-        check_same_grid((image.shape, affine), (raw.shape, label_affine), spec["image"][0], spec["label"])
-        label = as_label_map(raw, spec["label"], allowed_labels)
-    reference = spec.get("label") or spec["image"][0]
-    return CaseData(spec["id"], image, label, affine, {"kind": "nifti", "reference": str(reference)})
+    if spec.label:
+        raw, label_affine = read_nifti(spec.label)
+        check_same_grid((image.shape, affine), (raw.shape, label_affine), spec.image[0], spec.label)
+        label = as_label_map(raw, spec.label)
+    reference = spec.label or spec.image[0]
+    return CaseData(spec.id, image, label, affine, {"kind": "nifti", "reference": str(reference)})
 
 
 def discover_msd(path: str | os.PathLike, options: dict | None = None) -> DatasetSource:
@@ -137,7 +138,7 @@ def _msd_labels(raw: dict, meta_path: Path) -> dict[str, str]:
     return dict(sorted(labels.items(), key=lambda item: int(item[0])))
 
 
-def _msd_spec(root: Path, meta_path: Path, image: str, label: str | None, n_channels: int) -> dict:
+def _msd_spec(root: Path, meta_path: Path, image: str, label: str | None, n_channels: int) -> CaseSpec:
     image_path = (root / image).resolve()
     case_id = check_case_id(strip_suffix(image_path.name), meta_path)
     if image_path.is_file():
@@ -153,7 +154,7 @@ def _msd_spec(root: Path, meta_path: Path, image: str, label: str | None, n_chan
         if not label_path.is_file():
             raise FileNotFoundError(f"{meta_path}: lists label {label}, but {label_path} does not exist")
         label_path = str(label_path)
-    return {"id": case_id, "patient": case_id, "format": "nifti", "image": images, "label": label_path}
+    return CaseSpec(id=case_id, format="nifti", image=images, label=label_path)
 
 
 def _brats_files(folder: Path) -> tuple[str, dict[str, Path]] | None:
@@ -194,13 +195,12 @@ def discover_brats(path: str | os.PathLike, options: dict | None = None) -> Data
         releases.add(release)
         case_id = safe_id(folder.name)
         cases.append(
-            {
-                "id": case_id,
-                "patient": case_id,
-                "format": "nifti",
-                "image": [str(files[m].resolve()) for m in modalities],
-                "label": str(files[seg].resolve()) if seg in files else None,
-            }
+            CaseSpec(
+                id=case_id,
+                format="nifti",
+                image=[str(files[m].resolve()) for m in modalities],
+                label=str(files[seg].resolve()) if seg in files else None,
+            )
         )
     if not cases:
         raise ValueError(f"{root}: no BraTS case folder (<case>/<case>_flair.nii.gz ...) found")

@@ -18,6 +18,7 @@ from utils.formats.base import (
     PNG_SUFFIXES,
     CaseData,
     CaseError,
+    CaseSpec,
     DatasetSource,
     _pair_files,
     _scan_values,
@@ -96,21 +97,21 @@ def discover_png(path: str | os.PathLike, options: dict | None = None) -> Datase
     if masks_dir is not None:
         pairs = [(k, i, m) for k, i, m in pairs if masks_dir not in i.parents]
     cases = _group_png(pairs, options.get("patient_pattern"), parse_spacing(options.get("source_spacing"), "spacing"))
-    first = read_2d(cases[0]["image"][0])
+    first = read_2d(cases[0].image[0])
     channels = (
         {"0": "image"}
         if first.shape[-1] == 1
         else {str(c): "RGB"[c] if c < 3 else f"c{c}" for c in range(first.shape[-1])}
     )
     for spec in cases:
-        spec["channels"] = len(channels)
+        spec.channels = len(channels)
     values = _scan_values(
-        ((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases for m in c["masks"] if m), skip_unreadable=False
+        ((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases for m in c.masks), skip_unreadable=False
     )
     return finalize_source(root.name, "png", channels, cases, root, values, None, options)
 
 
-def _group_png(pairs: list, pattern: str | None, spacing: list | None) -> list[dict]:
+def _group_png(pairs: list, pattern: str | None, spacing: list | None) -> list[CaseSpec]:
     regex = re.compile(pattern) if pattern else None
     groups: dict[str, list] = {}
     patients = {}
@@ -142,44 +143,42 @@ def _group_png(pairs: list, pattern: str | None, spacing: list | None) -> list[d
             missing = next(str(i) for _, i, m in members if m is None)
             raise ValueError(f"{missing}: has no mask while other slices of {case_id!r} have one")
         cases.append(
-            {
-                "id": case_id,
-                "patient": patients[case_id],
-                "format": "png",
-                "image": [str(i.resolve()) for _, i, _ in members],
-                "label": masks[0],
-                "masks": masks if any(masks) else [],
-                "spacing": spacing or [1.0, 1.0, 1.0],
-            }
+            CaseSpec(
+                id=case_id,
+                patient=patients[case_id],
+                format="png",
+                image=[str(i.resolve()) for _, i, _ in members],
+                label=masks[0],
+                masks=masks if any(masks) else [],
+                spacing=spacing or [1.0, 1.0, 1.0],
+            )
         )
     return cases
 
 
-def load_png_case(spec: dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_png_case(spec: CaseSpec) -> CaseData:
     """Stack a case's 2D slices into ``(Z, H, W, C)`` (and masks into ``(Z, H, W)``)."""
-    slices = [read_2d(p) for p in spec["image"]]
-    for path, array in zip(spec["image"], slices, strict=True):
+    slices = [read_2d(p) for p in spec.image]
+    for path, array in zip(spec.image, slices, strict=True):
         if array.shape != slices[0].shape:
-            raise CaseError(f"{path}: size {array.shape} differs from {spec['image'][0]} {slices[0].shape}")
+            raise CaseError(f"{path}: size {array.shape} differs from {spec.image[0]} {slices[0].shape}")
     image = np.stack(slices)
-    if image.shape[-1] != spec.get("channels", image.shape[-1]):
-        raise CaseError(f"{spec['image'][0]}: {image.shape[-1]} channels, the dataset has {spec['channels']}")
+    if spec.channels is not None and image.shape[-1] != spec.channels:
+        raise CaseError(f"{spec.image[0]}: {image.shape[-1]} channels, the dataset has {spec.channels}")
     label = None
-    if spec.get("masks"):
+    if spec.masks:
         masks = []
-        for mask_path, image_path in zip(spec["masks"], spec["image"], strict=True):
+        for mask_path, image_path in zip(spec.masks, spec.image, strict=True):
             mask = read_2d(mask_path, mask=True)
             if mask.shape != image.shape[1:3]:
                 raise CaseError(
                     f"{mask_path}: size {mask.shape} differs from its image {image_path} {image.shape[1:3]}"
                 )
             masks.append(mask)
-        label = as_label_map(np.stack(masks), spec["masks"][0], allowed_labels)
-    names = [Path(p).name for p in (spec.get("masks") or spec["image"])]
+        label = as_label_map(np.stack(masks), spec.masks[0])
+    names = [Path(p).name for p in (spec.masks or spec.image)]
     writer = {"kind": "png", "files": [strip_suffix(n) + ".png" for n in names]}
-    return CaseData(
-        spec["id"], check_image(image, spec["image"][0]), label, axis_aligned_affine(spec["spacing"]), writer
-    )
+    return CaseData(spec.id, check_image(image, spec.image[0]), label, axis_aligned_affine(spec.spacing), writer)
 
 
 def write_png_masks(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> list[Path]:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import fileio
-from utils.formats import CaseError, DatasetSource, load_case
+from utils.formats import CaseError, CaseSpec, DatasetSource, load_case
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepare.fingerprint import _ct_stats, aggregate_fingerprint, case_fingerprint
 from utils.preprocessing import PreprocessSettings, prepare_case
@@ -48,11 +48,11 @@ class PreparationError(RuntimeError):
         super().__init__(f"{len(self.failures)} case(s) failed:\n{lines}")
 
 
-def _source_key(spec: dict) -> dict:
+def _source_key(spec: CaseSpec) -> dict:
     """Size and modification time of every source file of a case (changes invalidate cached results)."""
     stats = {}
-    for path in [*spec.get("image", []), spec.get("label"), *spec.get("masks", [])]:
-        if path and os.path.exists(path):
+    for path in spec.source_files():
+        if os.path.exists(path):
             st = os.stat(path)
             stats[str(path)] = [st.st_size, int(st.st_mtime_ns)]
     return stats
@@ -85,30 +85,30 @@ def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descr
     return results
 
 
-def _load_checked(spec: dict, allowed: set, num_channels: int):
+def _load_checked(spec: CaseSpec, allowed: set, num_channels: int):
     """Read a case and check it has the dataset's number of channels and is not all zero."""
     case = load_case(spec, allowed)
     if not case.image.any():
-        raise CaseError(f"{spec['image'][0] if spec.get('image') else spec['id']}: image is all zero")
+        raise CaseError(f"{spec.image[0] if spec.image else spec.id}: image is all zero")
     if case.image.shape[-1] != num_channels:
         raise CaseError(
-            f"{spec['image'][0] if spec.get('image') else spec['id']}: image has {case.image.shape[-1]} channel(s) "
+            f"{spec.image[0] if spec.image else spec.id}: image has {case.image.shape[-1]} channel(s) "
             f"(shape {case.image.shape[:-1]} x {case.image.shape[-1]}), the dataset lists {num_channels}"
         )
     return case
 
 
-def _failure_message(spec: dict, error: Exception) -> str:
+def _failure_message(spec: CaseSpec, error: Exception) -> str:
     """A one-line message naming the case's file for any error a reader raised (no traceback)."""
     if isinstance(error, ValueError | OSError):
         return str(error)
-    files = ", ".join(str(p) for p in [*spec.get("image", []), spec.get("label")] if p) or spec["id"]
+    files = ", ".join(str(p) for p in [*spec.image, spec.label] if p) or spec.id
     return f"{files}: cannot read ({type(error).__name__}: {error})"
 
 
-def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str, num_channels: int) -> tuple:
-    key = fileio.digest(spec, _source_key(spec), "fingerprint-v2")
-    cache = Path(cache_dir) / f"{spec['id']}.json"
+def _fingerprint_job(spec: CaseSpec, allowed: set, num_classes: int, cache_dir: str, num_channels: int) -> tuple:
+    key = fileio.digest(spec.to_json(), _source_key(spec), "fingerprint-v2")
+    cache = Path(cache_dir) / f"{spec.id}.json"
     if cache.is_file():
         try:
             cached = fileio.read_json(cache)
@@ -125,7 +125,7 @@ def _fingerprint_job(spec: dict, allowed: set, num_classes: int, cache_dir: str,
 
 
 def _prepare_job(
-    spec: dict,
+    spec: CaseSpec,
     allowed: set,
     settings: dict,
     fingerprint: dict,
@@ -135,8 +135,8 @@ def _prepare_job(
 ) -> tuple:
     settings_obj = PreprocessSettings(**settings)
     out = Path(output)
-    key = fileio.digest(spec, _source_key(spec), settings, resolved, "prepare-v1")
-    entry_path = out / "volumes" / f"{spec['id']}.json"
+    key = fileio.digest(spec.to_json(), _source_key(spec), settings, resolved, "prepare-v1")
+    entry_path = out / "volumes" / f"{spec.id}.json"
     if entry_path.is_file():
         try:
             entry = fileio.read_json(entry_path)
@@ -150,19 +150,19 @@ def _prepare_job(
         image, label, record = prepare_case(case, settings_obj, fingerprint, channel_names)
     except Exception as error:  # any reader failure is this case's failure, reported with its file
         return "error", _failure_message(spec, error)
-    image_rel = f"volumes/{spec['id']}_image.npy"
+    image_rel = f"volumes/{spec.id}_image.npy"
     fileio.write_npy(out / image_rel, image)
     label_rel = None
     if label is not None:
-        label_rel = f"volumes/{spec['id']}_label.npy"
+        label_rel = f"volumes/{spec.id}_label.npy"
         fileio.write_npy(out / label_rel, label)
     entry = {
-        "id": spec["id"],
-        "patient": spec.get("patient", spec["id"]),
-        "source": {k: v for k, v in spec.items() if k not in ("id", "patient")},
+        "id": spec.id,
+        "patient": spec.patient,
+        "source": {k: v for k, v in spec.to_json().items() if k not in ("id", "patient")},
         "image": image_rel,
         "label": label_rel,
-        "geometry": record,
+        "geometry": record.to_json(),
         "writer": case.writer,
         "key": key,
     }
@@ -170,11 +170,11 @@ def _prepare_job(
     return "ok", entry
 
 
-def make_splits(entries: Sequence[dict], fractions: Sequence[float], seed: int) -> dict:
+def make_splits(cases: Sequence[CaseSpec], fractions: Sequence[float], seed: int) -> dict:
     """Seeded patient-level split of labelled cases into train/val/test; unlabelled cases go to test.
 
     Args:
-        entries: manifest case entries (``id``, ``patient``, ``label``).
+        cases: every case found (their ``id``, ``patient`` and ``label``).
         fractions: ``(train, val, test)``, summing to 1.
         seed: random seed.
 
@@ -184,8 +184,7 @@ def make_splits(entries: Sequence[dict], fractions: Sequence[float], seed: int) 
     fractions = [float(f) for f in fractions]
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"--split needs three non-negative fractions summing to 1, got {fractions}")
-    labelled = [e for e in entries if e.get("label")]
-    patients = sorted({e["patient"] for e in labelled})
+    patients = sorted({case.patient for case in cases if case.label})
     order = np.random.default_rng(seed).permutation(len(patients))
     patients = [patients[i] for i in order]
     n = len(patients)
@@ -196,15 +195,15 @@ def make_splits(entries: Sequence[dict], fractions: Sequence[float], seed: int) 
     n_test = min(n_test, n - n_val)
     groups = {"val": set(patients[:n_val]), "test": set(patients[n_val : n_val + n_test])}
     splits = {"train": [], "val": [], "test": []}
-    for entry in entries:
-        if not entry.get("label"):
-            splits["test"].append(entry["id"])
-        elif entry["patient"] in groups["val"]:
-            splits["val"].append(entry["id"])
-        elif entry["patient"] in groups["test"]:
-            splits["test"].append(entry["id"])
+    for case in cases:
+        if not case.label:
+            splits["test"].append(case.id)
+        elif case.patient in groups["val"]:
+            splits["val"].append(case.id)
+        elif case.patient in groups["test"]:
+            splits["test"].append(case.id)
         else:
-            splits["train"].append(entry["id"])
+            splits["train"].append(case.id)
     return splits
 
 
@@ -243,13 +242,13 @@ def prepare_dataset(
         if status == "ok":
             records.append(value)
         else:
-            failures.append(CaseFailure(spec["id"], value))
+            failures.append(CaseFailure(spec.id, value))
     fingerprint = aggregate_fingerprint(records, source.channels, source.labels) if records else None
     if fingerprint is None:
         raise PreparationError(failures or [CaseFailure("-", "no case could be read")])
     fileio.write_json(out / "fingerprint.json", fingerprint)
 
-    good = [s for s in source.cases if s["id"] not in {f.case_id for f in failures}]
+    good = [s for s in source.cases if s.id not in {f.case_id for f in failures}]
     resolved = {"median_spacing": fingerprint["median_spacing"], "intensity": _ct_stats(fingerprint)}
     channel_names = [source.channels[k] for k in sorted(source.channels, key=int)]
     jobs = [(s, allowed, settings.to_dict(), fingerprint, channel_names, str(out), resolved) for s in good]
@@ -258,7 +257,7 @@ def prepare_dataset(
         if status == "ok":
             entries.append(value)
         else:
-            failures.append(CaseFailure(spec["id"], value))
+            failures.append(CaseFailure(spec.id, value))
 
     # The split is drawn over every case found, then the cases that failed are left out: a case that becomes
     # unreadable (or readable again) never moves the others between train, val and test.
