@@ -122,6 +122,18 @@ def copy_of_manifest(sample_output, folder, edit) -> dict:
     return manifest
 
 
+@pytest.mark.parametrize(("version", "age"), [(0, "an older"), (None, "an older"), (2, "a newer")])
+def test_a_manifest_of_another_version_is_refused_in_one_line(sample_output, tmp_path, version, age):
+    folder = tmp_path / "old"
+    manifest = copy_of_manifest(sample_output, folder, lambda m: m.update(version=version))
+    with pytest.raises(ValueError) as error:
+        PreparedDataset(folder)
+    assert str(error.value) == (
+        f"{folder / 'manifest.json'}: prepared with {age} version of data_gen.py (manifest version {version}, this "
+        f"toolkit reads 1); rerun data_gen.py --input {manifest['source']['path']} --output {folder}"
+    )
+
+
 def test_a_damaged_case_entry_is_refused_naming_the_key(sample_output, tmp_path):
     def damage(manifest):
         manifest["cases"][0]["source"]["colour"] = "red"

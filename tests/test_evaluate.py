@@ -4,6 +4,7 @@ dataset whose images spell out their labels, so that a fake model predicts them 
 import csv
 import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ import data_gen
 import utils.evaluate.pipeline
 from utils.evaluate.options import Options, check_regions
 from utils.evaluate.pipeline import check_compatible, evaluate, finish_case
+from utils.evaluate.predict import predict_images
 from utils.evaluate.results import summarize
 from utils.geometry import GeometryRecord
 
@@ -295,3 +297,23 @@ def test_foreground_cropped_cases_are_prepared_again_without_their_label(synthet
     summary = evaluate(run, dataset, tmp_path / "out", split="test", options=options, predict=label_reader)
     assert len(seen) == summary["num_cases"] == 2 and all(label is None for label in seen)
     assert summary["classes"]["2"]["dice"]["mean"] == 1.0
+
+
+def test_a_dataset_of_another_manifest_version_is_refused_in_one_line(synthetic, tmp_path):
+    """Evaluation and prediction on new images (which takes the training dataset's preprocessing) both refuse it."""
+    raw, dataset, run = synthetic
+    old = tmp_path / "old"
+    shutil.copytree(dataset, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "version": 0}))
+    expected = (
+        f"{old / 'manifest.json'}: prepared with an older version of data_gen.py (manifest version 0, this toolkit "
+        f"reads 1); rerun data_gen.py --input {manifest['source']['path']} --output {old}"
+    )
+    options = Options(pictures="none", progress=False)
+    with pytest.raises(ValueError) as error:
+        evaluate(run, old, tmp_path / "out", options=options, predict=label_reader)
+    assert str(error.value) == expected
+    with pytest.raises(ValueError) as error:
+        predict_images(run, raw, tmp_path / "out", data=old, options=options, predict=label_reader)
+    assert str(error.value) == expected

@@ -3,9 +3,11 @@
 A prepared dataset holds ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/<id>_image.npy``
 ``(Z, Y, X, C)`` float32 / ``volumes/<id>_label.npy`` ``(Z, Y, X)`` uint8 (docs/ARCHITECTURE.md).
 
-Each case entry of ``manifest.json`` holds the case's :class:`~utils.formats.CaseSpec` (``source``, without ``id`` and
-``patient``) and its :class:`~utils.geometry.GeometryRecord` (``geometry``) as plain JSON;
-:meth:`PreparedDataset.spec` and :meth:`PreparedDataset.geometry` give them back typed.
+``manifest.json`` carries the ``version`` of its shape, :data:`MANIFEST_VERSION`; :func:`read_manifest` refuses one
+of another version in one line that says how to prepare the dataset again. Each case entry holds the case's
+:class:`~utils.formats.CaseSpec` (``source``, without ``id`` and ``patient``) and its
+:class:`~utils.geometry.GeometryRecord` (``geometry``) as plain JSON; :meth:`PreparedDataset.spec` and
+:meth:`PreparedDataset.geometry` give them back typed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,30 @@ if TYPE_CHECKING:
     from utils.geometry import GeometryRecord
 
 log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """``folder/manifest.json``, when its version is the one this toolkit reads.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        ValueError: malformed JSON, or another version, in one line that names the file, both versions and the
+            command that prepares the dataset again.
+    """
+    path = Path(folder) / "manifest.json"
+    manifest = fileio.read_json(path)
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if type(version) is not int or version != MANIFEST_VERSION:
+        newer = type(version) is int and version > MANIFEST_VERSION
+        source = manifest.get("source") if isinstance(manifest, dict) else None
+        input_path = source.get("path", "...") if isinstance(source, dict) else "..."
+        raise ValueError(
+            f"{path}: prepared with {'a newer' if newer else 'an older'} version of data_gen.py (manifest version "
+            f"{version}, this toolkit reads {MANIFEST_VERSION}); "
+            f"rerun data_gen.py --input {input_path} --output {folder}"
+        )
+    return manifest
 
 
 def _open_maps_limit() -> int:
@@ -47,6 +73,7 @@ class PreparedDataset:
 
     Raises:
         FileNotFoundError: the folder, ``manifest.json`` or ``splits.json`` is missing.
+        ValueError: a manifest of another version (:func:`read_manifest`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -56,7 +83,7 @@ class PreparedDataset:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: prepared dataset folder not found (run data_gen.py first)")
-        self.manifest = fileio.read_json(self.path / "manifest.json")
+        self.manifest = read_manifest(self.path)
         self.splits = fileio.read_json(self.path / "splits.json")
         fingerprint_path = self.path / "fingerprint.json"
         self.fingerprint = fileio.read_json(fingerprint_path) if fingerprint_path.is_file() else {}

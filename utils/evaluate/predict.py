@@ -39,6 +39,7 @@ from utils.evaluate.pipeline import (
 )
 from utils.evaluate.results import write_results
 from utils.formats import class_indices, discover, load_case, source_values
+from utils.prepared import read_manifest
 from utils.preprocessing import PreprocessSettings, prepare_case
 from utils.runs import load_run
 
@@ -69,7 +70,7 @@ class TrainingPreparation:
 
         Raises:
             FileNotFoundError: the folder or its manifest is gone (name it with ``--data``).
-            ValueError: its labels or channels differ from the run's.
+            ValueError: its labels or channels differ from the run's, or its manifest is of another version.
         """
         path = Path(data or config.get("data") or "")
         if not (path / "manifest.json").is_file():
@@ -77,7 +78,7 @@ class TrainingPreparation:
                 f"{path / 'manifest.json'}: the run's training dataset is needed for its preprocessing settings; "
                 "pass its folder with --data if it moved"
             )
-        manifest = fileio.read_json(path / "manifest.json")
+        manifest = read_manifest(path)
         fingerprint_path = path / "fingerprint.json"
         fingerprint = fileio.read_json(fingerprint_path) if fingerprint_path.is_file() else None
         if manifest.get("labels") != config.get("labels") or len(manifest.get("channels", {})) != config.get(

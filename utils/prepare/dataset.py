@@ -27,10 +27,10 @@ from utils import fileio
 from utils.formats import CaseError, CaseSpec, DatasetSource, load_case
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepare.fingerprint import _ct_stats, aggregate_fingerprint, case_fingerprint
+from utils.prepared import MANIFEST_VERSION
 from utils.preprocessing import PreprocessSettings, prepare_case
 
 log = logging.getLogger(__name__)
-MANIFEST_VERSION = 1
 
 
 @dataclass
