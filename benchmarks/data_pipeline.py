@@ -13,14 +13,14 @@ probabilities:
 | ``flip`` p 0.5 on each axis | ``RandFlipd`` p 0.5 on each axis |
 
 Ours is these transforms set explicitly through ``augmentation_settings`` (the config file's ``augmentation:``
-section), whatever the presets hold: :class:`utils.train.sampling.PatchSampler`, iterated by Keras's own ``PyDataset``
-machinery (the adapter ``fit`` uses), with ``workers`` worker threads, the default of ``train.py --workers`` (process
-workers are an extra side). MONAI: ``CacheDataset`` (load, channel first, pad to the patch, foreground/background
-indices: cached once) + the random transforms + ``DataLoader`` with the same number of worker processes. Both return
-label maps, ours ``(4, 40, 56, 40)`` uint8 and MONAI's ``(4, 1, 40, 56, 40)`` (the losses one-hot encode them). The
-side ``ours_one_hot_before_fix`` is the sampler as it was before this benchmark showed the cost of float32 one-hot
-targets ``(4, 40, 56, 40, 3)``. Set-up (caching, worker start) is not timed; each repetition times ``batches``
-batches.
+section), whatever the presets hold: :class:`utils.train.sampling.PatchSampler`, read in order through the toolkit's
+loader (:class:`utils.train.workers.BatchLoader`, what ``fit`` reads) with ``workers`` worker threads, the default of
+``train.py --workers`` (process workers are an extra side). MONAI: ``CacheDataset`` (load, channel first, pad to the
+patch, foreground/background indices: cached once) + the random transforms + ``DataLoader`` with the same number of
+worker processes. Both return label maps, ours ``(4, 40, 56, 40)`` uint8 and MONAI's ``(4, 1, 40, 56, 40)`` (the
+losses one-hot encode them). The side ``ours_one_hot_before_fix`` is the sampler as it was before this benchmark
+showed the cost of float32 one-hot targets ``(4, 40, 56, 40, 3)``. Set-up (caching, worker start) is not timed; each
+repetition times ``batches`` batches.
 """
 
 from __future__ import annotations
@@ -71,29 +71,23 @@ def _no_transport_sampler(base):
 
 
 class Ours:
-    """PatchSampler + Augmenter, iterated through ``PyDatasetAdapter`` (what ``model.fit`` does)."""
+    """PatchSampler + Augmenter, iterated through the toolkit's ``BatchLoader`` (what ``model.fit`` reads)."""
 
     def __init__(self, data: str, workers: int, batches: int, preset="matched", mode="process", targets="labels"):
         self.data, self.workers, self.batches, self.preset, self.mode = data, workers, batches, preset, mode
         self.targets = targets
 
     def setup(self) -> dict:
-        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-
         from utils.prepared import PreparedDataset
         from utils.train.augment import Augmenter, augmentation_settings
         from utils.train.sampling import PatchSampler
+        from utils.train.workers import BatchLoader
 
         dataset = PreparedDataset(self.data)
         if self.preset == "matched":
             augment = Augmenter(augmentation_settings("none", 3, MATCHED), 3)
         else:
             augment = Augmenter(augmentation_settings(self.preset, 3), 3)
-        options = {}
-        if self.workers > 0:
-            options = dict(
-                workers=self.workers, use_multiprocessing=self.mode == "process", max_queue_size=2 * self.workers
-            )
         sampler_class = _no_transport_sampler(PatchSampler) if self.targets == "none" else PatchSampler
         sampler = sampler_class(
             dataset.image,
@@ -107,11 +101,9 @@ class Ours:
             augment=augment,
             seed=0,
             one_hot=self.targets == "onehot",
-            **options,
         )
-        self.adapter = PyDatasetAdapter(sampler, shuffle=False)
-        self.adapter.on_epoch_begin()
-        self.iterator = iter(self.adapter.get_numpy_iterator())
+        self.loader = BatchLoader(sampler, self.workers, self.mode, max_queue_size=2 * self.workers).start()
+        self.iterator = iter(self.loader)
         for _ in range(max(3, 2 * self.workers)):
             next(self.iterator)
         return {

@@ -3,11 +3,12 @@
     python tests/worker_fault.py MODE TRAIN_FLAGS...
 
 MODE ``kill``: the worker process building the next batch kills itself with SIGKILL; ``oom``: a thread of the main
-process sends SIGKILL to one of the pool's worker processes, busy or idle, as the kernel's out-of-memory killer does;
+process sends SIGKILL to one of the loader's worker processes, busy or idle, as the kernel's out-of-memory killer does;
 ``raise``: building the next batch raises RuntimeError (in whichever worker builds it). The fault fires after
 ``state.json`` appears in the run folder, so one epoch is complete and checkpointed. Exits with train.py's status.
 """
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -44,17 +45,12 @@ def inject(mode: str, argv: list[str]) -> None:
 
 
 def kill_a_worker(argv: list[str]) -> None:
-    """Once an epoch is saved, SIGKILL a worker of a running pool that has been up for 0.3 s, long enough to fill
-    the queue (so it is most likely idle, perhaps holding the pool's task-queue lock)."""
-    from multiprocessing.pool import RUN
-
-    from keras.src.trainers.data_adapters import py_dataset_adapter
-
+    """Once an epoch is saved, SIGKILL a data-loader worker process that has been up for 0.3 s, long enough to fill
+    the queue (so it is most likely idle, waiting for its next index)."""
     first_seen: dict[int, float] = {}
     while True:
         time.sleep(0.02)
-        pools = [pool for pool in list(py_dataset_adapter._DATA_POOLS) if pool._state == RUN]
-        for worker in [p for pool in pools for p in list(pool._pool) if p.is_alive()]:
+        for worker in multiprocessing.active_children():
             first_seen.setdefault(worker.pid, time.monotonic())
             if epoch_saved(argv) and time.monotonic() - first_seen[worker.pid] > 0.3:
                 os.kill(worker.pid, signal.SIGKILL)
