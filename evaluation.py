@@ -113,14 +113,13 @@ def parse_regions(text: str | None) -> dict:
 
 def test_time_mirroring(args: argparse.Namespace) -> bool | list[int]:
     """``--tta`` / ``--no-tta``, or by default the axes the run mirrored in training (its ``config.json``)."""
-    from utils import fileio
+    from utils.runs import load_config
     from utils.train.augment import mirrored_axes
 
-    config = Path(args.run) / "config.json"
-    if args.tta is not None or not config.is_file():  # a missing run is reported when it is loaded
+    if args.tta is not None or not (Path(args.run) / "config.json").is_file():  # a missing run is reported later
         return bool(args.tta)
     try:
-        return mirrored_axes(fileio.read_json(config))
+        return mirrored_axes(load_config(args.run))
     except (KeyError, TypeError, ValueError):  # a damaged run folder: loading it names the problem
         return False
 

@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    print(f"Best validation mean foreground dice: {config['best_val_dice']:.4f} ({config['epochs_done']} epochs)")
-    print(f"Run written to {config['output']}: model.keras, last.keras, config.json, history.csv, curves.png")
+    print(f"Best validation mean foreground dice: {config.best_val_dice:.4f} ({config.epochs_done} epochs)")
+    print(f"Run written to {config.output}: model.keras, last.keras, config.json, history.csv, curves.png")
     return 0
 
 

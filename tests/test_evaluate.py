@@ -17,6 +17,7 @@ from utils.evaluate.pipeline import check_compatible, evaluate, finish_case
 from utils.evaluate.predict import predict_images
 from utils.evaluate.results import summarize
 from utils.geometry import GeometryRecord
+from utils.runs import TrainingConfig
 
 LABELS = {"0": "background", "1": "core", "2": "rim"}
 SHAPE_IJK = (16, 20, 12)
@@ -72,9 +73,9 @@ class FakeDataset:
 
 def test_incompatible_dataset_is_refused():
     with pytest.raises(ValueError, match="labels"):
-        check_compatible({"labels": {"0": "background", "1": "tumour"}, "num_channels": 1}, FakeDataset())
+        check_compatible(TrainingConfig(labels={"0": "background", "1": "tumour"}, num_channels=1), FakeDataset())
     with pytest.raises(ValueError, match="channel"):
-        check_compatible({"labels": FakeDataset.labels, "num_channels": 4}, FakeDataset())
+        check_compatible(TrainingConfig(labels=FakeDataset.labels, num_channels=4), FakeDataset())
 
 
 def synthetic_label(index):

@@ -14,7 +14,7 @@ import train
 from utils.inference import predict_volume
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepared import PreparedDataset
-from utils.runs import load_model
+from utils.runs import TrainingConfig, load_model
 from utils.settings import TRAINING, defaults
 from utils.train import planning
 from utils.train.callbacks import LearningRate, read_history, write_history
@@ -37,16 +37,16 @@ def test_patch_size_batch_and_depth_are_planned_from_the_fingerprint(prepared_sa
     dataset = PreparedDataset(prepared_sample)
     config = resolve_config({"data": str(prepared_sample), "output": "x", "model": "unet3d"}, dataset)
     median = dataset.fingerprint["median_shape"]  # about 36 x 50 x 35 voxels for Hippocampus
-    assert config["model_args"]["depth"] == 3  # 36 / 2**3 >= 4 > 36 / 2**4 with the stride-2 stem
-    assert all(p >= m and p % 8 == 0 for p, m in zip(config["patch_size"], median, strict=True))
-    assert all(p - m < 8 for p, m in zip(config["patch_size"], median, strict=True))
-    assert config["batch_size"] == 4
-    assert config["plan"]["planned"] == ["patch_size", "batch_size", "depth"]
-    assert 0 < config["plan"]["estimated_gb_total"] < config["memory_budget"]
-    assert config["num_classes"] == 3 and config["num_channels"] == 1
+    assert config.model_args["depth"] == 3  # 36 / 2**3 >= 4 > 36 / 2**4 with the stride-2 stem
+    assert all(p >= m and p % 8 == 0 for p, m in zip(config.patch_size, median, strict=True))
+    assert all(p - m < 8 for p, m in zip(config.patch_size, median, strict=True))
+    assert config.batch_size == 4
+    assert config.plan["planned"] == ["patch_size", "batch_size", "depth"]
+    assert 0 < config.plan["estimated_gb_total"] < config.memory_budget
+    assert config.num_classes == 3 and config.num_channels == 1
     config_2d = resolve_config({"data": str(prepared_sample), "output": "x", "model": "unet2d"}, dataset)
-    assert len(config_2d["patch_size"]) == 2 and config_2d["patch_size"] == config["patch_size"][1:]
-    assert config_2d["batch_size"] == 32
+    assert len(config_2d.patch_size) == 2 and config_2d.patch_size == config.patch_size[1:]
+    assert config_2d.batch_size == 32
 
 
 CT_FINGERPRINT = {"median_shape": [180, 512, 512], "median_spacing": [2.5, 0.8, 0.8]}
@@ -132,7 +132,7 @@ def schedule(**settings):
     config = dict(epochs=10, steps_per_epoch=10, time_limit=None, schedule="poly", poly_exponent=0.9, warmup_epochs=0.0)
     config.update(min_lr=0.0, plateau_patience=2, plateau_factor=0.5)
     config.update(settings)
-    return LearningRate(config, 1.0, lambda: 0.0, Distribution(), None)
+    return LearningRate(TrainingConfig(**config), 1.0, lambda: 0.0, Distribution(), None)
 
 
 def test_learning_rate_schedules():
@@ -304,3 +304,24 @@ def test_every_architecture_trains_and_predicts_end_to_end(prepared_sample, tmp_
 
 def test_check_settings_accepts_the_defaults():
     check_settings(defaults(TRAINING))
+
+
+def test_training_config_round_trips_and_refuses_what_it_cannot_read(prepared_sample, tmp_path):
+    from utils.runs import RUN_FORMAT_VERSION, load_config
+
+    dataset = PreparedDataset(prepared_sample)
+    config = resolve_config({"data": str(prepared_sample), "output": "x", "model": "unet2d", "lr": 0.01}, dataset)
+    data = json.loads(json.dumps(config.to_json()))  # plain JSON, as written to config.json
+    assert data["format_version"] == RUN_FORMAT_VERSION and data["lr"] == 0.01 and data["model"] == "unet2d"
+    assert TrainingConfig.from_json(data) == config
+    assert config.settings().keys() == TRAINING.keys()
+    older = {k: v for k, v in data.items() if k != "format_version"}  # written before the field existed
+    assert TrainingConfig.from_json(older) == config
+    with pytest.raises(ValueError, match=r"run.json: written by a newer version of train.py \(format 99"):
+        TrainingConfig.from_json({**data, "format_version": 99}, "run.json")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
+        TrainingConfig.from_json({**data, "colour": "red"})
+    with pytest.raises(ValueError, match=r"setting 'lr' must be a positive number, got -1"):
+        TrainingConfig.from_json({**data, "lr": -1})
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert load_config(tmp_path).patch_size == config.patch_size

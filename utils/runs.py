@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import keras
 
 from utils import fileio
+from utils.settings import TRAINING, defaults
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def save_model(model: keras.Model, path: Path) -> None:
     fileio.write_with(path, lambda tmp: model.save(tmp), suffix=".keras")
 
 
-def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[dict, keras.Model | None]:
+def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[TrainingConfig, keras.Model | None]:
     """The run's resolved config and its best model (``model.keras``, else ``last.keras``), loaded in safe mode
     (``None`` with ``load=False``).
 
@@ -46,8 +49,7 @@ def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[dict, keras
         FileNotFoundError: the run folder, its config or both model files are missing.
         ValueError: the model file is not a readable Keras model.
     """
-    config = fileio.read_json(Path(run_dir) / "config.json")
-    return config, load_model(model_path(run_dir)) if load else None
+    return load_config(run_dir), load_model(model_path(run_dir)) if load else None
 
 
 def model_path(run_dir: str | os.PathLike) -> Path:
@@ -60,3 +62,126 @@ def model_path(run_dir: str | os.PathLike) -> Path:
         if (Path(run_dir) / name).is_file():
             return Path(run_dir) / name
     raise FileNotFoundError(f"{run_dir}: neither model.keras nor last.keras found (train first)")
+
+
+RUN_FORMAT_VERSION = 2  # 1: config.json without "format_version" (read as is: same keys)
+
+
+def _setting(key: str):
+    """A field whose default is the training setting's (a fresh copy for lists and mappings)."""
+    default = TRAINING[key].default
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: defaults({key: TRAINING[key]})[key])
+    return field(default=default)
+
+
+@dataclass
+class TrainingConfig:
+    """A run's ``config.json``: every training setting after planning, plus what the run was trained on and with.
+
+    The first block holds the keys of :data:`utils.settings.TRAINING` (their meaning and defaults are there); the
+    second what :func:`utils.train.config.resolve_config` adds; the last what training records when it ends.
+    Evaluation reads it through :func:`load_config` without importing the training code.
+    """
+
+    model: str = _setting("model")
+    model_args: dict = _setting("model_args")
+    loss: str = _setting("loss")
+    loss_args: dict = _setting("loss_args")
+    source: str = _setting("source")
+    patch_size: list[int] | None = _setting("patch_size")
+    batch_size: int | None = _setting("batch_size")
+    memory_budget: float = _setting("memory_budget")
+    epochs: int = _setting("epochs")
+    steps_per_epoch: int = _setting("steps_per_epoch")
+    lr: float = _setting("lr")
+    optimizer: str = _setting("optimizer")
+    momentum: float = _setting("momentum")
+    weight_decay: float = _setting("weight_decay")
+    schedule: str = _setting("schedule")
+    poly_exponent: float = _setting("poly_exponent")
+    warmup_epochs: float = _setting("warmup_epochs")
+    plateau_patience: int = _setting("plateau_patience")
+    plateau_factor: float = _setting("plateau_factor")
+    min_lr: float = _setting("min_lr")
+    grad_clip: float | None = _setting("grad_clip")
+    lr_scaling: str = _setting("lr_scaling")
+    augment: str = _setting("augment")
+    augmentation: dict = _setting("augmentation")
+    foreground_ratio: float = _setting("foreground_ratio")
+    pad_placement: str = _setting("pad_placement")
+    workers: int = _setting("workers")
+    worker_mode: str = _setting("worker_mode")
+    time_limit: float | None = _setting("time_limit")
+    early_stopping: int = _setting("early_stopping")
+    val_overlap: float = _setting("val_overlap")
+    tensorboard: bool = _setting("tensorboard")
+    tensorboard_images: int = _setting("tensorboard_images")
+    mixed_precision: bool = _setting("mixed_precision")
+    strategy: str = _setting("strategy")
+    deterministic: bool = _setting("deterministic")
+    seed: int = _setting("seed")
+
+    plan: dict = field(default_factory=dict)
+    replicas: int = 1
+    global_batch_size: int | None = None
+    num_classes: int = 0
+    num_channels: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    channels: dict[str, str] = field(default_factory=dict)
+    dataset_preprocessing: dict = field(default_factory=dict)
+    data: str = ""
+    backend: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    output: str = ""
+    precision_policy: str | None = None
+    best_val_dice: float | None = None
+    epochs_done: int = 0
+    format_version: int = RUN_FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        """The plain mapping written as ``config.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str | os.PathLike = "config.json") -> TrainingConfig:
+        """Read a ``config.json`` mapping.
+
+        Raises:
+            ValueError: not a mapping, a newer format, an unknown key, or a setting of the wrong type, naming
+                ``where`` and, for a config this toolkit cannot read, the command to rerun.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: written by a newer version of train.py (format {version!r}, this toolkit reads up to "
+                f"{RUN_FORMAT_VERSION}); update the toolkit or train the run again with this one"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; retrain with this version of train.py")
+        for key in TRAINING.keys() & data.keys():
+            try:
+                TRAINING[key].check(key, data[key])
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+        return cls(**{**data, "format_version": RUN_FORMAT_VERSION})
+
+    def settings(self) -> dict:
+        """The training settings alone (the keys of :data:`utils.settings.TRAINING`)."""
+        return {key: getattr(self, key) for key in TRAINING}
+
+
+def load_config(run_dir: str | os.PathLike) -> TrainingConfig:
+    """The :class:`TrainingConfig` of ``runs/<name>/config.json``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in the run folder.
+        ValueError: it is not a readable training config.
+    """
+    path = Path(run_dir) / "config.json"
+    return TrainingConfig.from_json(fileio.read_json(path), path)

@@ -45,26 +45,25 @@ from utils.metrics import compute_case_metrics
 from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
 from utils.prepared import PreparedDataset
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
-from utils.runs import load_run, model_path
+from utils.runs import TrainingConfig, load_run, model_path
 
 log = logging.getLogger(__name__)
 POSTPROCESSING_FILE = "postprocessing.json"
 
 
-def check_compatible(config: dict, dataset: PreparedDataset) -> None:
+def check_compatible(config: TrainingConfig, dataset: PreparedDataset) -> None:
     """Refuse a dataset whose labels or channels differ from the run's training data.
 
     Raises:
         ValueError: naming both.
     """
-    if config.get("labels") != dataset.labels:
+    if config.labels != dataset.labels:
         raise ValueError(
-            f"{dataset.path}: labels {dataset.labels} differ from those the run was trained on {config.get('labels')}"
+            f"{dataset.path}: labels {dataset.labels} differ from those the run was trained on {config.labels}"
         )
-    if config.get("num_channels") != dataset.num_channels:
+    if config.num_channels != dataset.num_channels:
         raise ValueError(
-            f"{dataset.path}: {dataset.num_channels} channel(s), "
-            f"but the run was trained on {config.get('num_channels')}"
+            f"{dataset.path}: {dataset.num_channels} channel(s), but the run was trained on {config.num_channels}"
         )
 
 
@@ -84,18 +83,18 @@ class Predictor:
     """What :func:`segment` needs from a run: the model (or a ``batch -> probabilities`` function) and its config."""
 
     model: object
-    config: dict
+    config: TrainingConfig
     predict: Callable[[np.ndarray], np.ndarray] | None = None
 
     def probabilities(self, image: np.ndarray, options: Options) -> np.ndarray:
         return predict_volume(
             self.model,
             image,
-            self.config["patch_size"],
-            self.config["num_classes"],
+            self.config.patch_size,
+            self.config.num_classes,
             overlap=options.overlap,
             blend=options.blend,
-            batch_size=options.batch_size or self.config.get("batch_size") or 2,
+            batch_size=options.batch_size or self.config.batch_size or 2,
             tta=options.tta,
             progress=options.progress,
             predict=self.predict,
@@ -322,9 +321,8 @@ def validation_cases(predictor: Predictor, dataset: PreparedDataset, options: Op
     return cases
 
 
-def training_dataset(config: dict, fallback: PreparedDataset | None = None) -> PreparedDataset | None:
-    """The run's training dataset (``config["data"]``) if it is still there, else ``fallback``."""
-    path = config.get("data")
+def training_dataset(path: str | os.PathLike | None, fallback: PreparedDataset | None = None) -> PreparedDataset | None:
+    """The run's training dataset (at ``path``, the run config's ``data``) if it is still there, else ``fallback``."""
     if fallback is not None and path and Path(path).resolve() == fallback.path.resolve():
         return fallback
     if path and Path(path, "manifest.json").is_file():
@@ -382,7 +380,7 @@ def evaluate(
     output = open_output(output)
     values = label_values(dataset.manifest)
     names = class_names(dataset.labels, values)
-    decide_on = training_dataset(config, dataset) or dataset
+    decide_on = training_dataset(config.data, dataset) or dataset
     plan = resolve_plan(
         options,
         dataset.num_classes,
@@ -414,9 +412,9 @@ def evaluate(
         return finish_case(output, entry, classes, truth, source.image, source.affine, values, names, options)
 
     records, failures = run_cases(case_ids, process, output, settings_key, options.progress, inputs)
-    settings = {**settings_key, "split": split, "model": config["model"], "patch_size": config["patch_size"]}
+    settings = {**settings_key, "split": split, "model": config.model, "patch_size": config.patch_size}
     plan = {**plan, "lcc_class_names": [dataset.labels[str(k)] for k in plan["lcc_classes"]]}
-    return write_results(output, records, failures, names, options, settings, plan, f"{config['model']} on {split}")
+    return write_results(output, records, failures, names, options, settings, plan, f"{config.model} on {split}")
 
 
 def open_output(output: str | os.PathLike) -> Path:

@@ -41,7 +41,7 @@ from utils.evaluate.results import write_results
 from utils.formats import class_indices, discover, load_case, source_values
 from utils.prepared import read_manifest
 from utils.preprocessing import PreprocessSettings, prepare_case
-from utils.runs import load_run
+from utils.runs import TrainingConfig, load_run
 
 log = logging.getLogger(__name__)
 READER_OPTIONS = (
@@ -65,14 +65,14 @@ class TrainingPreparation:
     settings: PreprocessSettings
 
     @classmethod
-    def of_run(cls, config: dict, data: str | os.PathLike | None = None) -> TrainingPreparation:
+    def of_run(cls, config: TrainingConfig, data: str | os.PathLike | None = None) -> TrainingPreparation:
         """From the training dataset folder (``data``, default the run config's ``data``).
 
         Raises:
             FileNotFoundError: the folder or its manifest is gone (name it with ``--data``).
             ValueError: its labels or channels differ from the run's, or its manifest is of another version.
         """
-        path = Path(data or config.get("data") or "")
+        path = Path(data or config.data or "")
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(
                 f"{path / 'manifest.json'}: the run's training dataset is needed for its preprocessing settings; "
@@ -81,12 +81,10 @@ class TrainingPreparation:
         manifest = read_manifest(path)
         fingerprint_path = path / "fingerprint.json"
         fingerprint = fileio.read_json(fingerprint_path) if fingerprint_path.is_file() else None
-        if manifest.get("labels") != config.get("labels") or len(manifest.get("channels", {})) != config.get(
-            "num_channels"
-        ):
-            raise ValueError(f"{path}: labels or channels differ from those of the run ({config.get('labels')})")
-        recorded = config.get("dataset_preprocessing")
-        if recorded is not None and recorded != manifest["preprocessing"]:
+        if manifest.get("labels") != config.labels or len(manifest.get("channels", {})) != config.num_channels:
+            raise ValueError(f"{path}: labels or channels differ from those of the run ({config.labels})")
+        recorded = config.dataset_preprocessing
+        if recorded and recorded != manifest["preprocessing"]:
             log.warning("%s: preprocessing differs from the run's record of it; using the dataset's", path)
         return cls(path, manifest, fingerprint, PreprocessSettings(**manifest["preprocessing"]))
 
@@ -141,18 +139,18 @@ def predict_images(
     predictor = Predictor(model, config, predict)
     training = TrainingPreparation.of_run(config, data)
     source = discover(input_path, fmt, training.reader_options(reader_options))
-    if len(source.channels) != config["num_channels"]:
+    if len(source.channels) != config.num_channels:
         raise ValueError(
             f"{input_path}: {len(source.channels)} channel(s) {list(source.channels.values())}, but the run was "
-            f"trained on {config['num_channels']} {training.channel_names}"
+            f"trained on {config.num_channels} {training.channel_names}"
         )
     output = open_output(output)
     values = label_values(training.manifest)
     names = class_names(training.manifest["labels"], values)
-    validation_set = training_dataset({"data": str(training.path)})
+    validation_set = training_dataset(training.path)
     plan = resolve_plan(
         options,
-        config["num_classes"],
+        config.num_classes,
         run_dir,
         validation_cases(predictor, validation_set, options) if validation_set is not None else None,
         plan_key(options, run_dir, training.path),
@@ -186,7 +184,7 @@ def predict_images(
         return file_stamps(specs[case_id].source_files())
 
     records, failures = run_cases(list(specs), process, output, settings_key, options.progress, inputs)
-    settings = {**settings_key, "model": config["model"], "patch_size": config["patch_size"]}
-    title = f"{config['model']} on {Path(input_path).name}"
+    settings = {**settings_key, "model": config.model, "patch_size": config.patch_size}
+    title = f"{config.model} on {Path(input_path).name}"
     plan = {**plan, "lcc_class_names": [training.manifest["labels"][str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, title)

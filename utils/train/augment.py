@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
+from utils.runs import TrainingConfig
 from utils.settings import AUGMENT_PRESETS
 
 # Every transform, its options and their defaults (used when the config file enables a transform the preset leaves
@@ -122,12 +123,12 @@ def augmentation_settings(name: str, ndim: int, overrides: dict | None = None) -
     return settings
 
 
-def mirrored_axes(config: dict) -> list[int]:
+def mirrored_axes(config: TrainingConfig) -> list[int]:
     """The spatial axes a training run mirrored patches along (its ``flip`` transform with ``p`` > 0), from the
     run's ``config.json``: what test-time mirroring averages over by default, as nnU-Net does. Empty when the run
     never mirrored (its model never saw flipped anatomy, so flipped predictions would not help)."""
-    ndim = len(config["patch_size"])
-    flip = augmentation_settings(config.get("augment", "none"), ndim, config.get("augmentation")).get("flip")
+    ndim = len(config.patch_size)
+    flip = augmentation_settings(config.augment, ndim, config.augmentation).get("flip")
     if not flip or flip["p"] <= 0:
         return []
     return sorted(set(flip["axes"])) if flip["axes"] is not None else list(range(ndim))

@@ -20,7 +20,7 @@ from utils.inference import predict_volume
 from utils.metrics import mean_foreground_dice
 from utils.plots import plot_curves, side_by_side
 from utils.prepared import PreparedDataset
-from utils.runs import save_model
+from utils.runs import TrainingConfig, save_model
 from utils.train.config import STATE_FILE
 from utils.train.distribute import Distribution
 
@@ -37,7 +37,7 @@ class Validation(keras.callbacks.Callback):
         self,
         dataset: PreparedDataset,
         case_ids: Sequence[str],
-        config: dict,
+        config: TrainingConfig,
         num_examples: int = 0,
         distributed: bool = False,
     ):
@@ -47,17 +47,17 @@ class Validation(keras.callbacks.Callback):
         self.examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def evaluate(self) -> dict:
-        num_classes = self.config["num_classes"]
+        num_classes = self.config.num_classes
         means, per_class = [], []
         for i, case_id in enumerate(self.case_ids):
             image, truth = self.dataset.image(case_id), np.asarray(self.dataset.label(case_id))
             probabilities = predict_volume(
                 self.model,
                 image,
-                self.config["patch_size"],
+                self.config.patch_size,
                 num_classes,
-                overlap=self.config["val_overlap"],
-                batch_size=self.config["batch_size"],
+                overlap=self.config.val_overlap,
+                batch_size=self.config.batch_size,
                 distributed=self.distributed,
             )
             pred = np.argmax(probabilities, -1)
@@ -98,33 +98,35 @@ class LearningRate(keras.callbacks.Callback):
     ``state`` (plateau scale, best score, epochs without improvement, last step time) goes to ``state.json``.
     """
 
-    def __init__(self, config: dict, base_lr: float, clock: Callable[[], float], distribution: Distribution, state):
+    def __init__(
+        self, config: TrainingConfig, base_lr: float, clock: Callable[[], float], distribution: Distribution, state
+    ):
         super().__init__()
         self.config, self.base_lr, self.clock, self.distribution = config, base_lr, clock, distribution
-        self.limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
+        self.limit = float(config.time_limit) * 60 if config.time_limit else None
         self.state = {"scale": 1.0, "best": float("nan"), "wait": 0, "step_time": 0.0, **(state or {})}
         self.epoch, self.epoch_start = 0, 0.0
 
     def progress(self, batch: int) -> float:
-        steps = self.config["steps_per_epoch"]
-        done = (self.epoch + batch / steps) / self.config["epochs"]
+        steps = self.config.steps_per_epoch
+        done = (self.epoch + batch / steps) / self.config.epochs
         if self.limit:
             done = max(done, (self.epoch_start + batch * self.state["step_time"]) / self.limit)
         return float(min(done, 1.0))
 
     def rate(self, batch: int) -> float:
-        schedule, progress = self.config["schedule"], self.progress(batch)
+        schedule, progress = self.config.schedule, self.progress(batch)
         if schedule == "poly":
-            factor = (1 - progress) ** self.config["poly_exponent"]
+            factor = (1 - progress) ** self.config.poly_exponent
         elif schedule == "cosine":
             factor = 0.5 * (1 + math.cos(math.pi * progress))
         else:
             factor = self.state["scale"]
-        warmup = self.config["warmup_epochs"]
-        epochs_done = self.epoch + (batch + 1) / self.config["steps_per_epoch"]
+        warmup = self.config.warmup_epochs
+        epochs_done = self.epoch + (batch + 1) / self.config.steps_per_epoch
         if warmup > 0 and epochs_done < warmup:
             factor *= epochs_done / warmup
-        return max(self.base_lr * factor, self.config["min_lr"])
+        return max(self.base_lr * factor, self.config.min_lr)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -134,20 +136,20 @@ class LearningRate(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = self.rate(batch)
 
     def on_epoch_end(self, epoch, logs=None):
-        steps = self.config["steps_per_epoch"]
+        steps = self.config.steps_per_epoch
         train_time = self.distribution.agree(self.clock()) - self.epoch_start
         self.state["step_time"] = float(train_time / steps)
         if logs is None:
             return
         logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        if self.config["schedule"] == "plateau":
+        if self.config.schedule == "plateau":
             score = monitored_score(logs)
             if np.isfinite(score) and not (score <= self.state["best"]):
                 self.state.update(best=float(score), wait=0)
             else:
                 self.state["wait"] += 1
-                if self.state["wait"] >= self.config["plateau_patience"]:
-                    self.state.update(scale=self.state["scale"] * self.config["plateau_factor"], wait=0)
+                if self.state["wait"] >= self.config.plateau_patience:
+                    self.state.update(scale=self.state["scale"] * self.config.plateau_factor, wait=0)
                     log.info("plateau: learning rate now %.3g", self.base_lr * self.state["scale"])
 
 
@@ -175,12 +177,20 @@ class RunRecorder(keras.callbacks.Callback):
     only), then the stopping rules: the time limit (stop when another epoch would not fit in the remaining time) and
     early stopping (``patience`` epochs without a better score). Every host takes the same decision."""
 
-    def __init__(self, run_dir: Path, history: list[dict], state: dict, clock, config: dict, schedule: LearningRate,
-                 distribution: Distribution):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        history: list[dict],
+        state: dict,
+        clock,
+        config: TrainingConfig,
+        schedule: LearningRate,
+        distribution: Distribution,
+    ):
         super().__init__()
         self.run_dir, self.history, self.state = run_dir, history, state
         self.clock, self.config, self.schedule, self.distribution = clock, config, schedule, distribution
-        self.limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
+        self.limit = float(config.time_limit) * 60 if config.time_limit else None
         self.epoch_start = 0.0
         self.durations: list[float] = list(state.get("durations", []))
 
@@ -215,7 +225,7 @@ class RunRecorder(keras.callbacks.Callback):
         if self.limit and elapsed + np.mean(self.durations[-3:]) > self.limit:
             log.info("time limit reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
             self.model.stop_training = True
-        patience = self.config["early_stopping"]
+        patience = self.config.early_stopping
         if patience > 0 and epoch - int(self.state.get("best_epoch", epoch)) >= patience:
             log.info("early stopping: no better score for %d epochs", patience)
             self.model.stop_training = True

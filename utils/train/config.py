@@ -6,6 +6,7 @@ resolving them against a prepared dataset (planned patch and batch size, backend
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import platform
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from utils import fileio
 from utils.losses import get_loss
 from utils.prepared import PreparedDataset
+from utils.runs import TrainingConfig, load_config
 from utils.settings import MODEL_DEFAULTS, RESUME_MAY_CHANGE, TRAINING, defaults
 from utils.train import planning
 from utils.train.augment import augmentation_settings
@@ -79,7 +81,7 @@ def _stack_row_shape(dataset: PreparedDataset, source: str) -> list[int]:
     return list(fileio.load_npy(labels).shape[1:])
 
 
-def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1) -> dict:
+def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1) -> TrainingConfig:
     """Fill every setting: flags/config file first, then planned values, then defaults. Validates the result.
 
     Raises:
@@ -131,7 +133,7 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
     config["backend"] = keras.backend.backend()
     config["versions"] = {"keras": keras.__version__, "numpy": np.__version__, "python": platform.python_version()}
     config["versions"][config["backend"]] = _backend_version(config["backend"])
-    return config
+    return TrainingConfig(**config)
 
 
 def _backend_version(backend: str) -> str:
@@ -141,28 +143,28 @@ def _backend_version(backend: str) -> str:
         return "unknown"
 
 
-def _resume_config(run_dir: Path, dataset: PreparedDataset, overrides: dict) -> dict:
+def _resume_config(run_dir: Path, dataset: PreparedDataset, overrides: dict) -> TrainingConfig:
     for name in ("config.json", "last.keras", STATE_FILE):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name}: not found; cannot --resume (start without --resume)")
-    config = fileio.read_json(run_dir / "config.json")
-    if config.get("labels") != dataset.labels or config.get("num_channels") != dataset.num_channels:
+    config = load_config(run_dir)
+    if config.labels != dataset.labels or config.num_channels != dataset.num_channels:
         raise ValueError(f"{run_dir}: the run was made for a dataset with other labels or channels than {dataset.path}")
-    config = {**defaults(TRAINING), **config}
     changed = sorted(
         key
         for key, value in overrides.items()
-        if key in TRAINING and key not in RESUME_MAY_CHANGE and value is not None and _differs(value, config.get(key))
+        if key in TRAINING
+        and key not in RESUME_MAY_CHANGE
+        and value is not None
+        and _differs(value, getattr(config, key))
     )
     if changed:
         raise ValueError(
             f"--resume continues {run_dir} with its saved settings; these differ: {changed} "
             f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
         )
-    for key in RESUME_MAY_CHANGE:
-        if overrides.get(key) is not None:
-            config[key] = overrides[key]
-    return config
+    steering = {key: overrides[key] for key in RESUME_MAY_CHANGE if overrides.get(key) is not None}
+    return dataclasses.replace(config, **steering)
 
 
 def _differs(value, saved) -> bool:

@@ -23,7 +23,7 @@ from utils import fileio
 from utils.losses import deep_supervision_compile_args, get_loss
 from utils.metrics import MeanForegroundDice
 from utils.prepared import PreparedDataset
-from utils.runs import load_model
+from utils.runs import TrainingConfig, load_model
 from utils.settings import TRAINING
 from utils.train.augment import Augmenter, augmentation_settings
 from utils.train.callbacks import LearningRate, RunRecorder, TensorBoard, Validation, read_history
@@ -41,23 +41,23 @@ from utils.train.workers import guarded
 log = logging.getLogger(__name__)
 
 
-def build(config: dict, num_channels: int, num_classes: int) -> keras.Model:
+def build(config: TrainingConfig, num_channels: int, num_classes: int) -> keras.Model:
     """Build the configured model for the configured patch size."""
-    shape = (*config["patch_size"], num_channels)
-    return model_zoo.build_model(config["model"], shape, num_classes, **config["model_args"])
+    shape = (*config.patch_size, num_channels)
+    return model_zoo.build_model(config.model, shape, num_classes, **config.model_args)
 
 
-def make_optimizer(config: dict, lr: float) -> keras.optimizers.Optimizer:
+def make_optimizer(config: TrainingConfig, lr: float) -> keras.optimizers.Optimizer:
     """Adam, or SGD with Nesterov momentum; ``grad_clip`` clips the global gradient norm (nnU-Net: 12)."""
-    options = {"learning_rate": lr, "global_clipnorm": config["grad_clip"]}
-    if config["weight_decay"]:
-        options["weight_decay"] = config["weight_decay"]
-    if config["optimizer"] == "adam":
+    options = {"learning_rate": lr, "global_clipnorm": config.grad_clip}
+    if config.weight_decay:
+        options["weight_decay"] = config.weight_decay
+    if config.optimizer == "adam":
         return keras.optimizers.Adam(**options)
-    return keras.optimizers.SGD(momentum=config["momentum"], nesterov=True, **options)
+    return keras.optimizers.SGD(momentum=config.momentum, nesterov=True, **options)
 
 
-def compile_model(model: keras.Model, config: dict, lr: float) -> list[tuple[int, ...]] | None:
+def compile_model(model: keras.Model, config: TrainingConfig, lr: float) -> list[tuple[int, ...]] | None:
     """Compile with the configured loss; a model with several outputs (deep supervision) gets one weighted loss per
     output. Returns the target stride of each output, or ``None`` for a single output."""
     optimizer = make_optimizer(config, lr)
@@ -65,16 +65,16 @@ def compile_model(model: keras.Model, config: dict, lr: float) -> list[tuple[int
     if len(outputs) == 1:
         model.compile(
             optimizer=optimizer,
-            loss=get_loss(config["loss"], **config["loss_args"]),
-            metrics=[MeanForegroundDice(config["num_classes"])],
+            loss=get_loss(config.loss, **config.loss_args),
+            metrics=[MeanForegroundDice(config.num_classes)],
         )
         return None
     model.compile(
         optimizer=optimizer,
-        metrics=[[MeanForegroundDice(config["num_classes"])]] + [[] for _ in outputs[1:]],
-        **deep_supervision_compile_args(config["loss"], len(outputs), **config["loss_args"]),
+        metrics=[[MeanForegroundDice(config.num_classes)]] + [[] for _ in outputs[1:]],
+        **deep_supervision_compile_args(config.loss, len(outputs), **config.loss_args),
     )
-    return output_strides(model, config["patch_size"])
+    return output_strides(model, config.patch_size)
 
 
 def output_strides(model: keras.Model, patch_size: Sequence[int]) -> list[tuple[int, ...]] | None:
@@ -83,46 +83,46 @@ def output_strides(model: keras.Model, patch_size: Sequence[int]) -> list[tuple[
     return [tuple(p // s for p, s in zip(patch_size, out.shape[1:-1], strict=True)) for out in model.outputs]
 
 
-def make_sampler(config: dict, dataset: PreparedDataset, distribution: Distribution, start_epoch: int, strides):
+def make_sampler(
+    config: TrainingConfig, dataset: PreparedDataset, distribution: Distribution, start_epoch: int, strides
+):
     """The training sampler of the configured ``source``; under ``tf.distribute`` each replica draws its own
     ``batch_size``, else this process draws the batch of its local replicas."""
-    ndim = len(config["patch_size"])
+    ndim = len(config.patch_size)
     augment = None
-    if config["augment"] != "none" or config["augmentation"]:
-        augment = Augmenter(augmentation_settings(config["augment"], ndim, config["augmentation"]), ndim)
-    per_call = config["batch_size"] * (1 if distribution.strategy is not None else distribution.local_replicas)
+    if config.augment != "none" or config.augmentation:
+        augment = Augmenter(augmentation_settings(config.augment, ndim, config.augmentation), ndim)
+    per_call = config.batch_size * (1 if distribution.strategy is not None else distribution.local_replicas)
     options = dict(
         batch_size=per_call,
-        steps_per_epoch=config["steps_per_epoch"],
-        foreground_ratio=config["foreground_ratio"],
+        steps_per_epoch=config.steps_per_epoch,
+        foreground_ratio=config.foreground_ratio,
         augment=augment,
-        seed=config["seed"],
+        seed=config.seed,
         start_epoch=start_epoch,
         shard=distribution.worker_index,
         target_strides=strides,
-        random_padding=config["pad_placement"] == "random",
+        random_padding=config.pad_placement == "random",
     )
-    if distribution.strategy is None and config["workers"] > 1:
+    if distribution.strategy is None and config.workers > 1:
         options.update(
-            workers=config["workers"],
-            use_multiprocessing=config["worker_mode"] == "process",
-            max_queue_size=2 * config["workers"],
+            workers=config.workers,
+            use_multiprocessing=config.worker_mode == "process",
+            max_queue_size=2 * config.workers,
         )
-    if config["source"] == "volumes":
+    if config.source == "volumes":
         train_ids = dataset.split("train")
         labelled = [c for c in train_ids if dataset.cases[c].get("label")]
         if not labelled:
             raise ValueError(f"{dataset.path / 'splits.json'}: the train split holds no labelled case")
-        return PatchSampler(
-            dataset.image, dataset.label, labelled, config["patch_size"], config["num_classes"], **options
-        )
-    images, labels = stack_paths(dataset, config["source"], "train")
+        return PatchSampler(dataset.image, dataset.label, labelled, config.patch_size, config.num_classes, **options)
+    images, labels = stack_paths(dataset, config.source, "train")
     return StackSampler(
-        fileio.load_npy(images), fileio.load_npy(labels), config["patch_size"], config["num_classes"], **options
+        fileio.load_npy(images), fileio.load_npy(labels), config.patch_size, config.num_classes, **options
     )
 
 
-def train(config_overrides: dict) -> dict:
+def train(config_overrides: dict) -> TrainingConfig:
     """Train a model as configured and write the run folder; returns the resolved config with the best score.
 
     Args:
@@ -138,7 +138,7 @@ def train(config_overrides: dict) -> dict:
     run_dir = Path(config_overrides["output"])
     resume = bool(config_overrides.get("resume"))
     saved = _resume_config(run_dir, dataset, config_overrides) if resume else None
-    strategy = (saved or config_overrides).get("strategy") or TRAINING["strategy"].default
+    strategy = saved.strategy if saved else config_overrides.get("strategy") or TRAINING["strategy"].default
     distribution = make_distribution(strategy)
     previous_policy = keras.config.dtype_policy()
     try:
@@ -149,28 +149,30 @@ def train(config_overrides: dict) -> dict:
             keras.distribution.set_distribution(None)
 
 
-def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, distribution: Distribution) -> dict:
+def _train(
+    overrides: dict, dataset: PreparedDataset, run_dir: Path, saved: TrainingConfig | None, distribution: Distribution
+) -> TrainingConfig:
     config = saved or resolve_config(overrides, dataset, distribution.num_replicas)
-    config["output"] = str(run_dir)
-    if config["deterministic"]:
+    config.output = str(run_dir)
+    if config.deterministic:
         enable_determinism()
-    keras.utils.set_random_seed(int(config["seed"]))
-    if config["mixed_precision"]:
-        config["precision_policy"] = config.get("precision_policy") or mixed_precision_policy()
-        keras.config.set_dtype_policy(config["precision_policy"])
-    lr = distribution.scaled_lr(config["lr"], config["lr_scaling"])
+    keras.utils.set_random_seed(int(config.seed))
+    if config.mixed_precision:
+        config.precision_policy = config.precision_policy or mixed_precision_policy()
+        keras.config.set_dtype_policy(config.precision_policy)
+    lr = distribution.scaled_lr(config.lr, config.lr_scaling)
     fresh = {"epoch": 0, "best": float("nan"), "elapsed_s": 0.0, "schedule": {}}
     state = {**fresh, **fileio.read_json(run_dir / STATE_FILE)} if saved else fresh
     with distribution.scope():
         if saved:
             model = load_model(run_dir / "last.keras")
-            strides = output_strides(model, config["patch_size"])
+            strides = output_strides(model, config.patch_size)
         else:
             model = build(config, dataset.num_channels, dataset.num_classes)
             strides = compile_model(model, config, lr)
     if distribution.is_chief:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fileio.write_json(run_dir / "config.json", config)
+        fileio.write_json(run_dir / "config.json", config.to_json())
         fileio.write_text(run_dir / "model_summary.txt", model_zoo.model_summary_text(model))
 
     sampler = make_sampler(config, dataset, distribution, int(state["epoch"]), strides)
@@ -181,33 +183,33 @@ def _train(overrides: dict, dataset: PreparedDataset, run_dir: Path, saved, dist
 
     history = read_history(run_dir / "history.csv")[: int(state["epoch"])] if saved else []
     schedule = LearningRate(config, lr, clock, distribution, state.get("schedule"))
-    examples = config["tensorboard_images"] if config["tensorboard"] else 0
+    examples = config.tensorboard_images if config.tensorboard else 0
     validation = Validation(
         dataset, dataset.split("val"), config, num_examples=examples, distributed=distribution.name != "default"
     )
     recorder = RunRecorder(run_dir, history, state, clock, config, schedule, distribution)
     callbacks = [schedule, validation]
-    writer = summary_writer(run_dir / "tensorboard") if config["tensorboard"] and distribution.is_chief else None
+    writer = summary_writer(run_dir / "tensorboard") if config.tensorboard and distribution.is_chief else None
     if writer is not None:
         callbacks.append(TensorBoard(writer, validation))
     callbacks.append(recorder)
-    limit = float(config["time_limit"]) * 60 if config["time_limit"] else None
-    if state["epoch"] < config["epochs"] and not (limit and clock() >= limit) and not _stopped_early(state, config):
-        with guarded(distribution.input_for_fit(sampler, config["workers"])) as (data, watch):
+    limit = float(config.time_limit) * 60 if config.time_limit else None
+    if state["epoch"] < config.epochs and not (limit and clock() >= limit) and not _stopped_early(state, config):
+        with guarded(distribution.input_for_fit(sampler, config.workers)) as (data, watch):
             model.fit(
                 data,
-                epochs=config["epochs"],
-                steps_per_epoch=config["steps_per_epoch"],
+                epochs=config.epochs,
+                steps_per_epoch=config.steps_per_epoch,
                 initial_epoch=int(state["epoch"]),
                 callbacks=[*callbacks, *watch],
                 shuffle=False,
                 verbose=2 if os.environ.get("CI") else "auto",
             )
-    config["best_val_dice"] = recorder.best
-    config["epochs_done"] = int(recorder.state["epoch"])
+    config.best_val_dice = recorder.best
+    config.epochs_done = int(recorder.state["epoch"])
     return config
 
 
-def _stopped_early(state: dict, config: dict) -> bool:
-    patience = config["early_stopping"]
+def _stopped_early(state: dict, config: TrainingConfig) -> bool:
+    patience = config.early_stopping
     return patience > 0 and "best_epoch" in state and state["epoch"] - 1 - state["best_epoch"] >= patience
