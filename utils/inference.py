@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-BLENDS = ("gaussian", "constant")
+from utils.settings import BLENDS
+
 FLOAT16_ABOVE_BYTES = 2 * 1024**3
 
 

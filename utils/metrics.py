@@ -47,17 +47,9 @@ import numpy as np
 from keras import ops
 from scipy import ndimage
 
-METRICS = (
-    "dice",
-    "iou",
-    "hd95",
-    "assd",
-    "nsd",
-    "precision",
-    "sensitivity",
-    "volume_truth_ml",
-    "volume_pred_ml",
-)
+from utils.settings import METRIC_NAMES
+
+METRICS = METRIC_NAMES
 _SURFACE_METRICS = ("hd95", "assd", "nsd")
 _MAX_INDEXED_LABEL = 65535
 NAN = float("nan")

@@ -17,18 +17,7 @@ import numpy as np
 from utils import geometry
 from utils.formats import CaseData
 from utils.geometry import GeometryRecord
-
-WINDOW_PRESETS = {
-    "soft_tissue": (-135.0, 250.0),
-    "liver": (-100.0, 200.0),
-    "lung": (-1000.0, 400.0),
-    "brain": (0.0, 80.0),
-    "bone": (-450.0, 1050.0),
-}
-NORMALIZATIONS = ("auto", "zscore", "zscore_dataset", "zscore_nonzero", "minmax", "ct", "none")
-EQUALIZATIONS = ("none", "hist", "clahe")
-CROPS = ("none", "foreground", "nonzero")
-INTERPOLATIONS = {"nearest": 0, "linear": 1, "bspline": 3}
+from utils.settings import CROPS, EQUALIZATIONS, INTERPOLATIONS, NORMALIZATIONS
 
 
 @dataclass

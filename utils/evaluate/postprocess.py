@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-POSTPROCESS_CHOICES = ("none", "lcc", "auto")
 SIZE_UNITS = ("voxels", "mm3")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(voxels?|vx|mm3|mm\^3|mm³|ml)?\s*$", re.IGNORECASE)
 

@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from utils import fileio, geometry
+from utils.settings import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS
 
-EXPORT_KINDS = ("volumes", "slices", "patches")
-SLICE_FILTERS = ("all", "foreground")
-PATCH_SAMPLINGS = ("random", "grid")
 SPLITS = ("train", "val", "test")
 
 

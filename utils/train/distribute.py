@@ -34,9 +34,9 @@ from typing import Any
 import keras
 import numpy as np
 
-log = logging.getLogger(__name__)
+from utils.settings import STRATEGIES
 
-STRATEGIES = ("default", "mirrored", "multiworker")
+log = logging.getLogger(__name__)
 
 
 @dataclass
