@@ -37,7 +37,6 @@ end-of-file and exits. Worker threads are daemons that stop after their current 
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import queue
@@ -49,9 +48,9 @@ from multiprocessing.connection import wait
 
 import keras
 
-log = logging.getLogger(__name__)
+from utils.settings import WORKER_MODES
+
 POLL_INTERVAL_S = 0.05
-WORKER_MODES = ("thread", "process")
 
 
 class DataLoaderError(ChildProcessError):
@@ -102,7 +101,7 @@ class _ThreadWorker:
 
     def run(self) -> None:
         try:
-            while (index := self.tasks.get()) is not None:
+            while (index := self.tasks.get()) is not None and not self.loader.closed:
                 self.loader.deliver(self, *build(self.loader.sampler, index))
         except BaseException as error:  # SystemExit and the like: say so rather than leave fit waiting
             self.loader.fail(f"a data-loader worker thread ({self.thread.name}) stopped: {type(error).__name__}")
@@ -134,7 +133,6 @@ class _ProcessWorker:
     """A worker process with a task pipe and a result pipe of its own."""
 
     def __init__(self, loader: BatchLoader, number: int, context, siblings: list):
-        self.loader, self.number = loader, number
         task_reader, self.tasks = context.Pipe(duplex=False)
         self.results, result_writer = context.Pipe(duplex=False)
         # A forked child inherits this process's ends of its own pipes and of its siblings': it closes them.
@@ -216,6 +214,10 @@ class BatchLoader(keras.utils.PyDataset):
     def num_batches(self):
         return self.sampler.num_batches
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def on_epoch_begin(self):
         self.sampler.on_epoch_begin()
 
@@ -256,10 +258,10 @@ class BatchLoader(keras.utils.PyDataset):
             return self._result(batch, error)
         with self._changed:
             self._plan(index)
-            while index not in self._ready and self.failure is None:
+            while index not in self._ready and self.failure is None and not self._closing:
                 self._changed.wait(1.0)
-            if self.failure is not None:
-                raise DataLoaderError(self.failure)
+            if self.failure is not None or self._closing:
+                raise DataLoaderError(self.failure or "the data loader is closed")
             batch, error = self._ready.pop(index)
             self._plan(index + 1)
         return self._result(batch, error)
@@ -376,7 +378,7 @@ def guarded(data) -> Iterator[tuple[object, list]]:
     mode = "process" if data.use_multiprocessing else "thread"
     loader = BatchLoader(data, data.workers, mode, data.max_queue_size)
     try:
-        yield loader.start(), [StopOnLoaderFailure(loader)]
+        yield loader.start(), [StopOnLoaderFailure(loader)]  # a worker that fails to start is ended below too
     except Exception as error:
         if loader.failure is None:
             raise
