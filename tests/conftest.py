@@ -13,7 +13,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+import builders  # noqa: E402
 import pytest  # noqa: E402
+
+import data_gen  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +40,14 @@ def torch():
     module.set_num_threads(1)
     yield module
     module.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Raw MSD folder, the dataset prepared from it (original spacing, no normalisation, nonzero crop) and a run."""
+    root = tmp_path_factory.mktemp("synthetic")
+    raw = builders.write_msd(root / "raw")
+    dataset = root / "data"
+    flags = ["--spacing", "original", "--normalize", "none", "--crop", "nonzero", "--split", "0.5", "0.25", "0.25"]
+    assert data_gen.main(["--input", str(raw), "--output", str(dataset), "--seed", "1", *flags]) == 0
+    return raw, dataset, builders.make_run(root / "run", dataset)

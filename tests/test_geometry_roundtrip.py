@@ -14,10 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from builders import AFFINE, NRRD_PAIRS, make_png, write_msd
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
-from test_evaluate import AFFINE, write_msd
-from test_readers import NRRD_PAIRS, make_png
 
 from utils import formats as readers
 from utils import geometry

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_evaluate import label_reader, synthetic, write_msd  # noqa: F401  (synthetic is a fixture)
+from builders import label_reader, write_msd
 
 import evaluation
 import utils.evaluate.predict
@@ -18,7 +18,7 @@ from utils.evaluate.predict import predict_images
 QUIET = Options(pictures="none", metrics=["dice", "hd95"], progress=False)
 
 
-def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_path, monkeypatch):  # noqa: F811
+def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_path, monkeypatch):
     raw, dataset, run = synthetic
     prepared = {}
     original = utils.evaluate.predict.prepare_case
@@ -44,7 +44,7 @@ def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_p
     assert summary["settings"]["training_data"] == str(dataset.resolve())
 
 
-def test_unlabelled_images_get_masks_and_volumes_but_no_scores(synthetic, tmp_path):  # noqa: F811
+def test_unlabelled_images_get_masks_and_volumes_but_no_scores(synthetic, tmp_path):
     _, _, run = synthetic
     raw = write_msd(tmp_path / "new", cases=0, unlabelled=2)
     summary = predict_images(run, raw, tmp_path / "out", options=Options(progress=False), predict=label_reader)
@@ -57,7 +57,7 @@ def test_unlabelled_images_get_masks_and_volumes_but_no_scores(synthetic, tmp_pa
     assert '<tr id="case-case_001">' in (tmp_path / "out" / "report.html").read_text()
 
 
-def test_nrrd_inputs_get_nrrd_masks_with_the_source_geometry(synthetic, tmp_path):  # noqa: F811
+def test_nrrd_inputs_get_nrrd_masks_with_the_source_geometry(synthetic, tmp_path):
     raw, _, run = synthetic
     folder = tmp_path / "nrrd"
     folder.mkdir()
@@ -76,7 +76,7 @@ def test_nrrd_inputs_get_nrrd_masks_with_the_source_geometry(synthetic, tmp_path
         np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(source))
 
 
-def test_a_broken_image_fails_alone(synthetic, tmp_path):  # noqa: F811
+def test_a_broken_image_fails_alone(synthetic, tmp_path):
     _, _, run = synthetic
     raw = write_msd(tmp_path / "new", cases=0, unlabelled=3)
     (raw / "imagesTs" / "case_001.nii.gz").write_bytes(b"not a nifti file")
@@ -86,13 +86,13 @@ def test_a_broken_image_fails_alone(synthetic, tmp_path):  # noqa: F811
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["case_000.nii.gz", "case_002.nii.gz"]
 
 
-def test_the_training_dataset_must_be_found(synthetic, tmp_path):  # noqa: F811
+def test_the_training_dataset_must_be_found(synthetic, tmp_path):
     raw, _, run = synthetic
     with pytest.raises(FileNotFoundError, match="pass its folder with --data"):
         predict_images(run, raw, tmp_path, data=tmp_path / "moved", options=QUIET, predict=label_reader)
 
 
-def test_command_line_with_a_real_model(synthetic, tmp_path, capsys):  # noqa: F811
+def test_command_line_with_a_real_model(synthetic, tmp_path, capsys):
     import model as model_zoo
 
     raw, dataset, template = synthetic

@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from builders import NRRD_PAIRS, make_png
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
-from test_readers import NRRD_PAIRS, make_png
 
 from utils import formats as readers
 from utils.formats import class_indices, source_values, write_mask

@@ -1,6 +1,6 @@
 """train.py with a data-loader fault injected once the first epoch is saved (a helper of test_workers.py).
 
-    python tests/worker_fault.py MODE TRAIN_FLAGS...
+    python tests/train/worker_fault.py MODE TRAIN_FLAGS...
 
 MODE ``kill``: the worker process building the next batch kills itself with SIGKILL; ``oom``: a thread of the main
 process sends SIGKILL to one of the loader's worker processes, busy or idle, as the kernel's out-of-memory killer does;
@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train  # noqa: E402
 from utils.train.sampling import PatchSampler

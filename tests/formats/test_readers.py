@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from builders import NRRD_PAIRS, make_brats, make_msd, make_png, write_nifti
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -27,42 +28,11 @@ needs_shared = pytest.mark.skipif(
 PYRADIOMICS = SHARED_DATA / "pyradiomics"
 TOTALSEG = SHARED_DATA / "totalsegmentator"
 DCMQI = SHARED_DATA / "dcmqi"
-NRRD_PAIRS = {
-    "image_pattern": ["*_image.nrrd", "*_subvolume.nrrd"],
-    "label_pattern": ["*_label.nrrd", "*_subvolume-label.nrrd"],
-}
 
 
 def counts_by_value(label: np.ndarray) -> dict[int, int]:
     values, counts = np.unique(label, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
-
-
-def write_nifti(path, array_zyx, affine_zyx=None, dtype=None):
-    """Save a ``(Z, Y, X[, C])`` array as NIfTI (file order is the reverse)."""
-    affine = np.eye(4) if affine_zyx is None else geometry.zyx_affine_to_nifti(affine_zyx)
-    axes = (2, 1, 0, 3) if array_zyx.ndim == 4 else (2, 1, 0)
-    data = np.transpose(array_zyx, axes).astype(dtype or array_zyx.dtype)
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-    return path
-
-
-def make_msd(root, labels=((0, 1), (1, 2)), shape=(4, 5, 6)):
-    """A tiny MSD folder whose cases hold the given label values."""
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    rng = np.random.default_rng(0)
-    training = []
-    for i, values in enumerate(labels):
-        label = np.zeros(shape, np.uint8)
-        for j, value in enumerate(values):
-            label.flat[j * 7 : j * 7 + 5] = value
-        write_nifti(root / "imagesTr" / f"case_{i}.nii.gz", rng.normal(size=shape).astype(np.float32))
-        write_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label)
-        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
-    meta = {"name": "tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"}}
-    (root / "dataset.json").write_text(json.dumps({**meta, "training": training}))
-    return root
 
 
 def test_msd_sample_reads_as_stored():
@@ -275,18 +245,6 @@ def test_hdf5_unknown_layout_lists_the_keys(tmp_path):
         readers.discover(path)
 
 
-def make_brats(root, cases=("BraTS20_001", "BraTS20_002"), modalities=("flair", "t1", "t1ce", "t2"), sep="_"):
-    for i, case in enumerate(cases):
-        folder = root / case
-        folder.mkdir(parents=True)
-        for c, modality in enumerate(modalities):
-            write_nifti(folder / f"{case}{sep}{modality}.nii.gz", np.full((3, 4, 5), 10 * c + i + 1, np.float32))
-        label = np.zeros((3, 4, 5), np.uint8)
-        label[0, 0, :4] = [1, 2, 4, 4]
-        write_nifti(folder / f"{case}{sep}seg.nii.gz", label)
-    return root
-
-
 @pytest.mark.parametrize("label_map", [None, {4: 3}])
 def test_brats_folders_give_four_channels_and_classes(tmp_path, label_map):
     root = make_brats(tmp_path / "brats")
@@ -436,21 +394,6 @@ def test_dicom_label_option_needs_a_single_series(tmp_path):
     assert len(readers.discover(tmp_path / "study").cases) == 2
     with pytest.raises(ValueError, match=r"study: holds 2 series; --label fits one series only"):
         readers.discover(tmp_path / "study", "dicom", {"label": str(DCMQI / "liver_seg.nrrd")})
-
-
-def make_png(root, patients=(("001", (1, 2, 10)), ("002", (3,))), mask_value=255, rgb=False):
-    """``images/STS_<patient>_<slice>_.png`` + ``masks/`` with the same names; slice ``s`` has ``s`` mask pixels."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for patient, slices in patients:
-        for s in slices:
-            name = f"STS_{patient}_{s}_.png"
-            image = np.full((6, 8), s * 10, np.uint8)
-            Image.fromarray(np.stack([image] * 3, -1) if rgb else image).save(root / "images" / name)
-            mask = np.zeros((6, 8), np.uint8)
-            mask.flat[:s] = mask_value
-            Image.fromarray(mask).save(root / "masks" / name)
-    return root
 
 
 def test_png_slices_are_stacked_per_patient_in_slice_order(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 
 from utils.train.distribute import Distribution, make_distribution
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--patch-size", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "3", "--no-tensorboard"]
 TIMEOUT_S = 300
 

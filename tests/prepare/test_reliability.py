@@ -9,19 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from builders import kill_when, tree_bytes
 from conftest import ROOT, SAMPLE, SHARED_DATA
 
 import data_gen
-
-
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def start_data_gen(output: Path) -> subprocess.Popen:
@@ -36,21 +32,6 @@ def start_data_gen(output: Path) -> subprocess.Popen:
         "1",
     ]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
-    """SIGKILL ``process`` as soon as ``ready()`` holds; False if it finished first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        if ready():
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.002)
-    process.kill()
-    raise AssertionError(f"{' '.join(map(str, process.args[1:2]))} did not reach the kill point in time")
 
 
 @pytest.fixture(scope="module")

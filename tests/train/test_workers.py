@@ -1,6 +1,6 @@
 """The toolkit's data loader: the same batches in the same order for any number and kind of workers, and workers
 that die or raise stop training with a message naming the cause and a non-zero status instead of hanging, with the
-checkpoint of the last complete epoch still loadable (faults injected into train.py by tests/worker_fault.py once the
+checkpoint of the last complete epoch still loadable (faults injected into train.py by tests/train/worker_fault.py once the
 first epoch is saved); worker processes end with the loader."""
 
 import json
@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT
-from test_evaluate import synthetic  # noqa: F401  (a fixture: a tiny prepared dataset)
 
 from utils.runs import load_model
 from utils.train.augment import Augmenter, augmentation_settings
@@ -26,8 +25,8 @@ TIMEOUT_S = 240  # a hang shows as a timeout; the runs below end in well under a
 
 
 def train_with_fault(mode, data, run, worker_mode) -> tuple[int, str]:
-    """Run tests/worker_fault.py; returns its exit status and stderr (a hang fails the test, killing its processes)."""
-    command = [sys.executable, str(ROOT / "tests" / "worker_fault.py"), mode, "--data", str(data), "--output",
+    """Run tests/train/worker_fault.py; returns its exit status and stderr (a hang fails the test, killing its processes)."""
+    command = [sys.executable, str(ROOT / "tests" / "train" / "worker_fault.py"), mode, "--data", str(data), "--output",
                str(run), "--epochs", "4", "--steps-per-epoch", "30", "--patch-size", "16", "16", "16",
                "--batch-size", "2", "--val-overlap", "0", "--no-tensorboard", "--workers", "2",
                "--worker-mode", worker_mode]  # fmt: skip
@@ -56,7 +55,7 @@ RAISED = r"raised RuntimeError: injected fault at batch \d+"
         pytest.param("raise", "thread", r"a data-loader worker thread \(.*\) " + RAISED, id="thread-raises"),
     ],
 )
-def test_a_failing_worker_stops_training_with_its_cause(synthetic, tmp_path, mode, worker_mode, message):  # noqa: F811
+def test_a_failing_worker_stops_training_with_its_cause(synthetic, tmp_path, mode, worker_mode, message):
     _, dataset, _ = synthetic
     run = tmp_path / "run"
     code, stderr = train_with_fault(mode, dataset, run, worker_mode)

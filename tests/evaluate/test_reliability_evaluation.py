@@ -16,9 +16,8 @@ from pathlib import Path
 import keras
 import nibabel
 import pytest
+from builders import kill_when, label_reader, tree_bytes
 from conftest import ROOT, SHARED_DATA
-from test_evaluate import label_reader, synthetic  # noqa: F401  (synthetic is a fixture: raw data, prepared, a run)
-from test_reliability import kill_when, tree_bytes
 
 import evaluation
 import model as model_zoo
@@ -29,7 +28,7 @@ from utils.formats import write_mask
 
 
 @pytest.fixture(scope="module")
-def model_run(synthetic, tmp_path_factory):  # noqa: F811
+def model_run(synthetic, tmp_path_factory):
     """The synthetic run's config with a real (untrained, seeded) Keras model, so that evaluation.py runs alone."""
     _, dataset, template = synthetic
     run = tmp_path_factory.mktemp("model_run")
@@ -101,7 +100,7 @@ def test_killed_evaluation_resumes_to_identical_bytes(model_run, tmp_path):
     assert [name for name in result if result[name] != expected[name]] == []
 
 
-def test_a_full_disk_stops_evaluation_and_keeps_finished_cases(synthetic, tmp_path, monkeypatch):  # noqa: F811
+def test_a_full_disk_stops_evaluation_and_keeps_finished_cases(synthetic, tmp_path, monkeypatch):
     _, dataset, run = synthetic
     output = tmp_path / "out"
     real_save, calls = nibabel.save, []
@@ -157,7 +156,7 @@ def test_masks_in_every_source_format_are_written_byte_identically(tmp_path, sou
     assert len(first) == 2 and first == second  # masks/<id>.nii.gz and the source format's copy
 
 
-def test_a_rerun_redoes_the_cases_whose_input_or_model_changed(synthetic, tmp_path):  # noqa: F811
+def test_a_rerun_redoes_the_cases_whose_input_or_model_changed(synthetic, tmp_path):
     _, dataset, template = synthetic
     run = tmp_path / "run"
     run.mkdir()

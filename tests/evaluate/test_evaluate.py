@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from builders import label_reader, make_run
 
 import data_gen
 import utils.evaluate.pipeline
@@ -18,11 +19,6 @@ from utils.evaluate.predict import predict_images
 from utils.evaluate.results import summarize
 from utils.geometry import GeometryRecord
 from utils.runs import TrainingConfig
-
-LABELS = {"0": "background", "1": "core", "2": "rim"}
-SHAPE_IJK = (16, 20, 12)
-# i runs posterior at 1.2 mm, j right at 0.9 mm, k superior at 2.5 mm: the prepared grid is reoriented.
-AFFINE = np.array([[0, 0.9, 0, -10.0], [-1.2, 0, 0, 30.0], [0, 0, 2.5, -5.0], [0, 0, 0, 1]])
 
 
 def record(case_id, dice_1, dice_2):
@@ -76,82 +72,6 @@ def test_incompatible_dataset_is_refused():
         check_compatible(TrainingConfig(labels={"0": "background", "1": "tumour"}, num_channels=1), FakeDataset())
     with pytest.raises(ValueError, match="channel"):
         check_compatible(TrainingConfig(labels=FakeDataset.labels, num_channels=4), FakeDataset())
-
-
-def synthetic_label(index):
-    """A core box (1) inside a rim box (2), shifted per case, in the file's (i, j, k) order."""
-    label = np.zeros(SHAPE_IJK, dtype=np.uint8)
-    a = index % 3
-    label[3 + a : 12 + a, 4:15, 2:9] = 2
-    label[5 + a : 10 + a, 6:12, 3:7] = 1
-    return label
-
-
-def synthetic_image(label, island):
-    """100 x label inside a body of intensity 10 (zero outside, so ``--crop nonzero`` crops); an ``island`` adds a
-    bright unlabelled spot that a label-reading model calls 'core'."""
-    image = np.zeros(SHAPE_IJK, dtype=np.float32)
-    image[1:15, 2:18, 1:11] = 10.0
-    image += 100.0 * label
-    if island:
-        image[13, 16, 9] = 100.0
-    return image
-
-
-def write_msd(root, cases=8, unlabelled=0, islands=(1, 2, 5, 6)):
-    """An MSD folder of ``cases`` labelled and ``unlabelled`` test images."""
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    (root / "imagesTs").mkdir()
-    training, test = [], []
-    for index in range(cases + unlabelled):
-        name = f"case_{index:03d}.nii.gz"
-        label = synthetic_label(index)
-        folder = "imagesTr" if index < cases else "imagesTs"
-        nib.save(nib.Nifti1Image(synthetic_image(label, index in islands), AFFINE), root / folder / name)
-        if index < cases:
-            nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / name)
-            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        else:
-            test.append(f"./imagesTs/{name}")
-    meta = {"name": "synthetic", "modality": {"0": "MRI"}, "labels": LABELS, "training": training, "test": test}
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
-
-
-def label_reader(batch):
-    """The fake model: class = intensity / 100, rounded (the synthetic images spell out their labels)."""
-    classes = np.clip(np.rint(batch[..., 0] / 100.0), 0, 2).astype(int)
-    return np.eye(3, dtype=np.float32)[classes]
-
-
-def make_run(run_dir, dataset):
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    run_dir.mkdir(parents=True)
-    config = {
-        "model": "unet3d",
-        "patch_size": [8, 16, 16],
-        "batch_size": 2,
-        "num_classes": 3,
-        "num_channels": 1,
-        "labels": manifest["labels"],
-        "channels": manifest["channels"],
-        "data": str(dataset),
-        "dataset_preprocessing": manifest["preprocessing"],
-    }
-    (run_dir / "config.json").write_text(json.dumps(config))
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """Raw MSD folder, the dataset prepared from it (original spacing, no normalisation, nonzero crop) and a run."""
-    root = tmp_path_factory.mktemp("synthetic")
-    raw = write_msd(root / "raw")
-    dataset = root / "data"
-    flags = ["--spacing", "original", "--normalize", "none", "--crop", "nonzero", "--split", "0.5", "0.25", "0.25"]
-    assert data_gen.main(["--input", str(raw), "--output", str(dataset), "--seed", "1", *flags]) == 0
-    return raw, dataset, make_run(root / "run", dataset)
 
 
 def read_rows(path):

@@ -7,8 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from builders import make_brats, make_msd, make_png
 from conftest import SAMPLE, SHARED_DATA
-from test_readers import make_brats, make_msd, make_png
 
 import data_gen
 from utils import fileio

@@ -1,0 +1,169 @@
+"""Small real-looking inputs the tests build at run time (MSD, BraTS and PNG folders, NRRD pairs, a synthetic
+prepared dataset with a fake run) and helpers to kill and compare runs. Imported by test modules as ``builders``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from utils import geometry
+
+NRRD_PAIRS = {
+    "image_pattern": ["*_image.nrrd", "*_subvolume.nrrd"],
+    "label_pattern": ["*_label.nrrd", "*_subvolume-label.nrrd"],
+}
+
+
+def make_msd(root, labels=((0, 1), (1, 2)), shape=(4, 5, 6)):
+    """A tiny MSD folder whose cases hold the given label values."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    for i, values in enumerate(labels):
+        label = np.zeros(shape, np.uint8)
+        for j, value in enumerate(values):
+            label.flat[j * 7 : j * 7 + 5] = value
+        write_nifti(root / "imagesTr" / f"case_{i}.nii.gz", rng.normal(size=shape).astype(np.float32))
+        write_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label)
+        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    meta = {"name": "tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"}}
+    (root / "dataset.json").write_text(json.dumps({**meta, "training": training}))
+    return root
+
+
+def make_brats(root, cases=("BraTS20_001", "BraTS20_002"), modalities=("flair", "t1", "t1ce", "t2"), sep="_"):
+    for i, case in enumerate(cases):
+        folder = root / case
+        folder.mkdir(parents=True)
+        for c, modality in enumerate(modalities):
+            write_nifti(folder / f"{case}{sep}{modality}.nii.gz", np.full((3, 4, 5), 10 * c + i + 1, np.float32))
+        label = np.zeros((3, 4, 5), np.uint8)
+        label[0, 0, :4] = [1, 2, 4, 4]
+        write_nifti(folder / f"{case}{sep}seg.nii.gz", label)
+    return root
+
+
+def make_png(root, patients=(("001", (1, 2, 10)), ("002", (3,))), mask_value=255, rgb=False):
+    """``images/STS_<patient>_<slice>_.png`` + ``masks/`` with the same names; slice ``s`` has ``s`` mask pixels."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for patient, slices in patients:
+        for s in slices:
+            name = f"STS_{patient}_{s}_.png"
+            image = np.full((6, 8), s * 10, np.uint8)
+            Image.fromarray(np.stack([image] * 3, -1) if rgb else image).save(root / "images" / name)
+            mask = np.zeros((6, 8), np.uint8)
+            mask.flat[:s] = mask_value
+            Image.fromarray(mask).save(root / "masks" / name)
+    return root
+
+
+# i runs posterior at 1.2 mm, j right at 0.9 mm, k superior at 2.5 mm: the prepared grid is reoriented.
+AFFINE = np.array([[0, 0.9, 0, -10.0], [-1.2, 0, 0, 30.0], [0, 0, 2.5, -5.0], [0, 0, 0, 1]])
+
+
+def synthetic_label(index):
+    """A core box (1) inside a rim box (2), shifted per case, in the file's (i, j, k) order."""
+    label = np.zeros(SHAPE_IJK, dtype=np.uint8)
+    a = index % 3
+    label[3 + a : 12 + a, 4:15, 2:9] = 2
+    label[5 + a : 10 + a, 6:12, 3:7] = 1
+    return label
+
+
+def synthetic_image(label, island):
+    """100 x label inside a body of intensity 10 (zero outside, so ``--crop nonzero`` crops); an ``island`` adds a
+    bright unlabelled spot that a label-reading model calls 'core'."""
+    image = np.zeros(SHAPE_IJK, dtype=np.float32)
+    image[1:15, 2:18, 1:11] = 10.0
+    image += 100.0 * label
+    if island:
+        image[13, 16, 9] = 100.0
+    return image
+
+
+def write_msd(root, cases=8, unlabelled=0, islands=(1, 2, 5, 6)):
+    """An MSD folder of ``cases`` labelled and ``unlabelled`` test images."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "imagesTs").mkdir()
+    training, test = [], []
+    for index in range(cases + unlabelled):
+        name = f"case_{index:03d}.nii.gz"
+        label = synthetic_label(index)
+        folder = "imagesTr" if index < cases else "imagesTs"
+        nib.save(nib.Nifti1Image(synthetic_image(label, index in islands), AFFINE), root / folder / name)
+        if index < cases:
+            nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            test.append(f"./imagesTs/{name}")
+    meta = {"name": "synthetic", "modality": {"0": "MRI"}, "labels": LABELS, "training": training, "test": test}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def label_reader(batch):
+    """The fake model: class = intensity / 100, rounded (the synthetic images spell out their labels)."""
+    classes = np.clip(np.rint(batch[..., 0] / 100.0), 0, 2).astype(int)
+    return np.eye(3, dtype=np.float32)[classes]
+
+
+def make_run(run_dir, dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    run_dir.mkdir(parents=True)
+    config = {
+        "model": "unet3d",
+        "patch_size": [8, 16, 16],
+        "batch_size": 2,
+        "num_classes": 3,
+        "num_channels": 1,
+        "labels": manifest["labels"],
+        "channels": manifest["channels"],
+        "data": str(dataset),
+        "dataset_preprocessing": manifest["preprocessing"],
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+    """SIGKILL ``process`` as soon as ``ready()`` holds; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if ready():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    raise AssertionError(f"{' '.join(map(str, process.args[1:2]))} did not reach the kill point in time")
+
+
+def write_nifti(path, array_zyx, affine_zyx=None, dtype=None):
+    """Save a ``(Z, Y, X[, C])`` array as NIfTI (file order is the reverse)."""
+    affine = np.eye(4) if affine_zyx is None else geometry.zyx_affine_to_nifti(affine_zyx)
+    axes = (2, 1, 0, 3) if array_zyx.ndim == 4 else (2, 1, 0)
+    data = np.transpose(array_zyx, axes).astype(dtype or array_zyx.dtype)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+LABELS = {"0": "background", "1": "core", "2": "rim"}
+
+
+SHAPE_IJK = (16, 20, 12)
