@@ -18,11 +18,14 @@ import logging
 import sys
 
 from utils.cli import add_reader_flags, add_setting, label_map_option, reader_options
+from utils.device import enable_onednn
 from utils.formats import discover
 from utils.prepare.dataset import PreparationError, prepare_dataset
 from utils.prepare.exports import ExportSettings
 from utils.preprocessing import PreprocessSettings
 from utils.settings import INTERPOLATIONS, PREPARE, WINDOW_PRESETS
+
+enable_onednn()  # before anything imports TensorFlow (data_gen itself does not; its callers may)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,9 +29,11 @@ import sys
 from pathlib import Path
 
 from utils.cli import add_reader_flags, add_setting, reader_options
+from utils.device import enable_onednn
 from utils.settings import EVALUATE
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+enable_onednn()  # before anything imports TensorFlow
 
 
 def build_parser() -> argparse.ArgumentParser:

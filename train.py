@@ -18,7 +18,10 @@ import os
 import sys
 from pathlib import Path
 
+from utils.device import enable_onednn  # noqa: E402  (before anything imports TensorFlow)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+enable_onednn()
 
 
 # Flags by group, in --help order; each takes its type, choices, default and help from utils.settings.TRAINING.

@@ -35,6 +35,8 @@ QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore", "TQDM_DISA
 # pool is unaffected. Passive waiting keeps the peer from losing to the load (train_step.py measures both).
 # TensorFlow does not use OpenMP, so the setting is neutral for our side.
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# oneDNN on, as every entry point of the toolkit sets it (utils/device.py), unless the caller chose.
+ONEDNN_ENV = {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")}
 
 
 def loadavg() -> list[float]:
@@ -55,18 +57,20 @@ def summarize(values: Sequence[float]) -> dict:
 
 
 def machine() -> dict:
-    """CPU model, core count, memory, OS and library versions of this machine."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """CPU model, its kind and vector instructions, core count, memory, OS and library versions of this machine."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from utils.device import cpu_info
+
+    cpu = cpu_info()
     with open("/proc/meminfo") as handle:
         memory_kb = int(handle.readline().split()[1])
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu["model"],
+        "cpu_kind": cpu["kind"],
+        "isa": cpu["isa"],
+        "TF_ENABLE_ONEDNN_OPTS": ONEDNN_ENV["TF_ENABLE_ONEDNN_OPTS"],
         "memory_gib": round(memory_kb / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -95,7 +99,7 @@ def library_versions() -> dict:
 def bench_env(**extra: str | None) -> dict:
     """The environment of a worker or script: the repository on the path, quiet libraries, passive OpenMP waiting,
     plus ``extra`` (a ``None`` value removes the variable)."""
-    env = {**os.environ, **QUIET_ENV, **OMP_ENV, **extra}
+    env = {**os.environ, **QUIET_ENV, **OMP_ENV, **ONEDNN_ENV, **extra}
     env = {key: value for key, value in env.items() if value is not None}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -12,6 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.device import enable_onednn  # noqa: E402
+
+enable_onednn()  # as every entry point does; subprocesses of the tests inherit it
+
 
 import builders  # noqa: E402
 import pytest  # noqa: E402

@@ -123,6 +123,7 @@ class TrainingConfig:
     seed: int = _setting("seed")
 
     plan: dict = field(default_factory=dict)
+    recipe: str = "cpu"
     replicas: int = 1
     global_batch_size: int | None = None
     num_classes: int = 0
@@ -135,6 +136,7 @@ class TrainingConfig:
     versions: dict[str, str] = field(default_factory=dict)
 
     output: str = ""
+    device: dict = field(default_factory=dict)
     precision_policy: str | None = None
     best_val_dice: float | None = None
     epochs_done: int = 0

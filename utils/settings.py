@@ -12,6 +12,7 @@ type and bounds of every ``item``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +164,10 @@ def _copy(value: Any) -> Any:
     return value
 
 
-_UNET_RECIPE = "unet: filters 16, instance norm, stem_stride 2; depth planned"
+_UNET_RECIPE = (
+    "CPU: unet filters 16, instance norm, stem_stride 2; GPU: filters 32 up to 320, stem_stride 1, deep supervision, "
+    "strong augmentation, sgd lr 0.01, mixed precision; depth planned"
+)
 
 TRAINING: dict[str, Setting] = {
     "model": Setting("unet3d", "architecture", choices=MODEL_NAMES),
@@ -278,8 +282,32 @@ TRAINING: dict[str, Setting] = {
 }
 # Settings a resumed run may change (they steer the run, not what is learnt).
 RESUME_MAY_CHANGE = ("epochs", "time_limit", "early_stopping", "workers", "worker_mode", "tensorboard_images")
-# Per-architecture defaults chosen for dice per second on a small budget (see benchmarks/RESULTS.md).
-MODEL_DEFAULTS = {"unet": {"filters": 16, "norm": "instance", "stem_stride": 2}}
+# The recipe follows the device train.py trains on; flags and config files override any part of it.
+# cpu: the settings' defaults and a small U-Net, chosen for dice per CPU-minute (see benchmarks/RESULTS.md).
+# gpu: nnU-Net's full-resolution recipe: 32 base filters up to 320 without a strided stem, deep supervision, strong
+# augmentation, SGD 1e-2 with poly decay, mixed precision, and process workers to keep the GPU fed (gpu_workers()).
+RECIPES = {
+    "cpu": {"settings": {}, "model_defaults": {"unet": {"filters": 16, "norm": "instance", "stem_stride": 2}}},
+    "gpu": {
+        "settings": {
+            "augment": "strong",
+            "optimizer": "sgd",
+            "lr": 1e-2,
+            "schedule": "poly",
+            "mixed_precision": True,
+            "worker_mode": "process",
+        },
+        "model_defaults": {
+            "unet": {"filters": 32, "max_filters": 320, "norm": "instance", "stem_stride": 1, "deep_supervision": True}
+        },
+    },
+}
+
+
+def gpu_workers(cpu_count: int | None = None) -> int:
+    """Loader processes of the GPU recipe: one per CPU core but one, at most 8."""
+    return max(1, min(8, (cpu_count or os.cpu_count() or 2) - 1))
+
 
 PREPARE: dict[str, Setting] = {
     "format": Setting("auto", "input layout; auto detects it", choices=("auto", *LAYOUTS)),

@@ -325,3 +325,39 @@ def test_training_config_round_trips_and_refuses_what_it_cannot_read(prepared_sa
         TrainingConfig.from_json({**data, "lr": -1})
     (tmp_path / "config.json").write_text(json.dumps(data))
     assert load_config(tmp_path).patch_size == config.patch_size
+
+
+def test_the_recipe_follows_the_device_and_flags_still_win(prepared_sample):
+    dataset = PreparedDataset(prepared_sample)
+    base = {"data": str(prepared_sample), "output": "x", "model": "unet3d", "patch_size": [16, 16, 16]}
+    cpu = resolve_config(base, dataset, devices=[])
+    assert cpu.recipe == "cpu" and cpu.optimizer == "adam" and cpu.lr == 3e-3 and cpu.augment == "default"
+    assert cpu.model_args["filters"] == 16 and cpu.model_args["stem_stride"] == 2 and not cpu.mixed_precision
+    gpu = resolve_config(base, dataset, devices=["/device:GPU:0"])
+    assert gpu.recipe == "gpu" and gpu.optimizer == "sgd" and gpu.lr == 1e-2 and gpu.schedule == "poly"
+    assert gpu.augment == "strong" and gpu.mixed_precision and gpu.worker_mode == "process" and gpu.workers >= 1
+    assert gpu.model_args["filters"] == 32 and gpu.model_args["max_filters"] == 320
+    assert gpu.model_args["stem_stride"] == 1 and gpu.model_args["deep_supervision"]
+    chosen = resolve_config(
+        {**base, "lr": 0.001, "optimizer": "adam", "model_args": {"filters": 8}}, dataset, devices=["/device:GPU:0"]
+    )
+    assert chosen.lr == 0.001 and chosen.optimizer == "adam" and chosen.model_args["filters"] == 8
+    assert chosen.augment == "strong" and chosen.model_args["deep_supervision"]  # the rest of the recipe stays
+
+
+def test_training_names_its_device_and_warns_when_an_expected_gpu_is_missing(
+    prepared_sample, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert train.main(run_args(prepared_sample, run, *TINY, "--epochs", "1", "--no-tensorboard")) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("Training on the CPU (") and messages[0].endswith(f"with {keras.backend.backend()}")
+    assert any("a GPU is expected here (CUDA_VISIBLE_DEVICES=0)" in m for m in messages)
+    assert any(m.startswith("Plan (cpu recipe;") for m in messages)
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "cpu" and config["device"]["devices"] == ["cpu"]
+    assert config["device"]["cpu"]["model"] and set(config["device"]["cpu"]["isa"]) >= {"avx2", "avx512f"}

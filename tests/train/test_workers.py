@@ -1,7 +1,7 @@
 """The toolkit's data loader: the same batches in the same order for any number and kind of workers, and workers
 that die or raise stop training with a message naming the cause and a non-zero status instead of hanging, with the
-checkpoint of the last complete epoch still loadable (faults injected into train.py by tests/train/worker_fault.py once the
-first epoch is saved); worker processes end with the loader."""
+checkpoint of the last complete epoch still loadable (faults injected into train.py by tests/train/worker_fault.py once
+the first epoch is saved); worker processes end with the loader."""
 
 import json
 import multiprocessing
@@ -25,7 +25,8 @@ TIMEOUT_S = 240  # a hang shows as a timeout; the runs below end in well under a
 
 
 def train_with_fault(mode, data, run, worker_mode) -> tuple[int, str]:
-    """Run tests/train/worker_fault.py; returns its exit status and stderr (a hang fails the test, killing its processes)."""
+    """Run tests/train/worker_fault.py; returns its exit status and stderr (a hang fails the test, killing its
+    processes)."""
     command = [sys.executable, str(ROOT / "tests" / "train" / "worker_fault.py"), mode, "--data", str(data), "--output",
                str(run), "--epochs", "4", "--steps-per-epoch", "30", "--patch-size", "16", "16", "16",
                "--batch-size", "2", "--val-overlap", "0", "--no-tensorboard", "--workers", "2",

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -18,7 +19,7 @@ from utils import fileio
 from utils.losses import get_loss
 from utils.prepared import PreparedDataset
 from utils.runs import TrainingConfig, load_config
-from utils.settings import MODEL_DEFAULTS, RESUME_MAY_CHANGE, TRAINING, defaults
+from utils.settings import RECIPES, RESUME_MAY_CHANGE, TRAINING, defaults, gpu_workers
 from utils.train import planning
 from utils.train.augment import augmentation_settings
 
@@ -53,9 +54,19 @@ def spatial_dims(name: str) -> int:
     return int(name[-2])
 
 
-def recipe_model_args(config: dict) -> dict:
-    """The architecture's recipe defaults overridden by ``model_args``."""
-    return {**MODEL_DEFAULTS.get(model_family(config["model"]), {}), **(config.get("model_args") or {})}
+def recipe_model_args(config: dict, recipe: str = "cpu") -> dict:
+    """The architecture's defaults in the device recipe (:data:`utils.settings.RECIPES`) overridden by
+    ``model_args``."""
+    defaults_of_recipe = RECIPES[recipe]["model_defaults"].get(model_family(config["model"]), {})
+    return {**defaults_of_recipe, **(config.get("model_args") or {})}
+
+
+def recipe_settings(recipe: str) -> dict:
+    """The settings the device recipe changes from the defaults (``cpu``: none)."""
+    settings = dict(RECIPES[recipe]["settings"])
+    if recipe == "gpu":
+        settings["workers"] = gpu_workers()
+    return settings
 
 
 def stack_paths(dataset: PreparedDataset, source: str, split: str) -> tuple[Path, Path]:
@@ -81,8 +92,11 @@ def _stack_row_shape(dataset: PreparedDataset, source: str) -> list[int]:
     return list(fileio.load_npy(labels).shape[1:])
 
 
-def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1) -> TrainingConfig:
-    """Fill every setting: flags/config file first, then planned values, then defaults. Validates the result.
+def resolve_config(
+    overrides: dict, dataset: PreparedDataset, replicas: int = 1, devices: Sequence[str] = ()
+) -> TrainingConfig:
+    """Fill every setting: flags/config file first, then planned values, then the recipe of the device (``gpu`` when
+    ``devices`` names accelerators, else ``cpu``), then the defaults. Validates the result.
 
     Raises:
         ValueError: an unknown setting, a value of the wrong type, or settings that do not fit together.
@@ -90,7 +104,8 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
     """
     check_settings(overrides)
     chosen = {k: v for k, v in overrides.items() if v is not None and k not in RUN_KEYS}
-    config = copy.deepcopy({**defaults(TRAINING), **chosen})
+    recipe = "gpu" if devices else "cpu"
+    config = copy.deepcopy({**defaults(TRAINING), **recipe_settings(recipe), **chosen})
     ndim = spatial_dims(config["model"])
     if config["patch_size"] is not None and len(config["patch_size"]) != ndim:
         raise ValueError(f"model {config['model']} needs a patch size of {ndim} numbers, got {config['patch_size']}")
@@ -114,7 +129,7 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
         dataset.fingerprint,
         dataset.num_channels,
         dataset.num_classes,
-        model_args=recipe_model_args(config),
+        model_args=recipe_model_args(config, recipe),
         patch_size=config["patch_size"],
         batch_size=config["batch_size"],
         memory_gb=config["memory_budget"],
@@ -122,6 +137,7 @@ def resolve_config(overrides: dict, dataset: PreparedDataset, replicas: int = 1)
     )
     config.update(patch_size=planned["patch_size"], batch_size=planned["batch_size"], model_args=planned["model_args"])
     config["plan"] = planned["plan"]
+    config["recipe"] = recipe
     config["replicas"] = replicas
     config["global_batch_size"] = config["batch_size"] * replicas
     config["num_classes"] = dataset.num_classes

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 
 import model as model_zoo
-from utils import fileio
+from utils import device, fileio
 from utils.losses import deep_supervision_compile_args, get_loss
 from utils.metrics import MeanForegroundDice
 from utils.prepared import PreparedDataset
@@ -134,6 +134,7 @@ def train(config_overrides: dict) -> TrainingConfig:
         ValueError: a bad setting, or a run folder made for another dataset.
     """
     check_settings(config_overrides)
+    machine = announce_device()
     dataset = PreparedDataset(config_overrides["data"])
     run_dir = Path(config_overrides["output"])
     resume = bool(config_overrides.get("resume"))
@@ -142,17 +143,43 @@ def train(config_overrides: dict) -> TrainingConfig:
     distribution = make_distribution(strategy)
     previous_policy = keras.config.dtype_policy()
     try:
-        return _train(config_overrides, dataset, run_dir, saved, distribution)
+        return _train(config_overrides, dataset, run_dir, saved, distribution, machine)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if keras.backend.backend() == "jax" and distribution.name != "default":
             keras.distribution.set_distribution(None)
 
 
+def announce_device() -> dict:
+    """Log which device(s) training runs on (the run's first line) and warn when a GPU is expected but the backend
+    sees none; returns the record stored as ``device`` in ``config.json``."""
+    backend = keras.backend.backend()
+    record = device.describe(backend)
+    log.info(device.first_line(record))
+    expected = device.gpu_expected()
+    if expected and record["devices"] == ["cpu"]:
+        log.warning(
+            "a GPU is expected here (%s) but the %s backend sees none: training runs on the CPU with the CPU recipe "
+            "(install the backend's CUDA build, e.g. pip install 'tensorflow[and-cuda]')",
+            expected,
+            backend,
+        )
+    return record
+
+
 def _train(
-    overrides: dict, dataset: PreparedDataset, run_dir: Path, saved: TrainingConfig | None, distribution: Distribution
+    overrides: dict,
+    dataset: PreparedDataset,
+    run_dir: Path,
+    saved: TrainingConfig | None,
+    distribution: Distribution,
+    machine: dict,
 ) -> TrainingConfig:
-    config = saved or resolve_config(overrides, dataset, distribution.num_replicas)
+    accelerators = [name for name in machine["devices"] if name != "cpu"]
+    config = saved or resolve_config(overrides, dataset, distribution.num_replicas, accelerators)
+    config.device = machine
+    if not saved:
+        log.info(describe_plan(config))
     config.output = str(run_dir)
     if config.deterministic:
         enable_determinism()
@@ -208,6 +235,20 @@ def _train(
     config.best_val_dice = recorder.best
     config.epochs_done = int(recorder.state["epoch"])
     return config
+
+
+def describe_plan(config: TrainingConfig) -> str:
+    """The plan in one line: recipe, network, patch, batch, optimisation, augmentation, precision and workers."""
+    args = config.model_args
+    network = f"{config.model} (filters {args.get('filters', '?')}, depth {args.get('depth', '?')}"
+    network += ", deep supervision)" if args.get("deep_supervision") else ")"
+    precision = "mixed precision" if config.mixed_precision else "float32"
+    patch = "x".join(map(str, config.patch_size))
+    return (
+        f"Plan ({config.recipe} recipe; any flag overrides it): {network}, patch {patch}, batch {config.batch_size},"
+        f" {config.optimizer} lr {config.lr:g} {config.schedule}, {config.augment} "
+        f"augmentation, {precision}, {config.workers} {config.worker_mode} worker(s)"
+    )
 
 
 def _stopped_early(state: dict, config: TrainingConfig) -> bool:
