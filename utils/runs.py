@@ -27,6 +27,10 @@ def load_model(path: str | os.PathLike) -> keras.Model:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a loadable Keras model.
     """
+    import model  # noqa: F401  (these imports register the toolkit's layers, losses and metrics with Keras)
+    import utils.losses  # noqa: F401
+    import utils.metrics  # noqa: F401
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")

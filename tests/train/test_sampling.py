@@ -104,26 +104,6 @@ def test_batches_are_a_function_of_seed_epoch_and_step():
     assert not np.array_equal(a.batch(0, 0, shard=0)[0], a.batch(0, 0, shard=1)[0])
 
 
-@pytest.mark.parametrize(("workers", "processes"), [(2, False), (2, True)])
-def test_keras_workers_deliver_the_same_batches_in_order(workers, processes):
-    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-
-    augment = Augmenter(augmentation_settings("strong", 3), 3)
-    direct = sampler_for((8, 8, 8), augment=augment, seed=2)
-    parallel = sampler_for((8, 8, 8), augment=augment, seed=2, workers=workers, use_multiprocessing=processes)
-    adapter = PyDatasetAdapter(parallel, shuffle=False)
-    iterator = iter(adapter.get_numpy_iterator())
-    adapter.on_epoch_begin()
-    try:
-        for index in range(7):  # across two epoch boundaries (3 steps per epoch)
-            x, y = next(iterator)
-            expected = direct.batch(index // 3, index % 3)
-            np.testing.assert_array_equal(x, expected[0])
-            np.testing.assert_array_equal(y, expected[1])
-    finally:
-        adapter.on_epoch_end()
-
-
 def test_spatial_augmentation_reads_around_the_patch():
     """A quarter turn read through the volume equals the rotated patch: the window came from the right place."""
     rng = np.random.default_rng(0)
