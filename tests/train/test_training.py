@@ -361,3 +361,18 @@ def test_training_names_its_device_and_warns_when_an_expected_gpu_is_missing(
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"] == "cpu" and config["device"]["devices"] == ["cpu"]
     assert config["device"]["cpu"]["model"] and set(config["device"]["cpu"]["isa"]) >= {"avx2", "avx512f"}
+
+
+def test_a_time_limit_cuts_the_epoch_at_a_step(prepared_sample, tmp_path):
+    # 2,000 steps would take minutes; a 0.1-minute budget must end the first epoch after a few of them, then validate
+    # and save it like any other epoch.
+    run = tmp_path / "run"
+    flags = ["--epochs", "3", "--steps-per-epoch", "2000", "--time-limit", "0.1", "--no-tensorboard"]
+    assert (
+        train.main(run_args(prepared_sample, run, "--patch-size", "16", "16", "16", "--batch-size", "2", *flags)) == 0
+    )
+    rows = history_of(run)
+    assert len(rows) == 1 and 1 <= int(rows[0]["steps"]) < 2000
+    assert np.isfinite(float(rows[0]["loss"])) and "val_dice" in rows[0]
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == 1 and (run / "last.keras").is_file()

@@ -174,8 +174,12 @@ class TensorBoard(keras.callbacks.Callback):
 
 class RunRecorder(keras.callbacks.Callback):
     """After each epoch: checkpoints (best and last), ``state.json``, ``history.csv``, ``curves.png`` (chief host
-    only), then the stopping rules: the time limit (stop when another epoch would not fit in the remaining time) and
-    early stopping (``patience`` epochs without a better score). Every host takes the same decision."""
+    only), then early stopping (``patience`` epochs without a better score).
+
+    The time limit is kept to the step: after every step, training stops when one more step (this epoch's mean step
+    time) and the end of an epoch (validation, pictures and checkpoints, as long as the last one took) would not fit
+    in the time left. The epoch is then cut there; it is validated and saved like any other, and ``history.csv``
+    records how many steps it had. Every host takes the same decision."""
 
     def __init__(
         self,
@@ -191,15 +195,38 @@ class RunRecorder(keras.callbacks.Callback):
         self.run_dir, self.history, self.state = run_dir, history, state
         self.clock, self.config, self.schedule, self.distribution = clock, config, schedule, distribution
         self.limit = float(config.time_limit) * 60 if config.time_limit else None
-        self.epoch_start = 0.0
-        self.durations: list[float] = list(state.get("durations", []))
+        self.epoch_start = self.last_step_end = 0.0
+        self.steps_done = 0
 
     @property
     def best(self) -> float:
         return float(self.state["best"])
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = self.clock()
+        now = self.clock()
+        if self.steps_done:  # how long the end of the previous epoch took: validation, pictures, checkpoints
+            self.state["epoch_end_s"] = now - self.last_step_end
+        self.epoch_start = self.last_step_end = now
+        self.steps_done = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_done = batch + 1
+        self.last_step_end = self.clock()
+        if self.limit and self._out_of_time(self.last_step_end, float(self.state.get("epoch_end_s", 0.0))):
+            log.info(
+                "time limit: epoch %d cut after %d of %d steps (%.1f min)",
+                len(self.history) + 1,
+                self.steps_done,
+                self.config.steps_per_epoch,
+                self.last_step_end / 60,
+            )
+            self.model.stop_training = True
+
+    def _out_of_time(self, now: float, epoch_end: float) -> bool:
+        """Whether one more step (this epoch's mean) and an epoch end (``epoch_end`` seconds) would overrun the
+        limit; the chief decides for all hosts."""
+        step = (self.last_step_end - self.epoch_start) / max(self.steps_done, 1)
+        return self.distribution.agree(now) + step + epoch_end > self.limit
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -211,18 +238,18 @@ class RunRecorder(keras.callbacks.Callback):
             if chief:
                 save_model(self.model, self.run_dir / "model.keras")
         elapsed = self.distribution.agree(self.clock())
-        self.durations.append(elapsed - self.epoch_start)
-        row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}, "time_s": round(elapsed, 1)}
+        row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}, "steps": self.steps_done}
+        row["time_s"] = round(elapsed, 1)
         self.history.append(row)
-        self.state.update(
-            epoch=epoch + 1, elapsed_s=elapsed, schedule=self.schedule.state, durations=self.durations[-3:]
-        )
+        self.state.update(epoch=epoch + 1, elapsed_s=elapsed, schedule=self.schedule.state)
         if chief:
             save_model(self.model, self.run_dir / "last.keras")
             write_history(self.run_dir / "history.csv", self.history)
             fileio.write_json(self.run_dir / STATE_FILE, self.state)
             plot_curves(self.history, self.run_dir / "curves.png")
-        if self.limit and elapsed + np.mean(self.durations[-3:]) > self.limit:
+        now = self.clock()
+        epoch_end = max(float(self.state.get("epoch_end_s", 0.0)), now - self.last_step_end)
+        if self.limit and not self.model.stop_training and self._out_of_time(now, epoch_end):
             log.info("time limit reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
             self.model.stop_training = True
         patience = self.config.early_stopping
