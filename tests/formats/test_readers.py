@@ -52,8 +52,10 @@ def test_msd_sample_reads_as_stored():
 def test_msd_missing_label_file_is_named(tmp_path):
     root = make_msd(tmp_path / "ds")
     (root / "labelsTr" / "case_1.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"dataset\.json: lists label .*case_1\.nii\.gz.* does not exist"):
-        readers.discover(root)
+    source = readers.discover(root)  # the missing file is that case's failure; the other case reads
+    assert [c.id for c in source.cases] == ["case_0", "case_1"] and readers.load_case(source.cases[0]).label.any()
+    with pytest.raises(CaseError, match=r"dataset\.json: lists label .*case_1\.nii\.gz.* does not exist"):
+        readers.load_case(source.cases[1])
 
 
 def test_msd_dataset_json_naming_a_missing_image(tmp_path):
@@ -61,8 +63,31 @@ def test_msd_dataset_json_naming_a_missing_image(tmp_path):
     meta = json.loads((root / "dataset.json").read_text())
     meta["training"].append({"image": "./imagesTr/ghost.nii.gz", "label": "./labelsTr/case_0.nii.gz"})
     (root / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(FileNotFoundError, match=r"dataset\.json: lists \./imagesTr/ghost\.nii\.gz"):
-        readers.discover(root)
+    ghost = readers.discover(root).cases[-1]
+    assert ghost.id == "ghost"
+    with pytest.raises(CaseError, match=r"dataset\.json: lists \./imagesTr/ghost\.nii\.gz"):
+        readers.load_case(ghost)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink"])
+def test_msd_paths_out_of_the_dataset_folder_are_refused_unread(tmp_path, how, monkeypatch):
+    root = make_msd(tmp_path / "ds")
+    secret = tmp_path / "secret.nii.gz"
+    shutil.copy(root / "imagesTr" / "case_0.nii.gz", secret)
+    meta = json.loads((root / "dataset.json").read_text())
+    if how == "dotdot":
+        meta["training"].append({"image": "./imagesTr/../../secret.nii.gz", "label": "./labelsTr/case_0.nii.gz"})
+    else:
+        (root / "imagesTr" / "secret.nii.gz").symlink_to(secret)
+        meta["training"].append({"image": "./imagesTr/secret.nii.gz", "label": "./labelsTr/case_0.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    opened = []
+    monkeypatch.setattr(nib, "load", lambda path, *a, **k: opened.append(str(path)))
+    source = readers.discover(root)
+    assert source.cases[-1].id == "secret" and source.cases[-1].error
+    with pytest.raises(CaseError, match=r"secret\.nii\.gz: escapes the dataset folder"):
+        readers.load_case(source.cases[-1])
+    assert not opened
 
 
 def test_image_label_shape_mismatch_names_both_files(tmp_path):
@@ -269,8 +294,10 @@ def test_brats_2023_names(tmp_path):
 def test_brats_missing_modality_names_the_folder(tmp_path):
     root = make_brats(tmp_path / "brats")
     (root / "BraTS20_002" / "BraTS20_002_t1ce.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"BraTS20_002: BraTS case lacks the t1ce image"):
-        readers.discover(root)
+    source = readers.discover(root)
+    assert readers.load_case(source.cases[0]).image.shape[-1] == 4
+    with pytest.raises(CaseError, match=r"BraTS20_002: BraTS case lacks the t1ce image"):
+        readers.load_case(source.cases[1])
 
 
 @pytest.fixture(scope="module")
@@ -418,11 +445,18 @@ def test_png_without_slice_group_gives_one_slice_cases_grouped_by_patient(tmp_pa
 def test_png_bad_masks_are_named(tmp_path):
     root = make_png(tmp_path / "png")
     (root / "masks" / "STS_001_2_.png").unlink()
-    with pytest.raises(ValueError, match=r"STS_001_2_\.png: has no mask while other slices of 'STS_001' have one"):
-        readers.discover(root, "png", {"patient_pattern": r"STS_(\d+)_(\d+)"})
+    source = readers.discover(root, "png", {"patient_pattern": r"STS_(\d+)_(\d+)"})
+    assert readers.load_case(source.cases[1]).label.sum() == 3
+    with pytest.raises(CaseError, match=r"STS_001_2_\.png: has no mask while other slices of 'STS_001' have one"):
+        readers.load_case(source.cases[0])
     Image.fromarray(np.full((6, 8, 3), [0, 0, 255], np.uint8)).save(root / "masks" / "STS_001_2_.png")
+    Image.fromarray(np.zeros((5, 8), np.uint8)).save(root / "masks" / "STS_001_1_.png")
+    cases = {c.id: c for c in readers.discover(root, "png").cases}
     with pytest.raises(CaseError, match=r"STS_001_2_\.png: a mask must be greyscale"):
-        readers.discover(root, "png")
+        readers.load_case(cases["STS_001_2"])
+    with pytest.raises(CaseError, match=r"STS_001_1_\.png: size \(5, 8\) differs from its image .*\(6, 8\)"):
+        readers.load_case(cases["STS_001_1"])
+    assert readers.load_case(cases["STS_001_10"]).label.sum() == 10
 
 
 def test_detect_format_refuses_unknown_input(tmp_path):

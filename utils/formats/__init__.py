@@ -73,7 +73,8 @@ from utils.formats.base import (
     class_indices,
     source_values,
 )
-from utils.formats.dicom import _looks_like_dicom, discover_dicom, load_dicom_case, write_dicom_seg
+from utils.formats.dicom import _looks_like_dicom, discover_dicom, load_dicom_case
+from utils.formats.dicom_seg import write_dicom_seg
 from utils.formats.hdf5 import discover_hdf5, load_hdf5_case, write_hdf5_mask
 from utils.formats.itk import discover_files, load_sitk_case, write_sitk_mask
 from utils.formats.nifti import _brats_files, discover_brats, discover_msd, load_nifti_case, write_nifti_mask

@@ -452,29 +452,40 @@ def finalize_source(
     return DatasetSource(name, fmt, labels, channels, cases, str(path), label_values)
 
 
-def _scan_values(arrays: Iterable[tuple[str, Callable[[], np.ndarray]]], skip_unreadable: bool = True) -> set[int]:
+def _scan_values(arrays: Iterable[tuple[str, Callable[[], np.ndarray]]]) -> set[int]:
     """Union of the integer values of every label (each read one at a time).
 
-    With ``skip_unreadable`` a label file that cannot be read is passed over: its case fails with the same message
-    when it is loaded, and the other cases go on; a label that reads but holds no class map still raises.
+    A label that cannot be read, or that holds no class map, is passed over: its case fails with the same message
+    when it is loaded, and the other cases go on.
     """
     found: set[int] = set()
     for where, read in arrays:
         try:
-            array = read()
-        except CaseError as error:
-            if not skip_unreadable:
-                raise
+            values = np.unique(as_label_map(read(), where))
+        except Exception as error:  # a damaged file can make a reader raise anything; its case fails when loaded
             log.debug("label values of %s not scanned: %s", where, error)
             continue
-        found.update(np.unique(as_label_map(array, where)).astype(int).tolist())
+        found.update(values.astype(int).tolist())
     return found
 
 
 def unreadable_spec(file: Path, fmt: str, error: str) -> CaseSpec:
     """A case for a source file that discovery could not read: :func:`load_case` raises ``error`` for it."""
-    case_id = safe_id(strip_suffix(file.name))
-    return CaseSpec(id=case_id, format=fmt, image=[str(file.resolve())], error=error)
+    return CaseSpec(id=safe_id(strip_suffix(file.name)), format=fmt, image=[os.path.abspath(file)], error=error)
+
+
+def inside_dataset(path: str | os.PathLike, root: str | os.PathLike, listed: str | None = None) -> Path:
+    """``path`` resolved, refused when it lies outside the dataset folder ``root`` (through ``..`` or a symbolic
+    link). Discovery checks every source file before anything opens it; ``listed`` names the file in the message.
+
+    Raises:
+        CaseError: ``... escapes the dataset folder ROOT``.
+    """
+    base, resolved = Path(root).resolve(), Path(path).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise CaseError(f"{listed or path}: escapes the dataset folder {base} (through '..' or a symbolic link) and "
+                        "is not read; copy the file into the folder")  # fmt: skip
+    return resolved
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -488,9 +499,10 @@ def _pattern_regex(pattern: str) -> re.Pattern:
 _SUFFIX_WORDS = {s.lstrip(".").lower() for s in (*SITK_SUFFIXES, *PNG_SUFFIXES, *HDF5_SUFFIXES)}
 
 
-def _match_key(regex: re.Pattern, path: Path, root: Path) -> tuple | None:
-    """Key that pairs an image with its label: the wildcard captures (suffix captures dropped) and the sub-folder."""
-    match = regex.match(path.name)
+def _match_key(regexes: Sequence[re.Pattern], path: Path, root: Path) -> tuple | None:
+    """Key that pairs an image with its label: the wildcard captures of the first pattern that matches (suffix
+    captures dropped) and the sub-folder; ``None`` when no pattern matches."""
+    match = next((m for m in (regex.match(path.name) for regex in regexes) if m is not None), None)
     if match is None:
         return None
     groups = tuple(g for g in match.groups() if g.lower() not in _SUFFIX_WORDS)
@@ -511,14 +523,6 @@ def _files_with_suffix(root: Path, suffixes: Sequence[str]) -> list[Path]:
     )
 
 
-def _match_any(regexes: Sequence[re.Pattern], path: Path, root: Path) -> tuple | None:
-    for regex in regexes:
-        key = _match_key(regex, path, root)
-        if key is not None:
-            return key
-    return None
-
-
 def _pair_files(
     root: Path, image_pattern: str, label_pattern: str | None, suffixes: Sequence[str], label_root: Path | None = None
 ) -> list[tuple[tuple, Path, Path | None]]:
@@ -534,13 +538,13 @@ def _pair_files(
     for path in _files_with_suffix(root, suffixes):
         if label_root == root and any(r.match(path.name) for r in label_regexes):
             continue
-        key = _match_any(image_regexes, path, root)
+        key = _match_key(image_regexes, path, root)
         if key is not None:
             if key in images:
                 raise ValueError(f"{path}: pairs with the same key as {images[key]}; make --image-pattern stricter")
             images[key] = path
     for path in _files_with_suffix(label_root, suffixes) if label_regexes else []:
-        key = _match_any(label_regexes, path, label_root)
+        key = _match_key(label_regexes, path, label_root)
         if key is not None:
             if key in labels:
                 raise ValueError(f"{path}: pairs with the same key as {labels[key]}; make --label-pattern stricter")

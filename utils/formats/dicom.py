@@ -3,17 +3,14 @@
 - ``dicom``: every DICOM image series under a folder is a case (:func:`scan_dicom`, :func:`discover_dicom`); cases
   load with :func:`load_dicom_case` (case spec format ``dicom``): the series read with SimpleITK (HU for CT), the
   label resampled onto its grid, or read from a DICOM-SEG, or rasterised from an RTSTRUCT.
-- :func:`write_dicom_seg`: ``masks/<id>_seg.dcm``, a DICOM-SEG that references the source series (needs the series'
-  UIDs).
+- :func:`utils.formats.dicom_seg.write_dicom_seg`: ``masks/<id>_seg.dcm``, a DICOM-SEG that references the source
+  series (needs the series' UIDs).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from utils import fileio
 from utils.formats.base import (
     NOT_DICOM_SUFFIXES,
-    SOFTWARE,
     CaseData,
     CaseError,
     CaseSpec,
@@ -32,8 +27,8 @@ from utils.formats.base import (
     _scan_values,
     as_label_map,
     check_image,
-    class_indices,
     finalize_source,
+    inside_dataset,
     safe_id,
 )
 from utils.formats.itk import _itk_reason, _sitk_label_reader, read_sitk, sitk_geometry, sitk_to_array
@@ -46,7 +41,6 @@ _DICOM_TAGS = tuple(  # the header elements that scanning reads
 )
 _LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 _NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE", "REG", "DOC")
-_DATE_SOURCES = (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime"))
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -65,6 +59,9 @@ def _read_dicom_header(path: Path):
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_DICOM_TAGS))
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+        return None
+    except Exception as error:  # pydicom raises many more types on damaged headers (KeyError, struct.error, ...)
+        log.debug("%s: unreadable DICOM header (%s)", path, error)
         return None
 
 
@@ -101,48 +98,41 @@ def scan_dicom(root: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     Returns:
         ``(series, label_objects)``: each series ``{"uid", "files" (sorted by position along the slice normal),
         "folder", "modality", "patient", "frame", "number", "description"}``, plus ``"unreadable"`` when its folder
-        holds files that cannot be parsed as DICOM (those starting with the DICOM preamble are damaged slices); each
-        label object ``{"path", "modality", "frame", "series_uid"}`` where ``series_uid`` is the series it refers to,
-        if it says.
+        holds files that cannot be parsed as DICOM (those starting with the DICOM preamble are damaged slices) and
+        ``"error"`` when it holds a file that leads out of ``root`` (a symbolic link; never opened, and a folder of
+        only such files is a series of its own that fails); each label object ``{"path", "modality", "frame",
+        "series_uid", "names"}`` where ``series_uid`` is the series it refers to, if it says, plus ``"error"`` when
+        it cannot be read.
     """
     root = Path(root)
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     groups: dict[str, dict] = {}
     label_objects = []
     unreadable: dict[str, list[str]] = {}
+    escaping: dict[str, str] = {}
     for path in paths:
         if path.name.lower().endswith(NOT_DICOM_SUFFIXES) or path.name.startswith("."):
             continue
+        try:
+            inside_dataset(path, root if root.is_dir() else path)
+        except CaseError as error:
+            escaping.setdefault(str(path.parent), str(error))
+            continue
         header = _read_dicom_header(path)
-        if header is None or ("Modality" not in header and _damaged_dicom(path, header)):
+        try:
+            slice_info = _scan_header(path, header)
+        except Exception as error:  # header values a damaged file holds (wrong counts, text for numbers)
+            log.debug("%s: unreadable DICOM header (%s)", path, error)
+            slice_info = "unreadable"
+        if slice_info == "unreadable":
             unreadable.setdefault(str(path.parent), []).append(str(path.resolve()))
-            continue
-        if "Modality" not in header:
-            continue
-        modality = str(header.Modality).upper()
-        if modality in _LABEL_MODALITIES:
-            label_objects.append(_label_object(path, modality))
-            continue
-        if modality in _NON_IMAGE_MODALITIES:
-            continue
-        uid = str(header.get("SeriesInstanceUID") or "") or f"folder:{path.parent}"
-        group = groups.setdefault(
-            uid,
-            {
-                "uid": uid,
-                "files": [],
-                "folder": str(path.parent),
-                "modality": modality,
-                "patient": str(header.get("PatientID") or ""),
-                "frame": str(header.get("FrameOfReferenceUID") or ""),
-                "number": str(header.get("SeriesNumber") or ""),
-                "description": str(header.get("SeriesDescription") or ""),
-            },
-        )
-        position = _slice_position(header)
-        order = position if position is not None else float(header.get("InstanceNumber") or 0)
-        group["files"].append((order, str(path.resolve())))
-        group.setdefault("layouts", {}).setdefault(_slice_layout(header), []).append(path.name)
+        elif slice_info in _LABEL_MODALITIES:
+            label_objects.append(_label_object(path, slice_info))
+        elif slice_info is not None:
+            info, order, layout = slice_info
+            group = groups.setdefault(info["uid"], {**info, "files": [], "layouts": {}})
+            group["files"].append((order, str(path.resolve())))
+            group["layouts"].setdefault(layout, []).append(path.name)
     series = []
     for group in groups.values():
         group["files"] = [f for _, f in sorted(group["files"])]
@@ -151,11 +141,57 @@ def scan_dicom(root: str | os.PathLike) -> tuple[list[dict], list[dict]]:
             group["mixed"] = "; ".join(f"{len(v)} x {k} (e.g. {v[0]})" for k, v in layouts.items())
         if group["folder"] in unreadable:
             group["unreadable"] = unreadable[group["folder"]]
+        if group["folder"] in escaping:
+            group["error"] = escaping.pop(group["folder"])
         series.append(group)
+    for folder, error in escaping.items():  # folders with no series but a file that leads out of the dataset
+        series.append({**_series_info(None, Path(folder) / "_"), "files": [], "error": error})
     return sorted(series, key=lambda s: (s["folder"], s["number"], s["uid"])), label_objects
 
 
+def _scan_header(path: Path, header) -> tuple[dict, float, str] | str | None:
+    """What scanning keeps of one file: ``(series info, order along the slice normal, slice layout)`` for an image
+    slice, ``"SEG"`` or ``"RTSTRUCT"`` for a label object, ``"unreadable"`` for a damaged file, ``None`` for
+    anything else (other DICOM objects, a DICOMDIR)."""
+    if header is None or ("Modality" not in header and _damaged_dicom(path, header)):
+        return "unreadable"
+    if "Modality" not in header:
+        return None
+    modality = str(header.Modality).upper()
+    if modality in _LABEL_MODALITIES:
+        return modality
+    if modality in _NON_IMAGE_MODALITIES:
+        return None
+    position = _slice_position(header)
+    order = position if position is not None else float(header.get("InstanceNumber") or 0)
+    return _series_info(header, path), order, _slice_layout(header)
+
+
+def _series_info(header, path: Path) -> dict:
+    """The series facts of a slice's header (``header`` ``None``: a folder's placeholder, named by the folder)."""
+    get = header.get if header is not None else (lambda key: None)
+    return {
+        "uid": str(get("SeriesInstanceUID") or "") or f"folder:{path.parent}",
+        "folder": str(path.parent),
+        "modality": str(header.Modality).upper() if header is not None else "OT",
+        "patient": str(get("PatientID") or ""),
+        "frame": str(get("FrameOfReferenceUID") or ""),
+        "number": str(get("SeriesNumber") or ""),
+        "description": str(get("SeriesDescription") or ""),
+    }
+
+
 def _label_object(path: Path, modality: str) -> dict:
+    """A SEG or RTSTRUCT's facts; one that cannot be read gets an ``error`` (the case it labels fails with it)."""
+    try:
+        return _read_label_object(path, modality)
+    except Exception as error:  # pydicom raises many types for damaged files
+        message = f"{path}: cannot read the DICOM {modality} ({type(error).__name__}: {error})"
+        return {"path": str(path.resolve()), "modality": modality, "frame": "", "series_uid": None, "names": {},
+                "error": " ".join(message.split())}  # fmt: skip
+
+
+def _read_label_object(path: Path, modality: str) -> dict:
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -275,6 +311,7 @@ def _dicom_spec(root: Path, series: dict, label: dict | None, used_ids: set, sin
         frame_of_reference=series["frame"],
         unreadable=series.get("unreadable") or None,
         mixed=series.get("mixed") or None,
+        error=series.get("error") or (label or {}).get("error"),
     )
 
 
@@ -484,115 +521,3 @@ def load_dicom_case(spec: CaseSpec) -> CaseData:
         label = as_label_map(raw, spec.label)
     writer = {"kind": "dicom", "files": list(spec.image), "labels": spec.label_names or {}, **sitk_geometry(image)}
     return CaseData(spec.id, check_image(array, where), label, affine, writer)
-
-
-def write_dicom_seg(mask: np.ndarray, case: dict, output_dir: str | os.PathLike) -> list[Path]:
-    """``masks/<id>_seg.dcm``: a DICOM-SEG (one segment per class) referencing the source series.
-
-    Segment numbers are the classes ``1..K`` (source values mapped back through ``label_values``), named by the
-    dataset's labels. Series whose files lack the UIDs a SEG must reference get no SEG (a warning says so);
-    ``masks/<id>.nii.gz`` holds the mask anyway. The same mask of the same series gives the same bytes: the SEG's
-    UIDs are derived from the source UIDs and the mask (:func:`_deterministic`), and its content date and time are
-    the source's (content, else series, else study date); only a series without any date gets the time of writing.
-    """
-    import pydicom
-
-    writer = case["writer"]
-    classes = class_indices(mask, writer.get("label_values"))
-    labels = writer.get("labels") or {}
-    count = max(int(classes.max(initial=0)), len(labels) - 1)
-    if count == 0:
-        log.warning("%s: empty mask, no DICOM-SEG written", case["id"])
-        return []
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every attribute it copies at INFO
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-            sources = [pydicom.dcmread(f) for f in writer["files"]]
-            seg = _segmentation(sources, classes, labels, count)
-    except (ValueError, KeyError, AttributeError, TypeError) as error:
-        log.warning("%s: no DICOM-SEG written (%s: %s)", case["id"], type(error).__name__, error)
-        return []
-    path = Path(output_dir) / "masks" / f"{case['id']}_seg.dcm"
-    return [fileio.write_with(path, lambda tmp: seg.save_as(str(tmp)), suffix=".dcm")]
-
-
-def _segmentation(sources: list, classes: np.ndarray, labels: dict, count: int):
-    """A highdicom BINARY Segmentation of ``classes`` ``(Z, Y, X)`` (frames in the order of ``sources``)."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    for source in sources:
-        if "SpecificCharacterSet" in source and not source.SpecificCharacterSet:
-            del source.SpecificCharacterSet  # an empty value, which highdicom refuses
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=SOFTWARE[0], version=SOFTWARE[1], family=codes.cid7162.ArtificialIntelligence
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=k,
-            segment_label=str(labels.get(str(k), f"label_{k}"))[:64],
-            segmented_property_category=codes.cid7150.Tissue,
-            segmented_property_type=codes.cid7166.ConnectiveTissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for k in range(1, count + 1)
-    ]
-    pixels = classes.astype(np.uint8 if count < 256 else np.uint16)
-    key = hashlib.sha256(
-        json.dumps([[str(s.get("SOPInstanceUID", "")) for s in sources], labels, list(pixels.shape)]).encode()
-        + pixels.tobytes()
-    ).hexdigest()
-    content_date, content_time = _source_date_time(sources[0])
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=_derived_uid("series", key),
-        series_number=900,
-        sop_instance_uid=_derived_uid("instance", key),
-        instance_number=1,
-        manufacturer=SOFTWARE[0],
-        manufacturer_model_name=SOFTWARE[0],
-        software_versions=SOFTWARE[1],
-        device_serial_number="0",
-        content_date=content_date,
-        content_time=content_time,
-    )
-    return _deterministic(seg, key)
-
-
-def _derived_uid(role: str, key: str) -> str:
-    """A DICOM UID that is the same for the same ``key`` and ``role`` and, like a random one, unique otherwise."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=[SOFTWARE[0], role, key])
-
-
-def _source_date_time(source) -> tuple[str | None, str | None]:
-    """The source's content, else series, else study date and time (``None, None`` when it has no valid date)."""
-    for date_key, time_key in _DATE_SOURCES:
-        date = str(source.get(date_key) or "").strip()
-        if re.fullmatch(r"\d{8}", date):
-            time = str(source.get(time_key) or "").strip()
-            return date, time if re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?", time) else "000000"
-    return None, None
-
-
-def _deterministic(seg, key: str):
-    """Replace what highdicom draws at random or from the clock: the dimension organisation UID, and the optional
-    (type 3) instance creation date and time and contribution date-time, which are left out."""
-    organisation = _derived_uid("dimensions", key)
-    for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
-        if "DimensionOrganizationUID" in item:
-            item.DimensionOrganizationUID = organisation
-    for dataset, keyword in [
-        (seg, "InstanceCreationDate"),
-        (seg, "InstanceCreationTime"),
-        *((item, "ContributionDateTime") for item in seg.get("ContributingEquipmentSequence", [])),
-    ]:
-        if keyword in dataset:
-            delattr(dataset, keyword)
-    return seg

@@ -31,6 +31,7 @@ from utils.formats.base import (
     axis_aligned_affine,
     check_image,
     finalize_source,
+    inside_dataset,
     parse_spacing,
     safe_id,
     strip_suffix,
@@ -137,11 +138,12 @@ def discover_hdf5(path: str | os.PathLike, options: dict | None = None) -> Datas
     Spacing comes from ``source_spacing``, else from an attribute (``spacing``, ``voxel_size``, ...), else from a
     ``<number>mm`` in the file name, else 1 mm. HDF5 holds no orientation: arrays are used as stored.
 
-    In a folder of several files, a file that cannot be opened or lacks the keys becomes one case that fails with
-    that message when loaded (:func:`unreadable_spec`), so the other files' cases are still prepared.
+    In a folder of several files, a file that cannot be opened, lacks the keys or lies outside the folder (behind a
+    symbolic link) becomes one case that fails with that message when loaded (:func:`unreadable_spec`), so the other
+    files' cases are still prepared. A patient without the label dataset that the others have fails alone.
 
     Raises:
-        ValueError: an unknown layout or inconsistent keys (of the only file).
+        ValueError: an unknown layout or inconsistent keys (of the only file), or no file that can be read.
     """
     options = options or {}
     root = Path(path)
@@ -149,11 +151,14 @@ def discover_hdf5(path: str | os.PathLike, options: dict | None = None) -> Datas
     cases, channel_names = [], None
     for file in files:
         try:
+            if len(files) > 1:
+                inside_dataset(file, root)
             file_cases, names = _discover_hdf5_file(file, options, prefix=len(files) > 1)
-        except ValueError as error:  # unreadable, or without the keys: that file's case fails, the others go on
+        except Exception as error:  # unreadable, damaged or without the keys: that file's case fails, the others go on
+            message = str(error) if isinstance(error, ValueError) else f"{file}: cannot read HDF5 file ({error!r})"
             if len(files) == 1:
-                raise
-            cases.append(unreadable_spec(file, "hdf5", str(error)))
+                raise ValueError(message) from error
+            cases.append(unreadable_spec(file, "hdf5", message))
             continue
         if channel_names is not None and names != channel_names:
             raise ValueError(f"{file}: channels {names} differ from the other files' {channel_names}")
@@ -161,7 +166,9 @@ def discover_hdf5(path: str | os.PathLike, options: dict | None = None) -> Datas
         cases.extend(file_cases)
     _apply_patient_pattern(cases, options.get("patient_pattern"), [c.id for c in cases])
     values = _scan_values(
-        (f"{c.image[0]}:{c.hdf5.label}", _hdf5_label_reader(c)) for c in cases if c.hdf5 is not None and c.hdf5.label
+        (f"{c.image[0]}:{c.hdf5.label}", _hdf5_label_reader(c))
+        for c in cases
+        if c.hdf5 is not None and c.hdf5.label and not c.error
     )
     if channel_names is None:
         raise ValueError(f"{root}: no HDF5 file could be read ({cases[0].error}, ...)")
@@ -201,13 +208,18 @@ def _discover_hdf5_file(file: Path, options: dict, prefix: bool) -> tuple[list[C
             for patient in patients:
                 if kind == "by_modality":
                     paths = [f"{key}/{patient}" for key in image_keys]
-                    label = f"{label_key}/{patient}" if label_key and patient in label_patients else None
+                    label = f"{label_key}/{patient}" if label_key else None
                 else:
                     paths = [f"{patient}/{key}" for key in image_keys]
-                    label = f"{patient}/{label_key}" if label_key and patient in label_patients else None
+                    label = f"{patient}/{label_key}" if label_key else None
                 case_id = safe_id(f"{stem}_{patient}" if prefix else patient)
                 spec = _hdf5_spec(file, case_id, paths, label, None, spacing, spacing_from)
                 spec.patient = safe_id(patient)
+                if label and patient not in label_patients:
+                    spec.error = (
+                        f"{file}: patient {patient!r} has no label dataset {label!r} "
+                        f"({len(label_patients)} other patient(s) have one)"
+                    )
                 cases.append(spec)
     return cases, [_channel_name(k) for k in image_keys]
 

@@ -34,6 +34,7 @@ from utils.formats.base import (
     check_image,
     check_same_grid,
     finalize_source,
+    inside_dataset,
     safe_id,
     strip_suffix,
 )
@@ -123,27 +124,26 @@ def discover_files(path: str | os.PathLike, options: dict | None = None) -> Data
         label = Path(options["label"]) if options.get("label") else None
         if label is not None and not label.is_file():
             raise FileNotFoundError(f"{label}: label file not found")
-        pairs, image_pattern = [((".", strip_suffix(root.name)), root, label)], None
+        pairs, image_pattern, named = [((".", strip_suffix(root.name)), root, label)], None, True
         root = root.parent
     else:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: input not found")
         image_pattern = options.get("image_pattern") or "*_image.*"
         label_pattern = options.get("label_pattern") or ("*_label.*" if not options.get("image_pattern") else None)
-        pairs = _pair_files(root, image_pattern, label_pattern, SITK_SUFFIXES)
+        pairs, named = _pair_files(root, image_pattern, label_pattern, SITK_SUFFIXES), False
     cases = []
     for _key, image, label in pairs:
         case_id = _case_id(image, root, [_pattern_regex(p) for p in _as_list(image_pattern)])
-        cases.append(
-            CaseSpec(
-                id=case_id,
-                format="sitk",
-                image=[str(image.resolve())],
-                label=str(label.resolve()) if label else None,
-            )
-        )
+        spec = CaseSpec(id=case_id, format="sitk", image=[str(image)], label=str(label) if label else None)
+        try:  # a matched file behind a symbolic link out of the folder is refused; files named by flags are the user's
+            spec.image = [str(image.resolve() if named else inside_dataset(image, root))]
+            spec.label = str(label.resolve() if named else inside_dataset(label, root)) if label else None
+        except CaseError as error:
+            spec.error = str(error)
+        cases.append(spec)
     _apply_patient_pattern(cases, options.get("patient_pattern"), [Path(c.image[0]).name for c in cases])
-    values = _scan_values((c.label, _sitk_label_reader(c.label)) for c in cases if c.label)
+    values = _scan_values((c.label, _sitk_label_reader(c.label)) for c in cases if c.label and not c.error)
     return finalize_source(root.name, "files", {"0": "image"}, cases, root, values, None, options)
 
 

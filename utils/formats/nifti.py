@@ -28,6 +28,7 @@ from utils.formats.base import (
     check_image,
     check_same_grid,
     finalize_source,
+    inside_dataset,
     safe_id,
     strip_suffix,
 )
@@ -96,32 +97,45 @@ def discover_msd(path: str | os.PathLike, options: dict | None = None) -> Datase
     """Find the cases of a Medical Segmentation Decathlon folder (``dataset.json``, ``imagesTr``, ``labelsTr``,
     ``imagesTs``). 4D multi-modal images become channels; nnU-Net style ``_0000`` channel files work too.
 
+    A listed file that is missing, or whose path leads out of the folder (through ``..`` or a symbolic link), makes
+    that case fail when loaded (:attr:`CaseSpec.error`) and is never opened; the other cases go on.
+
     Raises:
-        FileNotFoundError: ``dataset.json`` or a file it names is missing.
-        ValueError: ``dataset.json`` lacks ``labels`` or ``training``, or two cases share an id.
+        FileNotFoundError: ``dataset.json`` is missing.
+        ValueError: ``dataset.json`` is not valid JSON, lacks ``labels`` or lists no case, an entry has no image, or
+            two cases share an id.
     """
     root = Path(path)
     meta_path = root / "dataset.json"
     meta = read_json(meta_path)
-    for key in ("labels",):
-        if key not in meta:
-            raise ValueError(f"{meta_path}: missing the '{key}' entry")
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise ValueError(f"{meta_path}: missing the 'labels' entry")
     channels = {
         str(k): str(v) for k, v in (meta.get("modality") or meta.get("channel_names") or {"0": "image"}).items()
     }
     labels = _msd_labels(meta["labels"], meta_path)
     cases = []
-    for entry in meta.get("training", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
-        label = entry.get("label") if isinstance(entry, dict) else None
-        cases.append(_msd_spec(root, meta_path, image, label, len(channels)))
-    for entry in meta.get("test", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
-        cases.append(_msd_spec(root, meta_path, image, None, len(channels)))
+    for key in ("training", "test"):
+        for entry in meta.get(key) or []:
+            image, label = _msd_entry(entry, key, meta_path)
+            cases.append(_msd_spec(root, meta_path, image, label if key == "training" else None, len(channels)))
     if not cases:
         raise ValueError(f"{meta_path}: lists no cases under 'training' or 'test'")
     names = {int(k): v for k, v in labels.items()}
     return finalize_source(meta.get("name", root.name), "msd", channels, cases, root, names, names, options or {})
+
+
+def _msd_entry(entry, key: str, meta_path: Path) -> tuple[str, str | None]:
+    """The image and label paths of one ``training`` or ``test`` entry (an object, or a bare image path).
+
+    Raises:
+        ValueError: an entry without an image path.
+    """
+    image = entry.get("image") if isinstance(entry, dict) else entry
+    label = entry.get("label") if isinstance(entry, dict) else None
+    if not isinstance(image, str) or not image or not (label is None or isinstance(label, str)):
+        raise ValueError(f"{meta_path}: an entry of '{key}' is not an image path or an image/label pair: {entry!r}")
+    return image, label or None
 
 
 def _msd_labels(raw: dict, meta_path: Path) -> dict[str, str]:
@@ -139,22 +153,40 @@ def _msd_labels(raw: dict, meta_path: Path) -> dict[str, str]:
 
 
 def _msd_spec(root: Path, meta_path: Path, image: str, label: str | None, n_channels: int) -> CaseSpec:
-    image_path = (root / image).resolve()
-    case_id = check_case_id(strip_suffix(image_path.name), meta_path)
-    if image_path.is_file():
-        images = [str(image_path)]
-    else:
-        stem = strip_suffix(image_path.name)
-        images = [str(image_path.with_name(f"{stem}_{c:04d}.nii.gz")) for c in range(n_channels)]
-        if not all(Path(p).is_file() for p in images):
-            raise FileNotFoundError(f"{meta_path}: lists {image}, but {image_path} does not exist")
-    label_path = None
-    if label:
-        label_path = (root / label).resolve()
-        if not label_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: lists label {label}, but {label_path} does not exist")
-        label_path = str(label_path)
+    """The spec of one listed case; a listed file that is missing or lies outside ``root`` becomes its error."""
+    case_id = check_case_id(strip_suffix(Path(image).name), meta_path)
+    try:
+        images = _msd_images(root, meta_path, image, n_channels)
+        label_path = _msd_file(root, f"{meta_path}: lists label {label}", label) if label else None
+    except CaseError as error:
+        listed_label = str(root / label) if label else None
+        return CaseSpec(id=case_id, format="nifti", image=[str(root / image)], label=listed_label, error=str(error))
     return CaseSpec(id=case_id, format="nifti", image=images, label=label_path)
+
+
+def _msd_images(root: Path, meta_path: Path, image: str, n_channels: int) -> list[str]:
+    """The listed image, or its nnU-Net channel files ``<stem>_0000.nii.gz`` ... when it does not exist.
+
+    Raises:
+        CaseError: a file outside ``root``, or neither the image nor all of its channel files exist.
+    """
+    where = f"{meta_path}: lists {image}"
+    path = inside_dataset(root / image, root, where)
+    if path.is_file():
+        return [str(path)]
+    stem = strip_suffix(path.name)
+    channels = [inside_dataset(path.with_name(f"{stem}_{c:04d}.nii.gz"), root, where) for c in range(n_channels)]
+    if not all(channel.is_file() for channel in channels):
+        raise CaseError(f"{where}, but {path} does not exist")
+    return [str(channel) for channel in channels]
+
+
+def _msd_file(root: Path, where: str, listed: str) -> str:
+    """A listed file, resolved; refused when it lies outside ``root`` or does not exist (:class:`CaseError`)."""
+    path = inside_dataset(root / listed, root, where)
+    if not path.is_file():
+        raise CaseError(f"{where}, but {path} does not exist")
+    return str(path)
 
 
 def _brats_files(folder: Path) -> tuple[str, dict[str, Path]] | None:
@@ -175,8 +207,10 @@ def discover_brats(path: str | os.PathLike, options: dict | None = None) -> Data
     ``<case>-t2f|t1n|t1c|t2w.nii.gz`` + ``<case>-seg.nii.gz`` (BraTS 2023), four channels; folders without a
     segmentation become unlabelled cases. Labels 1, 2, 4 (or 1, 2, 3) become classes 1, 2, 3.
 
+    A folder that lacks one of the four modalities, or holds a file that leads out of the dataset folder (a symbolic
+    link), is a case that fails when loaded (:attr:`CaseSpec.error`); the other cases go on.
+
     Raises:
-        FileNotFoundError: a case folder lacks one of the four modalities.
         ValueError: no case folder, or folders of both releases mixed.
     """
     options = options or {}
@@ -188,20 +222,8 @@ def discover_brats(path: str | os.PathLike, options: dict | None = None) -> Data
         if found is None:
             continue
         release, files = found
-        modalities, seg, _ = BRATS_MODALITIES[release]
-        missing = [m for m in modalities if m not in files]
-        if missing:
-            raise FileNotFoundError(f"{folder}: BraTS case lacks the {', '.join(missing)} image(s)")
         releases.add(release)
-        case_id = safe_id(folder.name)
-        cases.append(
-            CaseSpec(
-                id=case_id,
-                format="nifti",
-                image=[str(files[m].resolve()) for m in modalities],
-                label=str(files[seg].resolve()) if seg in files else None,
-            )
-        )
+        cases.append(_brats_spec(root, folder, files, *BRATS_MODALITIES[release][:2]))
     if not cases:
         raise ValueError(f"{root}: no BraTS case folder (<case>/<case>_flair.nii.gz ...) found")
     if len(releases) > 1:
@@ -210,6 +232,22 @@ def discover_brats(path: str | os.PathLike, options: dict | None = None) -> Data
     modalities, _, names = BRATS_MODALITIES[release]
     channels = {str(i): m.upper() for i, m in enumerate(modalities)}
     return finalize_source(root.name, "brats", channels, cases, root, names, names, options)
+
+
+def _brats_spec(root: Path, folder: Path, files: dict[str, Path], modalities: tuple, seg: str) -> CaseSpec:
+    """One BraTS case folder's spec; a missing modality or a file outside ``root`` becomes its error."""
+    case_id = safe_id(folder.name)
+    label = files.get(seg)
+    try:
+        missing = [m for m in modalities if m not in files]
+        if missing:
+            raise CaseError(f"{folder}: BraTS case lacks the {', '.join(missing)} image(s)")
+        images = [str(inside_dataset(files[m], root)) for m in modalities]
+        label = inside_dataset(label, root) if label else None
+    except CaseError as error:
+        found = [str(files[m]) for m in modalities if m in files] or [str(folder)]
+        return CaseSpec(id=case_id, format="nifti", image=found, label=str(label) if label else None, error=str(error))
+    return CaseSpec(id=case_id, format="nifti", image=images, label=str(label) if label else None)
 
 
 def _label_dtype(mask: np.ndarray):

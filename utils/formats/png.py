@@ -26,6 +26,7 @@ from utils.formats.base import (
     axis_aligned_affine,
     check_image,
     finalize_source,
+    inside_dataset,
     parse_spacing,
     safe_id,
     strip_suffix,
@@ -82,9 +83,13 @@ def discover_png(path: str | os.PathLike, options: dict | None = None) -> Datase
     volume case. Without it every file is a one-slice case. Mask values are remapped to contiguous classes
     (``0/255`` → ``0/1``, written back as 255) or binarised with ``binarize``.
 
+    A case whose slices cannot all be paired with masks, repeat a slice number, or lead out of their folder (a
+    symbolic link) fails when loaded (:attr:`CaseSpec.error`), and so does one whose files cannot be read; the other
+    cases go on.
+
     Raises:
         FileNotFoundError: a folder is missing.
-        ValueError: no image, a pattern that does not match, or a slice listed twice.
+        ValueError: no image, no readable image, a patient pattern that does not match.
     """
     options = options or {}
     root = Path(path)
@@ -96,22 +101,39 @@ def discover_png(path: str | os.PathLike, options: dict | None = None) -> Datase
     pairs = _pair_files(images_dir, image_pattern, label_pattern, PNG_SUFFIXES, masks_dir)
     if masks_dir is not None:
         pairs = [(k, i, m) for k, i, m in pairs if masks_dir not in i.parents]
-    cases = _group_png(pairs, options.get("patient_pattern"), parse_spacing(options.get("source_spacing"), "spacing"))
-    first = read_2d(cases[0].image[0])
-    channels = (
-        {"0": "image"}
-        if first.shape[-1] == 1
-        else {str(c): "RGB"[c] if c < 3 else f"c{c}" for c in range(first.shape[-1])}
-    )
+    spacing = parse_spacing(options.get("source_spacing"), "spacing")
+    cases = _group_png(pairs, options.get("patient_pattern"), spacing, (images_dir, masks_dir or images_dir))
+    channels = _png_channels(cases)
     for spec in cases:
         spec.channels = len(channels)
-    values = _scan_values(
-        ((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases for m in c.masks), skip_unreadable=False
-    )
+    values = _scan_values((m, lambda m=m: read_2d(m, mask=True)[None]) for c in cases if not c.error for m in c.masks)
     return finalize_source(root.name, "png", channels, cases, root, values, None, options)
 
 
-def _group_png(pairs: list, pattern: str | None, spacing: list | None) -> list[CaseSpec]:
+def _png_channels(cases: list[CaseSpec]) -> dict[str, str]:
+    """The channels of the first image that reads (a case whose image does not read fails when loaded).
+
+    Raises:
+        ValueError: no case has a readable first image.
+    """
+    errors = []
+    for spec in cases:
+        if spec.error:
+            continue
+        try:
+            first = read_2d(spec.image[0])
+        except CaseError as error:
+            errors.append(str(error))
+            continue
+        if first.shape[-1] == 1:
+            return {"0": "image"}
+        return {str(c): "RGB"[c] if c < 3 else f"c{c}" for c in range(first.shape[-1])}
+    raise ValueError(f"no image could be read ({errors[0] if errors else cases[0].error}, ...)")
+
+
+def _group_png(pairs: list, pattern: str | None, spacing: list | None, roots: tuple[Path, Path]) -> list[CaseSpec]:
+    """One spec per image (or per patient's stack of slices with a two-group ``pattern``), every file checked to lie
+    in its folder (``roots``: the image and the mask folder)."""
     regex = re.compile(pattern) if pattern else None
     groups: dict[str, list] = {}
     patients = {}
@@ -135,25 +157,36 @@ def _group_png(pairs: list, pattern: str | None, spacing: list | None) -> list[C
     cases = []
     for case_id, members in sorted(groups.items()):
         members.sort(key=lambda m: (isinstance(m[0], str), m[0]))
-        orders = [m[0] for m in members]
-        if len(set(orders)) != len(orders):
-            raise ValueError(f"{members[0][1]}: slice numbers repeat within {case_id!r}; check --patient-pattern")
-        masks = [str(m.resolve()) if m else None for _, _, m in members]
-        if any(masks) and not all(masks):
-            missing = next(str(i) for _, i, m in members if m is None)
-            raise ValueError(f"{missing}: has no mask while other slices of {case_id!r} have one")
-        cases.append(
-            CaseSpec(
-                id=case_id,
-                patient=patients[case_id],
-                format="png",
-                image=[str(i.resolve()) for _, i, _ in members],
-                label=masks[0],
-                masks=masks if any(masks) else [],
-                spacing=spacing or [1.0, 1.0, 1.0],
-            )
+        masks = [str(m) if m else None for _, _, m in members]
+        spec = CaseSpec(
+            id=case_id,
+            patient=patients[case_id],
+            format="png",
+            image=[str(i) for _, i, _ in members],
+            label=next((m for m in masks if m), None),
+            masks=masks if all(masks) else [],
+            spacing=spacing or [1.0, 1.0, 1.0],
         )
+        try:
+            _check_slices(members, case_id)
+            spec.image = [str(inside_dataset(i, roots[0])) for _, i, _ in members]
+            spec.masks = [str(inside_dataset(m, roots[1])) for m in spec.masks]
+            spec.label = spec.masks[0] if spec.masks else None
+        except CaseError as error:
+            spec.error = str(error)
+        cases.append(spec)
     return cases
+
+
+def _check_slices(members: list, case_id: str) -> None:
+    """Refuse a case whose slice numbers repeat, or whose slices are masked only in part (:class:`CaseError`)."""
+    orders = [m[0] for m in members]
+    if len(set(orders)) != len(orders):
+        raise CaseError(f"{members[0][1]}: slice numbers repeat within {case_id!r}; check --patient-pattern")
+    masks = [m for _, _, m in members]
+    if any(masks) and not all(masks):
+        missing = next(str(i) for _, i, m in members if m is None)
+        raise CaseError(f"{missing}: has no mask while other slices of {case_id!r} have one")
 
 
 def load_png_case(spec: CaseSpec) -> CaseData:

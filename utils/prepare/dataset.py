@@ -49,9 +49,10 @@ class PreparationError(RuntimeError):
 
 
 def _source_key(spec: CaseSpec) -> dict:
-    """Size and modification time of every source file of a case (changes invalidate cached results)."""
+    """Size and modification time of every source file of a case (changes invalidate cached results); nothing for a
+    case that discovery refused (its files may lie outside the dataset folder and are never touched)."""
     stats = {}
-    for path in spec.source_files():
+    for path in [] if spec.error else spec.source_files():
         if os.path.exists(path):
             st = os.stat(path)
             stats[str(path)] = [st.st_size, int(st.st_mtime_ns)]
@@ -98,12 +99,16 @@ def _load_checked(spec: CaseSpec, allowed: set, num_channels: int):
     return case
 
 
-def _failure_message(spec: CaseSpec, error: Exception) -> str:
-    """A one-line message naming the case's file for any error a reader raised (no traceback)."""
-    if isinstance(error, ValueError | OSError):
-        return str(error)
-    files = ", ".join(str(p) for p in [*spec.image, spec.label] if p) or spec.id
-    return f"{files}: cannot read ({type(error).__name__}: {error})"
+def _failure_message(spec: CaseSpec, error: BaseException) -> str:
+    """A one-line message naming the case's file for any error a reader raised (no traceback): the reader's own
+    message when it names a source file (or a series' folder), else the files and the error's type."""
+    text = str(error) if isinstance(error, ValueError | OSError) else f"cannot read ({type(error).__name__}: {error})"
+    text = " ".join(text.split()) or type(error).__name__
+    files = [str(p) for p in [*spec.image, spec.label] if p]
+    if not any(name in text for name in [*files, *{str(Path(f).parent) for f in spec.image}]):
+        named = str(Path(files[0]).parent) if len(spec.image) > 3 else ", ".join(dict.fromkeys(files))
+        text = f"{named or spec.id}: {text}"
+    return text
 
 
 def _fingerprint_job(spec: CaseSpec, allowed: set, num_classes: int, cache_dir: str, num_channels: int) -> tuple:
