@@ -211,8 +211,17 @@ def run_script(args: Sequence[str], log_path: Path, env: dict | None = None, tim
     return seconds
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy across file systems): data_gen.py refuses a symbolic link out
+    of the dataset folder."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def msd_subset(source: Path, case_ids: Sequence[str], target: Path) -> Path:
-    """An MSD-layout folder holding only ``case_ids`` of ``source`` (symbolic links, a filtered dataset.json)."""
+    """An MSD-layout folder holding only ``case_ids`` of ``source`` (hard links or copies, a filtered dataset.json)."""
     if target.exists():
         shutil.rmtree(target)
     (target / "imagesTr").mkdir(parents=True)
@@ -224,7 +233,7 @@ def msd_subset(source: Path, case_ids: Sequence[str], target: Path) -> Path:
     for case in meta["training"]:
         for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
             name = Path(case[key]).name
-            os.symlink(source / folder / name, target / folder / name)
+            link_or_copy(source / folder / name, target / folder / name)
     (target / "dataset.json").write_text(json.dumps(meta, indent=2))
     return target
 

@@ -11,12 +11,11 @@ it. Both sides read the same prepared ``.npy`` arrays; preparation is not timed.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import numpy as np
-from common import LUNG1, NUM_CLASSES, PATCH, interleave, prepared_images, run_script, summarize
+from common import LUNG1, NUM_CLASSES, PATCH, interleave, link_or_copy, prepared_images, run_script, summarize
 
 OVERLAP = 0.5
 WINDOWS_PER_CALL = 4
@@ -132,8 +131,10 @@ def prepared_lung1(workdir, log_dir, spacing) -> str:
     source.mkdir(parents=True, exist_ok=True)
     for suffix in ("image", "label"):
         link = source / f"lung1_{suffix}.nrrd"
+        if link.is_symlink():  # made by an older benchmark; data_gen.py refuses links out of the dataset folder
+            link.unlink()
         if not link.exists():
-            os.symlink(LUNG1.with_name(f"lung1_{suffix}.nrrd"), link)
+            link_or_copy(LUNG1.with_name(f"lung1_{suffix}.nrrd"), link)
     if not (out / "manifest.json").is_file():
         run_script(
             [sys.executable, "data_gen.py", "--input", str(source), "--output", str(out), "--image-pattern",
