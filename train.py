@@ -59,6 +59,7 @@ FLAG_GROUPS = {
     "stopping, validation and logs": (
         "time_limit",
         "early_stopping",
+        "validation",
         "val_overlap",
         "tensorboard",
         "tensorboard_images",
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("data", "output"):
             if not settings.get(key):
                 raise ValueError(f"--{key} is required (as a flag or in the config file)")
+        from utils.fileio import command_line
         from utils.train.loop import train
 
-        config = train(settings)
+        config = train(settings, command_line("train.py", argv))
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

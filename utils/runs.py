@@ -119,6 +119,7 @@ class TrainingConfig:
     time_limit: float | None = _setting("time_limit")
     early_stopping: int = _setting("early_stopping")
     val_overlap: float = _setting("val_overlap")
+    validation: str = _setting("validation")
     tensorboard: bool = _setting("tensorboard")
     tensorboard_images: int = _setting("tensorboard_images")
     mixed_precision: bool = _setting("mixed_precision")

@@ -60,6 +60,7 @@ WORKER_MODES = ("thread", "process")
 PAD_PLACEMENTS = ("centre", "random")
 AUGMENT_PRESETS = ("none", "default", "strong")
 STRATEGIES = ("default", "mirrored", "multiworker")
+VALIDATION_MODES = ("auto", "volumes", "patches")
 DEFAULT_MEMORY_GB = 8.0
 
 # Evaluation (evaluation.py).
@@ -264,6 +265,13 @@ TRAINING: dict[str, Setting] = {
         0, "stop after this many epochs without a better validation dice (0: off)", type=int, metavar="EPOCHS"
     ),
     "val_overlap": Setting(0.5, "sliding-window overlap of validation", type=float),
+    "validation": Setting(
+        "auto",
+        "what is scored after each epoch: volumes (every validation volume whole), patches (seeded validation "
+        "patches, as nnU-Net does during training; evaluation.py scores whole volumes), or auto: volumes when they "
+        "cost at most a fifth of an epoch's training work, else patches",
+        choices=VALIDATION_MODES,
+    ),
     "tensorboard": Setting(True, "write tensorboard/ event files", type=bool),
     "tensorboard_images": Setting(
         3, "validation cases shown as image | truth | prediction in TensorBoard", type=int, metavar="N"

@@ -376,3 +376,19 @@ def test_a_time_limit_cuts_the_epoch_at_a_step(prepared_sample, tmp_path):
     assert np.isfinite(float(rows[0]["loss"])) and "val_dice" in rows[0]
     state = json.loads((run / "state.json").read_text())
     assert state["epoch"] == 1 and (run / "last.keras").is_file()
+
+
+def test_validation_is_on_volumes_when_they_are_cheap_and_on_patches_when_not(prepared_sample, tmp_path):
+    from utils.train.callbacks import validation_mode
+
+    dataset = PreparedDataset(prepared_sample)
+    val = dataset.split("val")
+    config = resolve_config({"data": str(prepared_sample), "output": "x"}, dataset)
+    assert validation_mode(config, dataset, val) == "volumes"  # the planned patch covers a Hippocampus case
+    few_steps = TrainingConfig(**{**config.to_json(), "steps_per_epoch": 1, "batch_size": 1})
+    assert validation_mode(few_steps, dataset, val) == "patches"  # the volumes would cost more than a fifth of it
+    run = tmp_path / "run"
+    flags = ["--epochs", "1", "--validation", "patches", "--no-tensorboard"]
+    assert train.main(run_args(prepared_sample, run, *TINY, *flags)) == 0
+    row = history_of(run)[0]
+    assert 0.0 <= float(row["val_dice"]) <= 1.0 and "val_dice_2" in row

@@ -16,22 +16,53 @@ import keras
 import numpy as np
 
 from utils import fileio
-from utils.inference import predict_volume
-from utils.metrics import mean_foreground_dice
+from utils.inference import model_predictor, predict_volume
+from utils.metrics import finite_mean, mean_foreground_dice
 from utils.plots import plot_curves, side_by_side
 from utils.prepared import PreparedDataset
 from utils.runs import TrainingConfig, save_model
 from utils.train.config import STATE_FILE
 from utils.train.distribute import Distribution
+from utils.train.sampling import PatchSampler
 
 log = logging.getLogger(__name__)
 
 
+VALIDATION_SHARE = 0.2  # validation may cost at most this share of an epoch's training work (``auto``)
+
+
+def validation_mode(config: TrainingConfig, dataset: PreparedDataset, case_ids: Sequence[str]) -> str:
+    """``volumes`` or ``patches``: the configured ``validation``, or for ``auto`` whole volumes when predicting them
+    costs at most :data:`VALIDATION_SHARE` of an epoch's training work, else patches.
+
+    The work is counted in samples through the network: a training step is about three forward passes per sample
+    (forward and backward), a whole volume is one pass per sliding window. MSD Hippocampus (one window per case) is
+    validated on whole volumes; a hundred 512 x 512 x 200 CT cases, hundreds of windows each, on patches.
+    """
+    if config.validation != "auto":
+        return config.validation
+    patch = np.asarray(config.patch_size)
+    step = np.maximum(np.floor(patch * (1 - config.val_overlap)), 1)
+    windows = 0
+    for case_id in case_ids:
+        shape = dataset.image(case_id).shape[:3]  # (Z, Y, X)
+        planes, extent = (shape[0], shape[1:]) if len(patch) == 2 else (1, shape)  # a 2D model sees every slice
+        windows += planes * int(np.prod(np.ceil(np.maximum(np.asarray(extent) - patch, 0) / step) + 1))
+    training = config.steps_per_epoch * config.batch_size * 3
+    return "volumes" if windows <= VALIDATION_SHARE * training else "patches"
+
+
 class Validation(keras.callbacks.Callback):
-    """After each epoch, predict every validation volume whole (:func:`utils.inference.predict_volume`) and log
-    ``val_dice`` (mean foreground dice over cases) and ``val_dice_<k>`` per class. Keeps, for the first
-    ``num_examples`` cases, the axial slice with the most foreground as ``(image, truth, prediction)``. ``distributed``:
-    the model lives under a distribution strategy, so it is called eagerly (:func:`utils.inference.model_predictor`)."""
+    """After each epoch, score the validation cases and log ``val_dice`` (mean foreground dice) and ``val_dice_<k>``
+    per class.
+
+    ``volumes``: every validation volume is predicted whole (:func:`utils.inference.predict_volume`) and the dice is
+    averaged over cases. ``patches`` (large datasets, as nnU-Net does during training): the same seeded patches of the
+    validation cases every epoch (``ceil(steps_per_epoch / 5)`` batches, half of them centred on foreground), with
+    true and false positives and negatives summed over all patches before the dice is taken; ``evaluation.py`` then
+    scores whole volumes. Keeps, for the first ``num_examples`` cases (patches), the axial slice with the most
+    foreground as ``(image, truth, prediction)``. ``distributed``: the model lives under a distribution strategy, so
+    it is called eagerly (:func:`utils.inference.model_predictor`)."""
 
     def __init__(
         self,
@@ -45,8 +76,44 @@ class Validation(keras.callbacks.Callback):
         self.dataset, self.case_ids, self.config = dataset, list(case_ids), config
         self.num_examples, self.distributed = num_examples, distributed
         self.examples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.mode = validation_mode(config, dataset, self.case_ids) if self.case_ids else "volumes"
 
     def evaluate(self) -> dict:
+        return self.evaluate_volumes() if self.mode == "volumes" else self.evaluate_patches()
+
+    def evaluate_patches(self) -> dict:
+        num_classes, batches = self.config.num_classes, -(-self.config.steps_per_epoch // 5)
+        sampler = PatchSampler(
+            self.dataset.image,
+            self.dataset.label,
+            self.case_ids,
+            self.config.patch_size,
+            num_classes,
+            batch_size=self.config.batch_size,
+            steps_per_epoch=batches,
+            foreground_ratio=0.5,
+            seed=self.config.seed + 7919,
+        )
+        predict = model_predictor(self.model, distributed=self.distributed)
+        counts = np.zeros((3, num_classes))  # true positives, false positives, false negatives per class
+        for step in range(batches):
+            images, truth = sampler.batch(0, step)
+            pred = np.argmax(predict(images), -1)
+            for k in range(1, num_classes):
+                p, t = pred == k, truth == k
+                counts[:, k] += [np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)]
+            for i in range(min(self.num_examples - len(self.examples), len(images))):
+                z = int(np.argmax((truth[i] > 0).reshape(truth.shape[1], -1).sum(axis=1))) if pred.ndim == 4 else None
+                view = (images[i], truth[i], pred[i]) if z is None else (images[i][z], truth[i][z], pred[i][z])
+                self.examples[f"patch_{len(self.examples)}"] = view
+        denominator = 2 * counts[0] + counts[1] + counts[2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.where(denominator > 0, 2 * counts[0] / denominator, np.nan)[1:]
+        logs = {"val_dice": finite_mean(dice)}
+        logs.update({f"val_dice_{k}": float(value) for k, value in enumerate(dice, start=1)})
+        return logs
+
+    def evaluate_volumes(self) -> dict:
         num_classes = self.config.num_classes
         means, per_class = [], []
         for i, case_id in enumerate(self.case_ids):
@@ -232,21 +299,19 @@ class RunRecorder(keras.callbacks.Callback):
         logs = dict(logs or {})
         score = monitored_score(logs)
         improved = np.isfinite(score) and (not np.isfinite(self.best) or score > self.best)
-        chief = self.distribution.is_chief
         if improved:
             self.state.update(best=float(score), best_epoch=epoch)
-            if chief:
-                save_model(self.model, self.run_dir / "model.keras")
         elapsed = self.distribution.agree(self.clock())
         row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}, "steps": self.steps_done}
         row["time_s"] = round(elapsed, 1)
         self.history.append(row)
         self.state.update(epoch=epoch + 1, elapsed_s=elapsed, schedule=self.schedule.state)
-        if chief:
-            save_model(self.model, self.run_dir / "last.keras")
-            write_history(self.run_dir / "history.csv", self.history)
-            fileio.write_json(self.run_dir / STATE_FILE, self.state)
-            plot_curves(self.history, self.run_dir / "curves.png")
+        if self.distribution.is_chief:
+            self._save_checkpoint(improved, epoch)
+            try:
+                plot_curves(self.history, self.run_dir / "curves.png")
+            except fileio.OutputError as error:  # a picture: training goes on, the next checkpoint needs the space
+                log.warning("curves.png not updated: %s", error.strerror)
         now = self.clock()
         epoch_end = max(float(self.state.get("epoch_end_s", 0.0)), now - self.last_step_end)
         if self.limit and not self.model.stop_training and self._out_of_time(now, epoch_end):
@@ -256,6 +321,28 @@ class RunRecorder(keras.callbacks.Callback):
         if patience > 0 and epoch - int(self.state.get("best_epoch", epoch)) >= patience:
             log.info("early stopping: no better score for %d epochs", patience)
             self.model.stop_training = True
+
+    def _save_checkpoint(self, improved: bool, epoch: int) -> None:
+        """``model.keras`` (when the score improved), ``last.keras``, ``history.csv`` and ``state.json`` written as one
+        :func:`utils.fileio.atomic_group`: every file is complete before any replaces its previous version, so a disk
+        that fills during the writes leaves the previous epoch's set whole, and ``--resume`` continues from it.
+
+        Raises:
+            fileio.OutputError: a file could not be written (a full disk), saying what the run folder still holds.
+        """
+        try:
+            with fileio.atomic_group():
+                if improved:
+                    save_model(self.model, self.run_dir / "model.keras")
+                save_model(self.model, self.run_dir / "last.keras")
+                write_history(self.run_dir / "history.csv", self.history)
+                fileio.write_json(self.run_dir / STATE_FILE, self.state)
+        except fileio.OutputError as error:
+            kept = f"its checkpoint after {epoch} complete epoch(s)" if epoch else "no checkpoint yet"
+            raise fileio.OutputError(
+                error.errno,
+                f"{error.strerror}; {self.run_dir} keeps {kept}: free some space, then continue with train.py --resume",
+            ) from error
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -10,6 +10,7 @@ have seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -122,16 +123,19 @@ def make_sampler(
     )
 
 
-def train(config_overrides: dict) -> TrainingConfig:
+def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
     """Train a model as configured and write the run folder; returns the resolved config with the best score.
 
     Args:
         config_overrides: settings from flags or a config file (keys of :data:`utils.settings.TRAINING`); ``data``
             and ``output`` are required, ``resume`` continues the run in ``output``.
+        command: how the run was started, recorded in the run folder's lock (:func:`utils.fileio.folder_lock`),
+            which the chief holds while it trains.
 
     Raises:
         FileNotFoundError: the prepared dataset is missing; or ``resume`` without a previous run.
         ValueError: a bad setting, or a run folder made for another dataset.
+        fileio.FolderInUse: another run writes the run folder.
     """
     check_settings(config_overrides)
     machine = announce_device()
@@ -142,8 +146,10 @@ def train(config_overrides: dict) -> TrainingConfig:
     strategy = saved.strategy if saved else config_overrides.get("strategy") or TRAINING["strategy"].default
     distribution = make_distribution(strategy)
     previous_policy = keras.config.dtype_policy()
+    lock = fileio.folder_lock(run_dir, command) if distribution.is_chief else contextlib.nullcontext()
     try:
-        return _train(config_overrides, dataset, run_dir, saved, distribution, machine)
+        with lock:
+            return _train(config_overrides, dataset, run_dir, saved, distribution, machine)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if keras.backend.backend() == "jax" and distribution.name != "default":
@@ -199,6 +205,7 @@ def _train(
             strides = compile_model(model, config, lr)
     if distribution.is_chief:
         run_dir.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temporaries(run_dir)  # what a run killed while writing a checkpoint left
         fileio.write_json(run_dir / "config.json", config.to_json())
         fileio.write_text(run_dir / "model_summary.txt", model_zoo.model_summary_text(model))
 
@@ -214,6 +221,8 @@ def _train(
     validation = Validation(
         dataset, dataset.split("val"), config, num_examples=examples, distributed=distribution.name != "default"
     )
+    if validation.case_ids:
+        log.info("Validation after each epoch: %s of %d cases", validation.mode, len(validation.case_ids))
     recorder = RunRecorder(run_dir, history, state, clock, config, schedule, distribution)
     callbacks = [schedule, validation]
     writer = summary_writer(run_dir / "tensorboard") if config.tensorboard and distribution.is_chief else None
