@@ -14,10 +14,10 @@ Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/``
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from utils.cli import add_reader_flags, add_setting, label_map_option, reader_options
+from utils.console import add_script_flags, start
 from utils.device import enable_onednn
 from utils.formats import discover
 from utils.prepare.dataset import PreparationError, prepare_dataset
@@ -30,6 +30,7 @@ enable_onednn()  # before anything imports TensorFlow (data_gen itself does not;
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_script_flags(parser)
     parser.add_argument("--input", required=True, help="raw dataset: a folder or file (see --format)")
     parser.add_argument("--output", required=True, help="folder of the prepared dataset, e.g. data/NAME")
     add_reader_flags(parser)
@@ -121,9 +122,9 @@ def settings_from_args(args: argparse.Namespace) -> PreprocessSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    start(args.verbose, backend=False)
     try:
         settings = settings_from_args(args)
         exports = export_settings(args)

@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 from utils.cli import add_reader_flags, add_setting, reader_options
+from utils.console import add_script_flags, start
 from utils.device import enable_onednn
 from utils.settings import EVALUATE
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()  # before anything imports TensorFlow
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_script_flags(parser)
     parser.add_argument("--run", required=True, help="run folder written by train.py (runs/NAME)")
     parser.add_argument(
         "--data",
@@ -151,11 +150,11 @@ def options_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.data and not args.input:
         parser.error("give --data (a prepared dataset to evaluate) or --input (new images to predict)")
+    start(args.verbose)
     try:
         options = options_from_args(args)
         if args.input:

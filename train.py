@@ -13,14 +13,11 @@ Without --patch-size / --batch-size, both and the network depth are planned from
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
 from utils.device import enable_onednn  # noqa: E402  (before anything imports TensorFlow)
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()
 
 
@@ -70,9 +67,11 @@ FLAG_GROUPS = {
 
 def build_parser() -> argparse.ArgumentParser:
     from utils.cli import add_setting
+    from utils.console import add_script_flags
     from utils.settings import TRAINING
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_script_flags(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--data", help="prepared dataset folder (data/NAME, written by data_gen.py)")
     run.add_argument("--output", help="run folder to write (runs/NAME)")
@@ -120,8 +119,11 @@ def load_config_file(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from utils.console import start
+
     args = build_parser().parse_args(argv)
+    verbose = vars(args).pop("verbose")
+    start(verbose)
     try:
         settings = load_config_file(args.config) if args.config else {}
         if args.config:

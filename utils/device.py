@@ -6,13 +6,22 @@ CPU (most AMD servers and workstations, many laptops) it falls back to its own k
 train step 7 times slower there. :func:`enable_onednn` turns oneDNN on unless the user chose
 (``TF_ENABLE_ONEDNN_OPTS`` set to anything): every entry point calls it before TensorFlow is imported. Nothing here
 imports a deep-learning library at module level.
+
+TensorFlow's start-up lines (``oneDNN custom operations are on``, ``Could not find cuda drivers``, ``failed call to
+cuInit``) come from its C++ code, partly before absl's logging is initialised and so past ``TF_CPP_MIN_LOG_LEVEL``:
+:func:`quiet_startup` raises that level to 3 and imports Keras (and so its backend) while the process's standard
+error goes to a temporary file, then writes back every line that is not one of those start-up lines. ``--verbose``
+on the scripts skips both.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
@@ -37,6 +46,59 @@ def enable_onednn() -> str:
     Call before TensorFlow is imported (it reads the variable once, at import).
     """
     return os.environ.setdefault(ONEDNN_VARIABLE, "1")
+
+
+LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+# Lines TensorFlow's C++ code prints on every start: absl's notice, oneDNN, CUDA probing on a machine without a GPU.
+STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|Could not find cuda drivers|"
+    r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered|"
+    r"TF-TRT Warning|This TensorFlow binary is optimized to use available CPU instructions|"
+    r"To enable the following instructions|rebuild TensorFlow with the appropriate compiler flags"
+)
+
+
+def quiet_startup(verbose: bool = False) -> None:
+    """Hide TensorFlow's and CUDA's start-up lines unless ``verbose``; call before Keras is imported.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=3`` (errors are still raised as Python exceptions) unless the user set it, then
+    imports Keras with the process's standard error (file descriptor 2, which C++ writes to) caught, and writes back
+    every caught line but :data:`STARTUP_NOISE`. Does nothing when Keras is imported already, or with ``verbose``.
+    """
+    if verbose or "keras" in sys.modules:
+        return
+    os.environ.setdefault(LOG_LEVEL_VARIABLE, "3")
+    with filtered_stderr():
+        import keras  # noqa: F401  (imports the backend, whose C++ start-up lines are filtered)
+
+        if keras.backend.backend() == "tensorflow":
+            import absl.logging
+            import tensorflow as tf
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+            tf.config.list_physical_devices()  # CUDA is probed here: its lines fall into the filter too
+
+
+class filtered_stderr:
+    """Send file descriptor 2 to a temporary file; on exit restore it and write back the lines that are not noise."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        text = self._file.read().decode(errors="replace")
+        self._file.close()
+        kept = [line for line in text.splitlines() if line.strip() and not STARTUP_NOISE.search(line)]
+        if kept:
+            sys.stderr.write("\n".join(kept) + "\n")
 
 
 def cpu_info(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict:

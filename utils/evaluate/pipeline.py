@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import fileio
+from utils import console, fileio
 from utils.evaluate.options import Options
 from utils.evaluate.postprocess import apply_plan, decide_lcc, make_plan, parse_min_size
 from utils.evaluate.results import write_results
@@ -348,6 +348,7 @@ def prepared_without_label(dataset: PreparedDataset, case_id: str, source) -> tu
     return image, geometry
 
 
+@console.logged_to("evaluation.log")
 def evaluate(
     run_dir: str | os.PathLike,
     data: str | os.PathLike,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import fileio
+from utils import console, fileio
 from utils.evaluate.options import Options
 from utils.evaluate.pipeline import (
     Predictor,
@@ -105,6 +105,7 @@ class TrainingPreparation:
         }
 
 
+@console.logged_to("evaluation.log")
 def predict_images(
     run_dir: str | os.PathLike,
     input_path: str | os.PathLike,

@@ -3,9 +3,9 @@
 The run folder (docs/ARCHITECTURE.md) receives ``config.json`` (every resolved setting, the plan, backend and
 versions), ``model.keras`` (best validation mean foreground dice), ``last.keras`` (with optimizer state) plus
 ``state.json`` (epochs done, best score, time used, learning-rate schedule state) for ``--resume``, ``history.csv``,
-``curves.png``, ``model_summary.txt`` and ``tensorboard/``. Every file is written atomically, so a run killed at any
-moment resumes from its last complete epoch and then sees the batches and learning rates the uninterrupted run would
-have seen.
+``curves.png``, ``model_summary.txt``, ``train.log`` (what was logged) and ``tensorboard/``. Every file is written
+atomically, so a run killed at any moment resumes from its last complete epoch and then sees the batches and learning
+rates the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 
 import model as model_zoo
-from utils import device, fileio
+from utils import console, device, fileio
 from utils.losses import deep_supervision_compile_args, get_loss
 from utils.metrics import MeanForegroundDice
 from utils.prepared import PreparedDataset
@@ -147,8 +147,13 @@ def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
     distribution = make_distribution(strategy)
     previous_policy = keras.config.dtype_policy()
     lock = fileio.folder_lock(run_dir, command) if distribution.is_chief else contextlib.nullcontext()
+    log_file = (
+        console.log_file(run_dir / "train.log", header=(device.first_line(machine),))
+        if distribution.is_chief
+        else contextlib.nullcontext()
+    )
     try:
-        with lock:
+        with lock, log_file:
             return _train(config_overrides, dataset, run_dir, saved, distribution, machine)
     finally:
         keras.config.set_dtype_policy(previous_policy)
