@@ -19,6 +19,7 @@ import sys
 from utils.cli import add_reader_flags, add_setting, label_map_option, reader_options
 from utils.console import add_script_flags, start
 from utils.device import enable_onednn
+from utils.fileio import command_line, folder_lock
 from utils.formats import discover
 from utils.prepare.dataset import PreparationError, prepare_dataset
 from utils.prepare.exports import ExportSettings
@@ -132,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers must be at least 1, got {args.workers}")
         source = discover(args.input, args.format, reader_options(args))
         settings.label_values = list(source.label_values)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"data_gen.py: error: {error}", file=sys.stderr)
         return 2
     print(f"{source.name}: {len(source.cases)} cases ({source.format}) from {args.input}")
     try:
-        manifest = prepare_dataset(source, args.output, settings, args.split, args.seed, args.workers, exports)
+        with folder_lock(args.output, command_line("data_gen.py", argv)):
+            manifest = prepare_dataset(source, args.output, settings, args.split, args.seed, args.workers, exports)
     except PreparationError as error:
         print(f"data_gen.py: {error}", file=sys.stderr)
         print(f"The other cases were written to {args.output}.", file=sys.stderr)

@@ -156,17 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --data (a prepared dataset to evaluate) or --input (new images to predict)")
     start(args.verbose)
     try:
+        from utils.fileio import command_line, folder_lock
+
         options = options_from_args(args)
-        if args.input:
-            from utils.evaluate.predict import predict_images
+        with folder_lock(args.output, command_line("evaluation.py", argv)):
+            if args.input:
+                from utils.evaluate.predict import predict_images
 
-            summary = predict_images(
-                args.run, args.input, args.output, args.format, reader_options(args), args.data, options
-            )
-        else:
-            from utils.evaluate.pipeline import evaluate
+                summary = predict_images(
+                    args.run, args.input, args.output, args.format, reader_options(args), args.data, options
+                )
+            else:
+                from utils.evaluate.pipeline import evaluate
 
-            summary = evaluate(args.run, args.data, args.output, split=args.split, options=options)
+                summary = evaluate(args.run, args.data, args.output, split=args.split, options=options)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"evaluation.py: error: {error}", file=sys.stderr)
         return 2
