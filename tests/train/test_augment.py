@@ -204,10 +204,11 @@ def test_unknown_preset_is_refused():
 
 
 def test_test_time_mirroring_follows_the_axes_the_training_mirrored():
+    from utils.runs import TrainingConfig
     from utils.train.augment import mirrored_axes
 
     def config(augment, augmentation=None, patch=(8, 8, 8)):
-        return {"patch_size": list(patch), "augment": augment, "augmentation": augmentation or {}}
+        return TrainingConfig(patch_size=list(patch), augment=augment, augmentation=augmentation or {})
 
     assert mirrored_axes(config("default")) == [0, 1, 2]
     assert mirrored_axes(config("strong", patch=(16, 16))) == [0, 1]

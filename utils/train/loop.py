@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 def build(config: TrainingConfig, num_channels: int, num_classes: int) -> keras.Model:
     """Build the configured model for the configured patch size."""
     shape = (*config.patch_size, num_channels)
+    if model_zoo.is_user_builder(config.model):
+        return model_zoo.build_user_model(config.model, shape, num_classes, config.model_source, **config.model_args)
     return model_zoo.build_model(config.model, shape, num_classes, **config.model_args)
 
 
@@ -138,13 +140,13 @@ def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
         fileio.FolderInUse: another run writes the run folder.
     """
     check_settings(config_overrides)
-    machine = announce_device()
     dataset = PreparedDataset(config_overrides["data"])
     run_dir = Path(config_overrides["output"])
     resume = bool(config_overrides.get("resume"))
     saved = _resume_config(run_dir, dataset, config_overrides) if resume else None
     strategy = saved.strategy if saved else config_overrides.get("strategy") or TRAINING["strategy"].default
-    distribution = make_distribution(strategy)
+    distribution = make_distribution(strategy)  # before anything starts TensorFlow's runtime (multiworker needs it)
+    machine = announce_device()
     previous_policy = keras.config.dtype_policy()
     lock = fileio.folder_lock(run_dir, command) if distribution.is_chief else contextlib.nullcontext()
     log_file = (
@@ -203,7 +205,7 @@ def _train(
     state = {**fresh, **fileio.read_json(run_dir / STATE_FILE)} if saved else fresh
     with distribution.scope():
         if saved:
-            model = load_model(run_dir / "last.keras")
+            model = load_model(run_dir / "last.keras", config.model, config.model_source)
             strides = output_strides(model, config.patch_size)
         else:
             model = build(config, dataset.num_channels, dataset.num_classes)
