@@ -13,12 +13,19 @@ The final activation always runs in float32, so the models work under mixed prec
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import os
+import re
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import keras
 from keras import layers, ops
+
+from utils.settings import USER_MODEL_PATTERN
 
 NORMS = ("batch", "instance", "group", "none")
 UPSAMPLES = ("transpose", "interp")
@@ -898,8 +905,10 @@ def build_model(name: str, input_shape: Sequence[int | None], num_classes: int, 
         ValueError: for an unknown name, a dimension that does not match the name, an unknown option, or a bad
             value.
     """
+    if is_user_builder(name):
+        return build_user_model(name, input_shape, num_classes, **kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or give FILE.py:FUNCTION")
     ndim = _spatial_ndim(input_shape)
     if name.endswith(("2d", "3d")) and int(name[-2]) != ndim:
         raise ValueError(
@@ -912,6 +921,100 @@ def build_model(name: str, input_shape: Sequence[int | None], num_classes: int, 
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; options are {allowed}")
     kwargs.setdefault("name", name)
     return builder(tuple(input_shape), int(num_classes), **kwargs)
+
+
+# Your own architecture: --model my_models.py:build_my_net or --model package.module:build_my_net.
+
+
+def is_user_builder(name: str) -> bool:
+    """Whether ``name`` names a user's builder (``FILE.py:FUNCTION`` or ``module:FUNCTION``) rather than a key of
+    :data:`MODELS`."""
+    return isinstance(name, str) and re.fullmatch(USER_MODEL_PATTERN, name) is not None
+
+
+def builder_source(name: str) -> str:
+    """Where a user's builder comes from, for ``config.json``: the file's absolute path, or the module's name."""
+    source = name.rsplit(":", 1)[0]
+    return str(Path(source).resolve()) if source.endswith(".py") else source
+
+
+def load_builder(name: str, source: str | None = None) -> Callable[..., keras.Model]:
+    """Import a user's builder ``FILE.py:FUNCTION`` or ``module:FUNCTION`` and check its signature.
+
+    Importing the file (or module) also registers the Keras objects it defines with
+    ``@keras.saving.register_keras_serializable``, so that a saved run loads in safe mode.
+
+    Args:
+        name: ``FILE.py:FUNCTION`` (relative to the working folder) or ``package.module:FUNCTION``.
+        source: where the file is when not at ``FILE.py`` (the absolute path a run's ``config.json`` recorded).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a module that cannot be imported, no such function, or a function that does not take
+            ``(name, input_shape, num_classes, **kwargs)``.
+    """
+    if not is_user_builder(name):
+        raise ValueError(f"model {name!r}: expected FILE.py:FUNCTION or package.module:FUNCTION")
+    where, function = name.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where) if Path(where).is_file() or not source else Path(source)
+        module = _import_file(path, name)
+    else:
+        try:
+            module = importlib.import_module(source or where)
+        except ImportError as error:
+            raise ValueError(f"model {name!r}: cannot import module {where!r} ({error})") from error
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise ValueError(f"model {name!r}: {where} defines no function {function!r}")
+    try:
+        inspect.signature(builder).bind(function, (16, 16, 1), 2)
+    except TypeError as error:
+        raise ValueError(
+            f"model {name!r}: {function}{inspect.signature(builder)} does not take (name, input_shape, num_classes, "
+            f"**kwargs) like model.build_model ({error})"
+        ) from error
+    return builder
+
+
+def _import_file(path: Path, name: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: builder file of --model {name} not found")
+    module_name = "medseg_user_model_" + re.sub(r"\W", "_", str(path.resolve()))
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise ValueError(f"{path}: the builder file of --model {name} fails to import ({error!r})") from error
+    return module
+
+
+def build_user_model(
+    name: str, input_shape: Sequence[int | None], num_classes: int, source: str | None = None, **kwargs
+) -> keras.Model:
+    """Build a user's architecture (:func:`load_builder`) and check that it gives ``num_classes`` channels.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_builder`; options the builder refuses; a builder that does not
+            return a ``keras.Model`` with ``num_classes`` output channels.
+    """
+    builder = load_builder(name, source)
+    function = name.rsplit(":", 1)[1]
+    try:
+        built = builder(function, tuple(input_shape), int(num_classes), **kwargs)
+    except TypeError as error:
+        raise ValueError(f"model {name!r} refused its options {sorted(kwargs)} ({error})") from error
+    if not isinstance(built, keras.Model):
+        raise ValueError(f"model {name!r} returned {type(built).__name__}, not a keras.Model")
+    channels = [output.shape[-1] for output in built.outputs]
+    if channels[0] != num_classes:
+        raise ValueError(f"model {name!r} gives {channels[0]} output channels; the dataset has {num_classes} classes")
+    return built
 
 
 def model_summary_text(model: keras.Model, line_length: int = 140) -> str:

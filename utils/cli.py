@@ -41,7 +41,10 @@ def add_setting(group, key: str, setting: Setting, with_default: bool = True, **
         options["type"] = setting.type
     elif setting.type is bool:
         options["action"] = argparse.BooleanOptionalAction
-    if setting.choices is not None:
+    if setting.choices is not None and setting.pattern is not None:
+        options["type"] = _allowed_by(setting)  # argparse's choices would refuse the pattern's values
+        options.setdefault("metavar", "{" + ",".join(map(str, setting.choices)) + "}|" + setting.pattern_text)
+    elif setting.choices is not None:
         options["choices"] = list(setting.choices)
     if setting.metavar is not None:
         options["metavar"] = setting.metavar
@@ -49,6 +52,17 @@ def add_setting(group, key: str, setting: Setting, with_default: bool = True, **
     return group.add_argument(
         "--" + key.replace("_", "-"), **{k: v for k, v in options.items() if v is not None or k == "default"}
     )
+
+
+def _allowed_by(setting: Setting):
+    """An argparse ``type`` that takes the setting's choices and the strings its pattern matches."""
+
+    def check(text: str) -> str:
+        if not setting.allows(text):
+            raise argparse.ArgumentTypeError(f"must be {setting.describe()}, got {text!r}")
+        return text
+
+    return check
 
 
 def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = True) -> None:

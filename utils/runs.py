@@ -20,17 +20,25 @@ from utils.settings import TRAINING, defaults
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
+def load_model(path: str | os.PathLike, model_name: str | None = None, model_source: str | None = None) -> keras.Model:
     """Load a ``.keras`` file in Keras's safe mode; the toolkit's registered layers, losses and metrics are known.
 
+    Args:
+        path: the ``.keras`` file.
+        model_name, model_source: a run's ``model`` and ``model_source``: when the run was built by a user's builder
+            (``FILE.py:FUNCTION``), its file or module is imported first, which registers the Keras objects it
+            defines.
+
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: the file (or the user's builder file) does not exist.
         ValueError: the file is not a loadable Keras model.
     """
     import model  # noqa: F401  (these imports register the toolkit's layers, losses and metrics with Keras)
     import utils.losses  # noqa: F401
     import utils.metrics  # noqa: F401
 
+    if model_name and model.is_user_builder(model_name):
+        model.load_builder(model_name, model_source)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
@@ -53,7 +61,8 @@ def load_run(run_dir: str | os.PathLike, load: bool = True) -> tuple[TrainingCon
         FileNotFoundError: the run folder, its config or both model files are missing.
         ValueError: the model file is not a readable Keras model.
     """
-    return load_config(run_dir), load_model(model_path(run_dir)) if load else None
+    config = load_config(run_dir)
+    return config, load_model(model_path(run_dir), config.model, config.model_source) if load else None
 
 
 def model_path(run_dir: str | os.PathLike) -> Path:
@@ -127,6 +136,7 @@ class TrainingConfig:
     deterministic: bool = _setting("deterministic")
     seed: int = _setting("seed")
 
+    model_source: str | None = None  # a user's builder (model FILE.py:FUNCTION): the file's absolute path or module
     plan: dict = field(default_factory=dict)
     recipe: str = "cpu"
     replicas: int = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,9 @@ MODEL_NAMES = (
     "fcn3d",
     "twopath2d",
 )
+# A user's builder instead of a name: a Python file or an importable module, and a function with build_model's
+# signature.
+USER_MODEL_PATTERN = r"[^:\s]+\.py:[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 LOSS_NAMES = ("dice", "gdl", "dice_ce", "gdl_ce", "ce", "weighted_ce", "tversky", "focal", "dice_focal")
 LAYOUTS = ("msd", "files", "hdf5", "brats", "dicom", "png")
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
@@ -84,6 +88,8 @@ class Setting:
         item: for lists, the type of each item (bounds from ``minimum`` / ``positive`` apply to items).
         metavar: the flag's placeholder in ``--help``.
         default_text: how the default reads in ``--help`` when ``str(default)`` would not say it well.
+        pattern: a regular expression of strings allowed besides ``choices`` (a user's builder for ``model``).
+        pattern_text: how those strings read in messages, e.g. ``FILE.py:FUNCTION``.
     """
 
     default: Any
@@ -95,6 +101,8 @@ class Setting:
     item: type | None = None
     metavar: str | None = None
     default_text: str | None = None
+    pattern: str | None = None
+    pattern_text: str | None = None
 
     def check(self, key: str, value: Any) -> None:
         """Raise a ``ValueError`` quoting ``key`` and ``value`` when ``value`` is not allowed (``None`` always is)."""
@@ -106,9 +114,15 @@ class Setting:
             self._fits(v, self.item if is_list else self.type) for v in values
         )
         if allowed and self.choices is not None:
-            allowed = all(v in self.choices for v in values)
+            allowed = all(self.allows(v) for v in values)
         if not allowed:
             raise ValueError(f"setting {key!r} must be {self.describe()}, got {value!r}")
+
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` is one of the ``choices`` or a string matching ``pattern``."""
+        if self.choices is None or value in self.choices:
+            return True
+        return self.pattern is not None and isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
 
     def _fits(self, value: Any, kind: type | None) -> bool:
         if kind in (int, float):
@@ -123,7 +137,8 @@ class Setting:
     def describe(self) -> str:
         """What a value must be, in words: ``one of ['adam', 'sgd']``, ``an integer >= 1``, ``a positive number``."""
         if self.choices is not None:
-            return f"{'a list of values from' if self.type is list else 'one of'} {list(self.choices)}"
+            extra = f" or {self.pattern_text}" if self.pattern_text else ""
+            return f"{'a list of values from' if self.type is list else 'one of'} {list(self.choices)}{extra}"
         if self.type is list:
             noun = {int: "integers", float: "numbers", str: "strings"}.get(self.item, "values")
             return "a list of " + self._bounded(noun, article="")
@@ -171,7 +186,14 @@ _UNET_RECIPE = (
 )
 
 TRAINING: dict[str, Setting] = {
-    "model": Setting("unet3d", "architecture", choices=MODEL_NAMES),
+    "model": Setting(
+        "unet3d",
+        "architecture: a name, or your own builder as FILE.py:FUNCTION or package.module:FUNCTION with build_model's "
+        "signature (name, input_shape, num_classes, **kwargs); give it --patch-size",
+        choices=MODEL_NAMES,
+        pattern=USER_MODEL_PATTERN,
+        pattern_text="FILE.py:FUNCTION",
+    ),
     "model_args": Setting(
         {},
         'architecture options as JSON, e.g. \'{"filters": 32, "deep_supervision": true}\'',

@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import model as model_zoo
 from utils import fileio
 from utils.losses import get_loss
 from utils.prepared import PreparedDataset
@@ -48,7 +49,15 @@ def model_family(name: str) -> str:
     return name[:-2] if name.endswith(("2d", "3d")) else name
 
 
-def spatial_dims(name: str) -> int:
+def spatial_dims(name: str, patch_size: Sequence[int] | None = None) -> int:
+    """2 or 3, from the model's name; a user's builder (``FILE.py:FUNCTION``) takes it from the patch size."""
+    if model_zoo.is_user_builder(name):
+        if not patch_size:
+            raise ValueError(
+                f"model {name}: give --patch-size (H W for 2D, D H W for 3D); only the toolkit's own "
+                "architectures are planned"
+            )
+        return len(patch_size)
     if not name.endswith(("2d", "3d")):
         raise ValueError(f"model name {name!r} must end with 2d or 3d")
     return int(name[-2])
@@ -106,7 +115,7 @@ def resolve_config(
     chosen = {k: v for k, v in overrides.items() if v is not None and k not in RUN_KEYS}
     recipe = "gpu" if devices else "cpu"
     config = copy.deepcopy({**defaults(TRAINING), **recipe_settings(recipe), **chosen})
-    ndim = spatial_dims(config["model"])
+    ndim = spatial_dims(config["model"], config["patch_size"])
     if config["patch_size"] is not None and len(config["patch_size"]) != ndim:
         raise ValueError(f"model {config['model']} needs a patch size of {ndim} numbers, got {config['patch_size']}")
     if not 0.0 <= config["foreground_ratio"] <= 1.0:
@@ -124,17 +133,20 @@ def resolve_config(
         target = rows
     augmentation_settings(config["augment"], ndim, config["augmentation"])
     get_loss(config["loss"], **config["loss_args"])
-    planned = planning.plan(
-        config["model"],
-        dataset.fingerprint,
-        dataset.num_channels,
-        dataset.num_classes,
-        model_args=recipe_model_args(config, recipe),
-        patch_size=config["patch_size"],
-        batch_size=config["batch_size"],
-        memory_gb=config["memory_budget"],
-        target_shape=target,
-    )
+    if model_zoo.is_user_builder(config["model"]):
+        planned = _user_builder_plan(config)
+    else:
+        planned = planning.plan(
+            config["model"],
+            dataset.fingerprint,
+            dataset.num_channels,
+            dataset.num_classes,
+            model_args=recipe_model_args(config, recipe),
+            patch_size=config["patch_size"],
+            batch_size=config["batch_size"],
+            memory_gb=config["memory_budget"],
+            target_shape=target,
+        )
     config.update(patch_size=planned["patch_size"], batch_size=planned["batch_size"], model_args=planned["model_args"])
     config["plan"] = planned["plan"]
     config["recipe"] = recipe
@@ -146,10 +158,24 @@ def resolve_config(
     config["channels"] = dataset.manifest["channels"]
     config["dataset_preprocessing"] = dataset.manifest["preprocessing"]
     config["data"] = str(Path(overrides["data"]).resolve())
+    if model_zoo.is_user_builder(config["model"]):
+        config["model_source"] = model_zoo.builder_source(config["model"])
     config["backend"] = keras.backend.backend()
     config["versions"] = {"keras": keras.__version__, "numpy": np.__version__, "python": platform.python_version()}
     config["versions"][config["backend"]] = _backend_version(config["backend"])
     return TrainingConfig(**config)
+
+
+def _user_builder_plan(config: dict) -> dict:
+    """A user's builder is not planned: its patch size is the one given, its batch the planner's rule for that patch;
+    the builder is imported and checked here, before any work."""
+    model_zoo.load_builder(config["model"])
+    patch = list(config["patch_size"])
+    batch = config["batch_size"] or planning.target_batch_size(patch)
+    plan = {"user_builder": model_zoo.builder_source(config["model"]), "patch_size": "given", "batch_size": "given"}
+    if not config["batch_size"]:
+        plan["batch_size"] = "the planner's rule for the patch (no memory estimate)"
+    return {"patch_size": patch, "batch_size": batch, "model_args": dict(config["model_args"]), "plan": plan}
 
 
 def _backend_version(backend: str) -> str:
