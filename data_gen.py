@@ -68,7 +68,7 @@ def _add_export_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("exports (slices/, patches/)")
     add_setting(group, "export", PREPARE["export"])
     add_setting(group, "slice_filter", PREPARE["slice_filter"])
-    group.add_argument("--slice-size", nargs=2, type=int, metavar=("H", "W"), help="resize exported slices to H x W")
+    add_setting(group, "slice_size", PREPARE["slice_size"], nargs=2, metavar=("H", "W"))
     group.add_argument(
         "--patch-size", nargs="+", type=int, metavar="N", help="patch size D H W (3D) or H W (2D) for --export patches"
     )

@@ -167,3 +167,41 @@ LABELS = {"0": "background", "1": "core", "2": "rim"}
 
 
 SHAPE_IJK = (16, 20, 12)
+
+
+HIPPOCAMPUS_CASES = ("001", "003", "004", "006", "008", "011")
+
+
+def hippocampus_subset(root, source, cases=HIPPOCAMPUS_CASES):
+    """An MSD folder of a few real MSD Hippocampus cases (copied from ``source``, the shared data's copy): volumes of
+    different in-plane sizes."""
+    meta = json.loads((Path(source) / "dataset.json").read_text())
+    training = []
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    for case in cases:
+        name = f"hippocampus_{case}.nii.gz"
+        for folder in ("imagesTr", "labelsTr"):
+            (root / folder / name).write_bytes((Path(source) / folder / name).read_bytes())
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (root / "dataset.json").write_text(json.dumps({**meta, "training": training, "numTraining": len(training)}))
+    return root
+
+
+def hippocampus_png(root, source, cases=HIPPOCAMPUS_CASES[:4]):
+    """``images/HIP_<case>_<slice>_.png`` (8-bit, scaled per case) and ``masks/`` (label values 0, 1, 2) from the
+    axial slices (last file axis) of real MSD Hippocampus cases: slices of one patient share a size, patients
+    differ. Returns ``{case: label (slices, rows, cols)}`` as written."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    written = {}
+    for case in cases:
+        image = np.asarray(nib.load(Path(source) / "imagesTr" / f"hippocampus_{case}.nii.gz").dataobj, np.float32)
+        label = np.asarray(nib.load(Path(source) / "labelsTr" / f"hippocampus_{case}.nii.gz").dataobj).astype(np.uint8)
+        scaled = np.clip(255 * image / np.percentile(image, 99.5), 0, 255).astype(np.uint8)
+        for k in range(image.shape[2]):
+            name = f"HIP_{case}_{k}_.png"
+            Image.fromarray(scaled[..., k]).save(root / "images" / name)
+            Image.fromarray(label[..., k]).save(root / "masks" / name)
+        written[case] = np.moveaxis(label, 2, 0)
+    return written

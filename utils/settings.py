@@ -54,6 +54,10 @@ INTERPOLATIONS = {"nearest": 0, "linear": 1, "bspline": 3}
 EXPORT_KINDS = ("volumes", "slices", "patches")
 SLICE_FILTERS = ("all", "foreground")
 PATCH_SAMPLINGS = ("random", "grid")
+# Exported slices of different in-plane sizes are padded to one size: along each axis the largest size that is at
+# most this many times the median (utils/prepare/exports.py, plan_slice_size); larger slices are cropped around
+# their foreground or tiled.
+SLICE_SIZE_OUTLIER = 1.5
 
 # Training (train.py).
 SOURCES = ("volumes", "slices", "patches")
@@ -380,6 +384,17 @@ PREPARE: dict[str, Setting] = {
         "what to write besides the manifest: volumes (always written), slices, patches",
         type=list,
         choices=EXPORT_KINDS,
+    ),
+    "slice_size": Setting(
+        None,
+        "resize exported slices to H W (linear for images, nearest for labels)",
+        type=list,
+        item=int,
+        positive=True,
+        metavar="N",
+        default_text="no resizing: slices of different sizes are padded to one size planned from the prepared "
+        "shapes, larger ones cropped around the foreground (train, val) or tiled (test); slices/<split>_index.json "
+        "records each row's window",
     ),
     "slice_filter": Setting(
         "all",

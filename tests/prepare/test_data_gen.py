@@ -7,14 +7,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from builders import make_brats, make_msd, make_png
+from builders import hippocampus_png, hippocampus_subset, make_brats, make_msd, make_png
 from conftest import SAMPLE, SHARED_DATA
 
 import data_gen
 from utils import fileio
 from utils.formats import CaseSpec, load_case
 from utils.geometry import GeometryRecord
-from utils.prepare.exports import grid_starts, random_starts
+from utils.prepare.exports import (
+    grid_starts,
+    plan_slice_size,
+    random_starts,
+    restore_slices,
+    slice_window,
+    slice_windows,
+)
 from utils.prepared import PreparedDataset
 from utils.preprocessing import restore_label
 
@@ -78,11 +85,11 @@ def test_slice_export_keeps_foreground_slices_for_training_only(sample_output):
     rows = json.loads((sample_output / "slices" / "train_index.json").read_text())["rows"]
     expected = sum(int(np.asarray(dataset.label(i)).any(axis=(1, 2)).sum()) for i in dataset.split("train"))
     assert images.shape == (expected, 48, 48, 1) and labels.shape == (expected, 48, 48) and len(rows) == expected
-    assert all(np.asarray(dataset.label(case_id))[z].any() for case_id, z in rows)
+    assert all(np.asarray(dataset.label(case_id))[z].any() for case_id, z, *_ in rows)
     assert labels.reshape(expected, -1).any(axis=1).mean() > 0.95  # resizing to 48 x 48 may drop a lone voxel
     test_rows = json.loads((sample_output / "slices" / "test_index.json").read_text())["rows"]
     assert len(test_rows) == sum(dataset.image(i).shape[0] for i in dataset.split("test"))
-    case_id, z = rows[3]
+    case_id, z, *_ = rows[3]
     source = np.asarray(dataset.label(case_id))[z]
     assert (labels[3] > 0).sum() == pytest.approx((source > 0).sum() * 48 * 48 / source.size, rel=0.25)
 
@@ -284,3 +291,91 @@ def test_unlabelled_single_nifti_file(tmp_path):
     dataset = check_inverts(output)
     assert dataset.split("test") == ["scan"] and dataset.cases["scan"]["label"] is None
     assert os.listdir(output / "slices") and not (output / "slices" / "test_labels.npy").exists()
+
+
+@pytest.fixture(scope="module")
+def uneven_hippocampus(tmp_path_factory):
+    """Six real MSD Hippocampus cases, whose in-plane sizes differ, prepared with --export slices and no other flag
+    (3 train, 1 val, 2 test cases)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data folder {SHARED_DATA} is not in this checkout")
+    root = tmp_path_factory.mktemp("uneven")
+    raw = hippocampus_subset(root / "raw", SHARED_DATA / "msd_hippocampus")
+    output = root / "data"
+    assert run(output, "--input", raw, "--export", "slices", "--split", 0.5, 0.17, 0.33) == 0
+    return output
+
+
+def read_slices(output, split):
+    index = json.loads((output / "slices" / f"{split}_index.json").read_text())
+    images = np.load(output / "slices" / f"{split}_images.npy")
+    labels = np.load(output / "slices" / f"{split}_labels.npy")
+    return index, images, labels
+
+
+def test_uneven_slices_are_padded_to_one_planned_size_and_undone_onto_the_source_grid(uneven_hippocampus):
+    dataset = check_inverts(uneven_hippocampus)
+    shapes = {case_id: dataset.image(case_id).shape[1:3] for case_id in dataset.cases}
+    assert len(set(shapes.values())) > 1
+    size = plan_slice_size(list(shapes.values()))
+    assert size == tuple(np.max(list(shapes.values()), axis=0))  # no outlier: every slice is padded, none cropped
+    for split in ("train", "val", "test"):
+        index, images, labels = read_slices(uneven_hippocampus, split)
+        assert index["size"] == list(size) and index["fit"] == "pad" and images.shape == (len(index["rows"]), *size, 1)
+        for case_id, _, top, left, height, width in index["rows"]:
+            h, w = shapes[case_id]
+            assert (top, left, height, width) == (-((size[0] - h) // 2), -((size[1] - w) // 2), *size)
+    index, images, labels = read_slices(uneven_hippocampus, "test")
+    for case_id in dataset.split("test"):
+        volume_shape = dataset.image(case_id).shape[:3]
+        restored = restore_slices(labels, index["rows"], case_id, volume_shape)
+        np.testing.assert_array_equal(restored, dataset.label(case_id))
+        np.testing.assert_array_equal(
+            restore_slices(images, index["rows"], case_id, volume_shape), dataset.image(case_id)
+        )
+        source = load_case(dataset.spec(case_id))
+        np.testing.assert_array_equal(restore_label(restored, dataset.geometry(case_id)), source.label)
+
+
+@needs_shared
+def test_slices_larger_than_the_planned_size_are_cropped_around_the_foreground_or_tiled(uneven_hippocampus):
+    dataset = PreparedDataset(uneven_hippocampus)
+    assert plan_slice_size([(40, 50)] * 5 + [(100, 30)]) == (40, 50)  # the outlier is cut, not padded to
+    case_id = dataset.split("train")[0]
+    image, label = np.asarray(dataset.image(case_id)), np.asarray(dataset.label(case_id))
+    size = (20, 24)
+    assert all(n > s for n, s in zip(label.shape[1:], size, strict=True))
+    tiled, cropped = [], 0
+    for z in range(label.shape[0]):
+        for top, left in slice_windows(label.shape[1:], size, tile=True):
+            tiled.append([case_id, z, top, left, *size])
+        rows, cols = np.nonzero(label[z])
+        if rows.size and np.ptp(rows) < size[0] and np.ptp(cols) < size[1]:
+            box = ((rows.min(), rows.max() + 1), (cols.min(), cols.max() + 1))
+            ((top, left),) = slice_windows(label.shape[1:], size, box)
+            kept = slice_window(label[z], top, left, *size)
+            assert (kept > 0).sum() == (label[z] > 0).sum()  # the crop holds the slice's whole foreground
+            cropped += 1
+    assert cropped > 3
+    cut = np.stack([slice_window(image[z], top, left, h, w) for _, z, top, left, h, w in tiled])
+    np.testing.assert_array_equal(restore_slices(cut, tiled, case_id, image.shape[:3]), image)
+    labels = np.stack([slice_window(label[z], top, left, h, w) for _, z, top, left, h, w in tiled])
+    np.testing.assert_array_equal(restore_slices(labels, tiled, case_id, label.shape), label)
+    with pytest.raises(ValueError, match="not the index of these rows"):
+        restore_slices(labels[:-1], tiled, case_id, label.shape)
+
+
+@needs_shared
+def test_an_uneven_png_folder_exports_slices_that_undo_onto_its_masks(tmp_path):
+    written = hippocampus_png(tmp_path / "png", SHARED_DATA / "msd_hippocampus")
+    assert len({label.shape[1:] for label in written.values()}) > 1
+    output = tmp_path / "out"
+    flags = ["--patient-pattern", r"HIP_(\d+)_(\d+)", "--spacing", "original", "--export", "slices"]
+    assert run(output, "--input", tmp_path / "png", *flags, "--split", 0.5, 0.25, 0.25) == 0
+    dataset = check_inverts(output)
+    assert dataset.manifest["label_values"] == [0, 1, 2]
+    index, images, labels = read_slices(output, "test")
+    (case_id,) = dataset.split("test")
+    restored = restore_slices(labels, index["rows"], case_id, dataset.image(case_id).shape[:3])
+    mask = restore_label(restored, dataset.geometry(case_id))
+    np.testing.assert_array_equal(mask, written[case_id.removeprefix("HIP_")])

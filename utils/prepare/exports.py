@@ -5,7 +5,16 @@ per split:
 
 - ``slices/<split>_images.npy`` ``(N, H, W, C)`` float32 and ``slices/<split>_labels.npy`` ``(N, H, W)`` uint8: the
   axial slices (axis 0) of every case, all of them or only those with foreground (train and val only; the test split
-  keeps every slice), optionally resized to ``H x W``; ``slices/<split>_index.json`` lists ``[case id, slice]`` per row.
+  keeps every slice). Slices of different in-plane sizes are brought to one size ``H x W``: with ``--slice-size`` by
+  resizing (linear for images, nearest for labels); otherwise ``H x W`` is planned from the prepared shapes
+  (:func:`plan_slice_size`) and each slice is padded with zeros (centred, as the sampler and the sliding window
+  pad) or, along an axis where it is larger, cropped around its foreground (labelled train and val slices) or cut
+  into tiles that cover it (the test split and unlabelled cases, so every voxel is kept).
+  ``slices/<split>_index.json`` records what was done, one row per array row: ``[case id, slice, top, left, height,
+  width]``: the row holds the window ``[top, top + height) x [left, left + width)`` of the prepared slice (outside
+  the slice: padding), resized to ``H x W`` where ``height x width`` differs. :func:`restore_slices` undoes it, so
+  predictions of the rows land on the prepared grid, and :func:`utils.preprocessing.restore_label` takes them on to
+  the source grid.
 - ``patches/<split>_images.npy`` ``(N, D, H, W, C)`` (or ``(N, H, W, C)`` for a 2D patch size) and
   ``patches/<split>_labels.npy``: patches on a grid, or at random centres drawn on foreground and background voxels
   in a given ratio (``1 1.5`` = one foreground patch for 1.5 background ones; ``1 0`` = always on foreground).
@@ -27,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import fileio, geometry
-from utils.settings import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS
+from utils.settings import EXPORT_KINDS, PATCH_SAMPLINGS, SLICE_FILTERS, SLICE_SIZE_OUTLIER
 
 SPLITS = ("train", "val", "test")
 
@@ -39,7 +48,8 @@ class ExportSettings:
     Attributes:
         kinds: any of ``volumes``, ``slices``, ``patches``.
         slice_filter: ``all`` slices, or only ``foreground`` ones (train and val splits; test keeps all).
-        slice_size: ``[H, W]`` to resize slices to (linear for images, nearest for labels), or ``None``.
+        slice_size: ``[H, W]`` to resize slices to (linear for images, nearest for labels), or ``None``: pad, crop
+            or tile them to one size planned from the prepared shapes (:func:`plan_slice_size`).
         patch_size: ``[D, H, W]`` (3D patches) or ``[H, W]`` (2D patches); needed for ``patches``.
         patch_sampling: ``random`` centres (``patches_per_case`` per case, ``patch_ratio``) or a ``grid`` of
             non-overlapping patches covering each volume (the last one flush with the border).
@@ -123,7 +133,7 @@ def export_dataset(output: str | os.PathLike, manifest: dict, splits: dict, sett
         ``{kind: {split: rows}}`` for the kinds written.
 
     Raises:
-        ValueError: slices of different sizes without ``slice_size``.
+        ValueError: settings that do not fit the volumes.
     """
     output = Path(output)
     volumes = _Volumes(output, manifest)
@@ -163,30 +173,103 @@ def _write_rows(path: Path, shape: tuple, dtype, fill: Callable[[np.ndarray], No
 
 
 def export_slices(volumes: _Volumes, splits: dict, settings: ExportSettings, folder: Path) -> tuple[dict, list]:
-    """Write ``slices/<split>_images.npy``, ``_labels.npy`` and ``_index.json``; return row counts and file names."""
+    """Write ``slices/<split>_images.npy``, ``_labels.npy`` and ``_index.json``; return row counts and file names.
+
+    Every split gets the same row size: ``settings.slice_size`` (resize) or the size planned from the in-plane shapes
+    of all cases (pad, crop or tile); ``export.json`` records it as ``size`` and the way as ``fit``.
+    """
+    all_ids = [i for ids in splits.values() for i in ids]
+    resize = settings.slice_size is not None
+    size = tuple(int(v) for v in settings.slice_size) if resize else plan_slice_size(_plane_shapes(volumes, all_ids))
     counts, files = {}, []
     for split, ids in splits.items():
         if not ids:
             continue
         keep_all = settings.slice_filter == "all" or split == "test"
-        rows = {case_id: _chosen_slices(volumes, case_id, keep_all) for case_id in ids}
-        total = sum(len(zs) for zs in rows.values())
-        size = _slice_size(volumes, ids, settings.slice_size)
+        tile = split == "test" or not volumes.labelled(ids)
+        rows = [row for case_id in ids for row in _case_rows(volumes, case_id, keep_all, size, resize, tile)]
         channels = volumes.image(ids[0]).shape[-1]
         fill = partial(_fill_slices, volumes=volumes, rows=rows, size=size)
         files.append(
             _write_rows(
-                folder / f"{split}_images.npy", (total, *size, channels), np.float32, partial(fill, source="image")
+                folder / f"{split}_images.npy", (len(rows), *size, channels), np.float32, partial(fill, source="image")
             )
         )
         if volumes.labelled(ids):
             files.append(
-                _write_rows(folder / f"{split}_labels.npy", (total, *size), np.uint8, partial(fill, source="label"))
+                _write_rows(folder / f"{split}_labels.npy", (len(rows), *size), np.uint8, partial(fill, source="label"))
             )
-        fileio.write_json(folder / f"{split}_index.json", {"rows": [[c, z] for c, zs in rows.items() for z in zs]})
+        index = {"columns": list(INDEX_COLUMNS), "size": list(size), "fit": "resize" if resize else "pad", "rows": rows}
+        fileio.write_json(folder / f"{split}_index.json", index)
         files.append(f"{split}_index.json")
-        counts[split] = total
+        counts[split] = len(rows)
     return counts, files
+
+
+INDEX_COLUMNS = ("case", "slice", "top", "left", "height", "width")
+
+
+def _plane_shapes(volumes: _Volumes, ids: Sequence[str]) -> list[tuple[int, int]]:
+    return [tuple(int(n) for n in volumes.image(i).shape[1:3]) for i in ids]
+
+
+def plan_slice_size(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The common ``(H, W)`` of exported slices: along each axis the largest in-plane size among the cases that is
+    at most :data:`utils.settings.SLICE_SIZE_OUTLIER` times the median, so one unusually large case is cropped or
+    tiled instead of making every row mostly padding.
+
+    Raises:
+        ValueError: no shapes.
+    """
+    if not len(shapes):
+        raise ValueError("no cases to plan the slice size from")
+    sizes = np.asarray(shapes, dtype=int).reshape(-1, 2)
+    median = np.median(sizes, axis=0)
+    return tuple(int(max(n for n in sizes[:, axis] if n <= SLICE_SIZE_OUTLIER * median[axis])) for axis in range(2))
+
+
+def slice_windows(
+    shape: Sequence[int], size: Sequence[int], foreground: tuple | None = None, tile: bool = False
+) -> list[tuple[int, int]]:
+    """``(top, left)`` of the ``size`` windows that represent a slice of ``shape``.
+
+    Along an axis where the slice is not larger than the window it is centred in it (a negative start: padding).
+    Where it is larger, the window is centred on the foreground, ``((y0, y1), (x0, x1))`` inclusive-exclusive
+    bounds (or on the slice without foreground) and kept inside the slice; with ``tile``, or where the foreground
+    does not fit, windows cover the slice, the last one flush with its end (:func:`grid_starts`).
+    """
+    starts = []
+    for axis, (n, s) in enumerate(zip(shape, size, strict=True)):
+        if n <= s:
+            starts.append([-((s - n) // 2)])
+            continue
+        low, high = foreground[axis] if foreground is not None else (0, n)
+        if tile or high - low > s:
+            starts.append([corner[0] for corner in grid_starts([n], [s])])
+        else:
+            starts.append([int(min(max((low + high - s) // 2, 0), n - s))])
+    return [(int(top), int(left)) for top in starts[0] for left in starts[1]]
+
+
+def _foreground_box(label_slice: np.ndarray | None) -> tuple | None:
+    if label_slice is None or not label_slice.any():
+        return None
+    rows, cols = np.flatnonzero(label_slice.any(axis=1)), np.flatnonzero(label_slice.any(axis=0))
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+
+
+def _case_rows(volumes: _Volumes, case_id: str, keep_all: bool, size: tuple, resize: bool, tile: bool) -> list:
+    """The index rows ``[case, z, top, left, height, width]`` of one case."""
+    shape = volumes.image(case_id).shape[1:3]
+    label = volumes.label(case_id)
+    rows = []
+    for z in _chosen_slices(volumes, case_id, keep_all):
+        if resize:
+            rows.append([case_id, z, 0, 0, int(shape[0]), int(shape[1])])
+            continue
+        box = None if tile or label is None else _foreground_box(np.asarray(label[z]))
+        rows += [[case_id, z, top, left, *size] for top, left in slice_windows(shape, size, box, tile)]
+    return rows
 
 
 def _chosen_slices(volumes: _Volumes, case_id: str, keep_all: bool) -> list[int]:
@@ -196,28 +279,62 @@ def _chosen_slices(volumes: _Volumes, case_id: str, keep_all: bool) -> list[int]
     return np.flatnonzero(np.asarray(label).reshape(label.shape[0], -1).any(axis=1)).tolist()
 
 
-def _fill_slices(array: np.ndarray, volumes: _Volumes, rows: dict, size: tuple, source: str) -> None:
-    start = 0
-    for case_id, zs in rows.items():
-        if not zs:
+def slice_window(plane: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """``plane[top:top + height, left:left + width]`` with zeros where the window leaves the plane."""
+    out = np.zeros((height, width, *plane.shape[2:]), dtype=plane.dtype)
+    y0, y1 = max(top, 0), min(top + height, plane.shape[0])
+    x0, x1 = max(left, 0), min(left + width, plane.shape[1])
+    if y1 > y0 and x1 > x0:
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = plane[y0:y1, x0:x1]
+    return out
+
+
+def _fill_slices(array: np.ndarray, volumes: _Volumes, rows: list, size: tuple, source: str) -> None:
+    order = 1 if source == "image" else 0
+    case_id, volume = None, None
+    for i, (row_case, z, top, left, height, width) in enumerate(rows):
+        if row_case != case_id:
+            case_id, volume = row_case, getattr(volumes, source)(row_case)
+        window = slice_window(np.asarray(volume[z]), top, left, height, width)
+        if (height, width) != tuple(size):
+            window = geometry.resize_volume(window[None], (1, *size), order)[0]
+        array[i] = window
+
+
+def restore_slices(
+    rows: np.ndarray, index: Sequence[Sequence], case_id: str, shape: Sequence[int], fill: float = 0
+) -> np.ndarray:
+    """Undo the slice export for one case: put its rows back on the prepared grid.
+
+    Args:
+        rows: the exported rows (or predictions of them) ``(N, H, W[, K])``, every row of the split.
+        index: the ``rows`` of ``slices/<split>_index.json`` (``[case, slice, top, left, height, width]`` each).
+        case_id: the case to restore.
+        shape: its prepared ``(Z, Y, X)``.
+        fill: the value of voxels no row holds (slices left out by ``--slice-filter foreground``, crops).
+
+    Returns:
+        ``(Z, Y, X[, K])`` of ``rows``' dtype: each row resized back to its window where the export resized it
+        (nearest for integer arrays, linear otherwise), its part inside the slice pasted there (where tiles overlap,
+        the later one).
+
+    Raises:
+        ValueError: ``rows`` and ``index`` of different lengths.
+    """
+    if len(rows) != len(index):
+        raise ValueError(f"{len(rows)} rows but {len(index)} index entries: not the index of these rows")
+    out = np.full((*(int(n) for n in shape), *rows.shape[3:]), fill, dtype=rows.dtype)
+    order = 0 if np.issubdtype(rows.dtype, np.integer) else 1
+    for row, (row_case, z, top, left, height, width) in zip(rows, index, strict=True):
+        if row_case != case_id:
             continue
-        block = np.asarray(getattr(volumes, source)(case_id))[zs]
-        if tuple(block.shape[1:3]) != tuple(size):
-            block = geometry.resize_volume(block, (len(zs), *size), 1 if source == "image" else 0)
-        array[start : start + len(zs)] = block
-        start += len(zs)
-
-
-def _slice_size(volumes: _Volumes, ids: Sequence[str], size: Sequence[int] | None) -> tuple[int, int]:
-    if size is not None:
-        return int(size[0]), int(size[1])
-    sizes = {tuple(volumes.image(i).shape[1:3]) for i in ids}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"slices differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
-            "pass --slice-size H W to resize them, or prepare with --spacing and --crop settings that agree"
-        )
-    return sizes.pop()
+        window = np.asarray(row)
+        if tuple(window.shape[:2]) != (height, width):
+            window = geometry.resize_volume(window[None], (1, height, width), order)[0].astype(rows.dtype)
+        y0, y1 = max(top, 0), min(top + height, out.shape[1])
+        x0, x1 = max(left, 0), min(left + width, out.shape[2])
+        out[z, y0:y1, x0:x1] = window[y0 - top : y1 - top, x0 - left : x1 - left]
+    return out
 
 
 def grid_starts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, ...]]:
