@@ -26,8 +26,9 @@ Everything goes into one JSON (``$OUT/gpu_check.json``, rewritten after each par
 log, ``nvidia-smi``'s answer, and the training run's ``history.csv`` and ``config.json`` come back beside it. Each
 part is time-boxed against the call's deadline; a part that fails or runs out of time is recorded and the others
 still run. The parts before training leave it at least 80 % of its 5 minutes; training takes what is left up to 5
-minutes, less the eval part's reserve. ``--dry-run`` runs the same code on the CPU with tiny networks, patches and
-volumes (the rehearsal).
+minutes, less the eval part's reserve. ``--keras-torch`` also times the GPU recipe's steps with
+``KERAS_BACKEND=torch`` (off by default: the call's 10 minutes are full). ``--dry-run`` runs the same code on the CPU
+with tiny networks, patches and volumes (the rehearsal).
 """
 
 from __future__ import annotations
@@ -50,14 +51,7 @@ sys.path[:0] = [str(REPO), str(BENCH)]
 from utils.settings import RECIPES, gpu_workers  # noqa: E402  (light: imports nothing heavy)
 
 CARRY = REPO / ".gpu_carry"
-LIMIT_MIB = 64
 SHARED_DATA = REPO.parent / "shared" / "data"
-# What the device image lacks of what this check imports (KINDS.md's package list): carried as wheels. The rest of
-# requirements.txt is either there (numpy, scipy, h5py, scikit-image, matplotlib, pillow, tqdm, pyyaml) or never
-# imported by this check (tensorflow: the backend is jax; nibabel, SimpleITK, pydicom, highdicom: the data is
-# prepared here, and the check scores on the prepared grid).
-WHEELS = ("keras", "namex", "optree", "monai")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 NUM_CLASSES = 3
 PROFILES = {
     "device": {
@@ -77,7 +71,7 @@ PROFILES = {
         "protect_train_fraction": 0.8,
         "timeouts_s": {
             "steps_keras": 200, "steps_torch": 90, "infer_keras_fp32": 75, "infer_keras_mixed": 75, "infer_monai": 90,
-            "eval": 90,
+            "eval": 90, "steps_keras_torch": 90,
         },
     },
     "dry": {
@@ -97,7 +91,7 @@ PROFILES = {
         "protect_train_fraction": 0.8,
         "timeouts_s": {
             "steps_keras": 600, "steps_torch": 300, "infer_keras_fp32": 300, "infer_keras_mixed": 300,
-            "infer_monai": 300, "eval": 300,
+            "infer_monai": 300, "eval": 300, "steps_keras_torch": 300,
         },
     },
 }  # fmt: skip
@@ -168,7 +162,7 @@ def run_part(name: str, spec: dict, result_path: Path) -> None:
         facts = {"id": case.case_id, "source": case.source, "shape": list(case.image.shape), "spacing": case.spacing}
         record("case", {**facts, "seconds": time.time() - started})
         return
-    if name == "steps_keras":
+    if name.startswith("steps_keras"):
         import gpu_keras
 
         record("backend", gpu_keras.backend_facts())
@@ -191,7 +185,8 @@ def run_part(name: str, spec: dict, result_path: Path) -> None:
             figures = gpu_torch.TorchTrainStep(summary, item["mixed"]).time_steps(spec["warmup"], spec["timed"])
             record(item["label"], {"config": summary, **figures})
             print(f"torch {item['label']}: {figures['step_ms']:.1f} ms/step", flush=True)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return
     if name.startswith("infer_"):
         import numpy as np
@@ -341,14 +336,17 @@ def read_run(run_dir: Path) -> dict:
 
 
 def unpack_data(carry: Path, work: Path) -> Path:
-    """The prepared Hippocampus from ``carry/hippocampus.tar.gz`` into ``work/hippocampus`` (once)."""
-    target = work / "hippocampus"
-    if not (target / "manifest.json").is_file():
-        archive = carry / "hippocampus.tar.gz"
-        if not archive.is_file():
-            raise FileNotFoundError(f"{archive}: not found; run python benchmarks/gpu_check.py prepare first")
+    """The prepared Hippocampus from ``carry/hippocampus.tar.gz`` into ``work/hippocampus`` (again when the archive
+    changed)."""
+    archive, target = carry / "hippocampus.tar.gz", work / "hippocampus"
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive}: not found; run python benchmarks/gpu_check.py prepare first")
+    stamp, key = work / "hippocampus.stamp", f"{archive.stat().st_size} {archive.stat().st_mtime_ns}"
+    if not (target / "manifest.json").is_file() or not stamp.is_file() or stamp.read_text() != key:
+        shutil.rmtree(target, ignore_errors=True)
         with tarfile.open(archive) as tar:
             tar.extractall(work, filter="data")
+        stamp.write_text(key)
     return target
 
 
@@ -363,7 +361,8 @@ def machine_facts() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
     facts = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
@@ -391,14 +390,19 @@ def run(args) -> int:
     wanted = args.wants
     if wanted("steps_keras"):  # loader threads first: forked workers of a JAX process may deadlock (the box ends it)
         kinds = [{"mode": mode, "workers": profile["loader"]["workers"]} for mode in ("thread", "process")]
-        runner.part("steps_keras", {**common, "loader": {"steps": profile["loader"]["steps"], "kinds": kinds}})
+        loader = {"steps": profile["loader"]["steps"], "kinds": kinds, "stall_s": 60}
+        runner.part("steps_keras", {**common, "loader": loader})
     if wanted("steps_torch"):
         labels = runner.report["parts"].get("steps_keras", {})
         measured = [c for c in common["step_configs"] if "step_ms" in labels.get(c["label"], {})]
         runner.part(
             "steps_torch", {**common, "step_configs": measured or common["step_configs"]}, {"JAX_PLATFORMS": "cpu"}
         )
-    runner.finish("ct_case", ct_case, 300)
+    if args.keras_torch and (wanted("steps_keras") or wanted("steps_keras_torch")):
+        gpu_only = [c for c in common["step_configs"] if c["recipe"] == "gpu"]
+        spec = {**common, "step_configs": gpu_only, "loader": {"kinds": []}}
+        runner.part("steps_keras_torch", spec, {"KERAS_BACKEND": "torch"})
+    runner.finish("ct_case", ct_case, min(300.0, runner.remaining() - 5))
     spec = {"case_path": str(case_path), **inference}
     if wanted("infer_keras"):  # one process per precision: JAX's peak memory cannot be reset
         for precision in ("fp32", "mixed"):
@@ -436,6 +440,7 @@ def summarize(parts: dict) -> dict:
             "keras_ms": ours.get("step_ms"),
             "pytorch_ms": peer.get("step_ms"),
             "ratio": _ratio(peer.get("step_ms"), ours.get("step_ms")),
+            "keras_torch_backend_ms": parts.get("steps_keras_torch", {}).get(item["label"], {}).get("step_ms"),
             # JAX's peak covers everything its process measured before: only the first configuration's is its own.
             "keras_gpu_peak_gib": ours.get("gpu_peak_gib") if index == 0 else None,
             "pytorch_gpu_peak_gib": peer.get("gpu_peak_gib"),
@@ -492,69 +497,6 @@ def print_summary(report: dict) -> None:
             print(f"part {name}: {part.get('status')}")
 
 
-# ------------------------------------------------------------------------------------------------- prepare
-
-
-def prepare(args) -> int:
-    """Build the carried folder: wheels for Python 3.12 x86-64, the prepared Hippocampus (.npy in a .tar.gz) and the
-    CT source bank; check that it and the working tree stay under the 64 MiB the device call carries."""
-    import importlib.metadata as metadata
-
-    import scale
-
-    carry: Path = args.carry
-    wheels = carry / "wheels"
-    shutil.rmtree(wheels, ignore_errors=True)
-    wheels.mkdir(parents=True)
-    pins = [f"{name}=={metadata.version(name)}" for name in WHEELS]
-    platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-         "--implementation", "cp", *platforms, "-d", str(wheels), *pins],
-        check=True,
-    )  # fmt: skip
-    work = args.work.resolve()
-    prepared = work / "prepare" / "hippocampus"
-    shutil.rmtree(prepared, ignore_errors=True)
-    subprocess.run(
-        [sys.executable, "data_gen.py", "--input", str(args.shared_data / "msd_hippocampus"), "--output",
-         str(prepared), "--split", "0.6", "0.2", "0.2", "--seed", "0", "--workers", "2"],
-        cwd=REPO, check=True, env={**os.environ, "TQDM_DISABLE": "1"},
-    )  # fmt: skip
-    with tarfile.open(carry / "hippocampus.tar.gz", "w:gz") as tar:
-        tar.add(prepared, arcname="hippocampus")
-    scale.save_bank(scale.load_sources(args.shared_data), carry / "ct_bank.npz")
-    splits = json.loads((prepared / "splits.json").read_text())
-    record = {
-        "made": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "wheels": sorted(p.name for p in wheels.glob("*.whl")),
-        "hippocampus_splits": {k: len(v) for k, v in splits.items()},
-    }
-    write_json(carry / "prepared.json", record)
-    carried, tree = folder_bytes(carry), tree_bytes()
-    total = (carried + tree) / 2**20
-    print(f"carry {carry}: {carried / 2**20:.1f} MiB; working tree {tree / 2**20:.1f} MiB; together {total:.1f} MiB")
-    if total > LIMIT_MIB:
-        print(
-            f"gpu_check.py: error: {total:.1f} MiB is over the {LIMIT_MIB} MiB a device call carries", file=sys.stderr
-        )
-        return 1
-    return 0
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def tree_bytes() -> int:
-    """Tracked files plus untracked files git does not ignore: what a device call sends besides ``carry``."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")  # fmt: skip
-    return sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
-
-
 # ------------------------------------------------------------------------------------------------- command line
 
 
@@ -567,11 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--carry", type=Path, default=CARRY, help="the carried folder (default: %(default)s)")
         sub.add_argument("--work", type=Path, default=Path("/tmp/gpu_check_work"), help="scratch folder")
     run_parser = commands.choices["run"]
-    run_parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_check_out")))
+    out = Path(os.environ.get("OUT", "/tmp/gpu_check_out"))
+    run_parser.add_argument("--out", type=Path, default=out, help="gpu_check.json and the logs (default: $OUT)")
     run_parser.add_argument("--deadline", type=float, help="Unix time by which everything must be done")
     run_parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (rehearsal)")
     parts = ("steps_keras", "steps_torch", "infer_keras", "infer_monai", "train", "eval")
-    run_parser.add_argument("--only", nargs="+", choices=parts, help="run only these parts")
+    run_parser.add_argument("--only", nargs="+", choices=(*parts, "steps_keras_torch"), help="run only these parts")
+    run_parser.add_argument(
+        "--keras-torch", action="store_true", help="also time the GPU recipe's steps with KERAS_BACKEND=torch"
+    )
     part = commands.add_parser("part", help="one part (internal)")
     part.add_argument("name")
     part.add_argument("spec", type=Path)
@@ -582,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prepare":
-        return prepare(args)
+        from gpu_prepare import prepare
+
+        return prepare(args.carry, args.work, args.shared_data)
     if args.command == "part":
         run_part(args.name, json.loads(args.spec.read_text()), args.result)
         return 0

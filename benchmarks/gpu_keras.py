@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 
 import numpy as np
@@ -112,21 +113,25 @@ class KerasTrainStep:
             **peak_memory(),
         }
 
-    def time_loader(self, workers: int, mode: str, steps: int) -> dict:
+    def time_loader(self, workers: int, mode: str, steps: int, stall_s: float) -> dict:
         """Steps fed by the toolkit's loader (``BatchLoader`` over the recipe's sampler, as ``fit`` reads it): the
-        wait for each batch plus its step. The workers fill their queue before the timing starts."""
+        wait for each batch plus its step. The workers fill their queue before the timing starts.
+
+        Raises:
+            RuntimeError: no batch came within ``stall_s`` seconds (forked workers of a JAX process can deadlock).
+        """
         from utils.train.workers import BatchLoader
 
         loader = BatchLoader(self.sampler, workers, mode, max_queue_size=2 * workers).start()
         try:
             index = 0
             for _ in range(2 * workers):  # the queue was filled ahead; take those untimed
-                self.model.train_on_batch(*loader[index])
+                self.model.train_on_batch(*take(loader, index, stall_s))
                 index += 1
             waits, times = [], []
             for _ in range(steps):
                 start = time.perf_counter()
-                batch = loader[index]
+                batch = take(loader, index, stall_s)
                 waits.append(time.perf_counter() - start)
                 self.model.train_on_batch(*batch)
                 times.append(time.perf_counter() - start)
@@ -141,6 +146,27 @@ class KerasTrainStep:
             "step_ms": 1000 * float(np.median(times)),
             "mean_wait_ms": 1000 * float(np.mean(waits)),
         }
+
+
+def take(loader, index: int, stall_s: float):
+    """``loader[index]`` taken in a helper thread (about 0.1 ms a batch), so that a loader that stalls raises a
+    ``RuntimeError`` after ``stall_s`` seconds instead of hanging the measurement."""
+    box: dict = {}
+
+    def fetch() -> None:
+        try:
+            box["batch"] = loader[index]
+        except Exception as error:  # handed to the caller below
+            box["error"] = error
+
+    thread = threading.Thread(target=fetch, name="gpu-check-take", daemon=True)
+    thread.start()
+    thread.join(stall_s)
+    if thread.is_alive():
+        raise RuntimeError(f"no batch {index} from the {loader.mode} loader within {stall_s:.0f} s: stalled")
+    if "error" in box:
+        raise box["error"]
+    return box["batch"]
 
 
 def steps(spec: dict, record) -> None:
@@ -181,7 +207,13 @@ def loader_overhead(step: KerasTrainStep, spec: dict, record) -> None:
         if time.time() + 3 * again["mean_step_ms"] / 1000 * spec["loader"]["steps"] + 10 > float(spec["deadline"]):
             record(key, {"skipped": "out of time"})
             continue
-        fed = step.time_loader(loader["workers"], loader["mode"], spec["loader"]["steps"])
+        try:
+            options = spec["loader"]
+            fed = step.time_loader(loader["workers"], loader["mode"], options["steps"], options["stall_s"])
+        except RuntimeError as error:
+            record(key, {"error": str(error)})
+            print(f"{key}: {error}", flush=True)
+            continue
         fed["ready_mean_step_ms"] = again["mean_step_ms"]
         fed["overhead"] = fed["mean_step_ms"] / again["mean_step_ms"] - 1.0
         record(key, fed)
