@@ -7,6 +7,13 @@ importance map (sigma = patch / 8, as in nnU-Net) or uniformly, and the weighted
 model is called through its compiled predict function, or eagerly when the caller says it lives under a distribution
 strategy (``distributed``: validation while training with ``--strategy mirrored|multiworker``).
 
+Networks of valid convolutions (the two-path CNN as trained, :data:`utils.settings.WHOLE_SLICE_MODELS`) return the
+centre of their input, ``margin`` voxels less on each side. The sliding window then pads the image by the margin
+(zeros, as a same-padded network pads) and tiles the *outputs*: each window reads its output tile plus the margin
+around it, so every voxel is predicted from its real neighbourhood and the result equals whole-input prediction;
+such tiles do not overlap (their outputs would be the same). :func:`model_predictor` pads a batch by the margin for
+callers that want an output of the input's size.
+
 Memory: the importance map is separable and the windows form a grid, so the summed weight at every voxel is a product
 of one-dimensional sums. Each window's prediction is therefore multiplied by its *normalised* weight (its weight
 divided by that sum, a value in [0, 1]) and added straight into the output, which holds the finished probabilities
@@ -114,6 +121,7 @@ def sliding_window(
     batch_size: int = 4,
     progress: bool = False,
     dtype: str | None = None,
+    margin: int = 0,
 ) -> np.ndarray:
     """Tile windows over ``images`` ``(N, *spatial, C)`` and blend ``predict``'s outputs into ``(N, *spatial, K)``.
 
@@ -127,6 +135,8 @@ def sliding_window(
         batch_size: windows per call of ``predict``; windows of several inputs share a batch.
         progress: show a progress bar over windows.
         dtype: ``float32``, ``float16`` or ``None`` (:func:`output_dtype` decides by size).
+        margin: ``predict`` returns the centre of each window, ``margin`` voxels less on each side (a network of
+            valid convolutions); the image is padded by it and the output tiles do not overlap.
 
     Returns:
         Probabilities ``(N, *spatial, K)`` of ``dtype``.
@@ -139,40 +149,59 @@ def sliding_window(
         raise ValueError(f"patch size {tuple(patch_size)} does not match the input's spatial shape {spatial}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    pad = [max(0, p - s) for s, p in zip(spatial, patch_size, strict=True)]
-    padding = [(0, 0)] + [(d // 2, d - d // 2) for d in pad] + [(0, 0)]
-    if any(pad):
-        images = np.pad(images, padding)
-    padded = images.shape[1:-1]
-    starts = [window_starts(s, p, overlap) for s, p in zip(padded, patch_size, strict=True)]
+    tile = [int(p) - 2 * int(margin) for p in patch_size]
+    if min(tile) < 1:
+        raise ValueError(f"a margin of {margin} leaves no output in a window of {tuple(patch_size)}")
+    overlap = 0.0 if margin else overlap
+    pad = [max(0, t - s) for s, t in zip(spatial, tile, strict=True)]
+    padding = [(d // 2, d - d // 2) for d in pad]
+    if any(pad) or margin:
+        images = np.pad(images, [(0, 0), *((lo + margin, hi + margin) for lo, hi in padding), (0, 0)])
+    padded = [s + d for s, d in zip(spatial, pad, strict=True)]
+    starts = [window_starts(s, t, overlap) for s, t in zip(padded, tile, strict=True)]
     weights = [
-        dict(zip(axis_starts, _normalised_weights(size, p, axis_starts, importance_profile(p, blend)), strict=True))
-        for size, p, axis_starts in zip(padded, patch_size, starts, strict=True)
+        dict(zip(axis_starts, _normalised_weights(size, t, axis_starts, importance_profile(t, blend)), strict=True))
+        for size, t, axis_starts in zip(padded, tile, starts, strict=True)
     ]
     output = np.zeros(
-        (images.shape[0], *padded, num_classes), dtype=output_dtype((*images.shape[:-1], num_classes), dtype)
+        (images.shape[0], *padded, num_classes), dtype=output_dtype((images.shape[0], *padded, num_classes), dtype)
     )
     jobs = [(n, s) for n in range(images.shape[0]) for s in itertools.product(*starts)]
     bar = tqdm(total=len(jobs), desc="windows", unit="win", leave=False, disable=not progress, dynamic_ncols=True)
     for begin in range(0, len(jobs), batch_size):
         chunk = jobs[begin : begin + batch_size]
-        windows = [(n, s, tuple(slice(a, a + p) for a, p in zip(s, patch_size, strict=True))) for n, s in chunk]
-        batch = np.stack([np.asarray(images[(n, *w)], dtype=np.float32) for n, _, w in windows])
+        batch = np.stack([np.asarray(images[(n, *_window(s, patch_size))], dtype=np.float32) for n, s in chunk])
         probabilities = np.asarray(predict(batch), dtype=np.float32)
-        if probabilities.shape != (len(chunk), *patch_size, num_classes):
+        if probabilities.shape != (len(chunk), *tile, num_classes):
             raise ValueError(
-                f"predict returned shape {probabilities.shape}, expected {(len(chunk), *patch_size, num_classes)}"
+                f"predict returned shape {probabilities.shape}, expected {(len(chunk), *tile, num_classes)}"
             )
-        for (n, s, w), prob in zip(windows, probabilities, strict=True):
+        for (n, s), prob in zip(chunk, probabilities, strict=True):
             weight = _outer([weights[axis][a] for axis, a in enumerate(s)]).astype(np.float32)
-            output[(n, *w)] += prob * weight[..., None]
+            output[(n, *_window(s, tile))] += prob * weight[..., None]
         bar.update(len(chunk))
     bar.close()
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding[1:-1], spatial, strict=True))
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, spatial, strict=True))
     return output[(slice(None), *crop)] if any(pad) else output
 
 
-def model_predictor(model, distributed: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def _window(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
+
+
+def model_margin(model) -> int:
+    """Voxels a Keras model trims from each side of its input (a network of valid convolutions), from its static
+    shapes; 0 when they are equal or unknown (or ``model`` has no symbolic inputs and outputs)."""
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        return 0
+    inputs, outputs = model.inputs[0].shape[1:-1], model.outputs[0].shape[1:-1]
+    if None in inputs or None in outputs or len(inputs) != len(outputs):
+        return 0
+    margins = {(int(i) - int(o)) // 2 for i, o in zip(inputs, outputs, strict=True)}
+    return margins.pop() if len(margins) == 1 and min(margins) > 0 else 0
+
+
+def model_predictor(model, distributed: bool = False, same_size: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """``batch -> probabilities`` for a Keras model (first output of deep-supervision models), as float32 numpy.
 
     Batches go through ``model.predict_on_batch``, Keras's compiled predict function (traced once per batch size,
@@ -184,6 +213,9 @@ def model_predictor(model, distributed: bool = False) -> Callable[[np.ndarray], 
         distributed: the model was built under a ``tf.distribute`` strategy or a Keras distribution (training with
             ``--strategy mirrored|multiworker``): it is then called eagerly, since its compiled step would split the
             batch over the devices. The caller that set up the distribution says so.
+        same_size: for a network of valid convolutions (:func:`model_margin`), return outputs of the batch's size:
+            each sample is padded by the margin with zeros, as a same-padded network would pad it, and predicted in
+            output tiles (:func:`sliding_window`); ``False`` returns the network's output, the centre of the batch.
     """
     import keras
 
@@ -193,7 +225,15 @@ def model_predictor(model, distributed: bool = False) -> Callable[[np.ndarray], 
             out = out[0]
         return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
-    return predict
+    margin = model_margin(model) if same_size else 0
+    if not margin:
+        return predict
+    window, classes = tuple(model.inputs[0].shape[1:-1]), int(model.outputs[0].shape[-1])
+
+    def predict_same_size(batch: np.ndarray) -> np.ndarray:
+        return sliding_window(batch, predict, window, classes, batch_size=len(batch), dtype="float32", margin=margin)
+
+    return predict_same_size
 
 
 def predict_volume(
@@ -209,6 +249,7 @@ def predict_volume(
     predict: Callable[[np.ndarray], np.ndarray] | None = None,
     dtype: str | None = None,
     distributed: bool = False,
+    margin: int | None = None,
 ) -> np.ndarray:
     """Class probabilities ``(Z, Y, X, K)`` for a prepared image ``(Z, Y, X, C)``.
 
@@ -223,6 +264,9 @@ def predict_volume(
         progress: progress bar over windows.
         predict: optional ``batch -> probabilities`` function used instead of ``model``.
         distributed: ``model`` lives under a distribution strategy (see :func:`model_predictor`).
+        margin: voxels ``predict`` trims from each side of a window (see :func:`sliding_window`); ``None``: the
+            model's (:func:`model_margin`), or 0 with ``predict``. A 2D model that takes any input size, given the
+            whole slice as ``patch_size``, predicts whole slices.
 
     Raises:
         ValueError: a patch size of other than 2 or 3 entries, or an image that is not ``(Z, Y, X, C)``.
@@ -232,7 +276,9 @@ def predict_volume(
         raise ValueError(f"patch size must have 2 or 3 entries, got {tuple(patch_size)}")
     if image.ndim != 4:
         raise ValueError(f"image must be (Z, Y, X, C), got shape {tuple(image.shape)}")
-    predict = predict or model_predictor(model, distributed)
+    if margin is None:
+        margin = model_margin(model) if predict is None else 0
+    predict = predict or model_predictor(model, distributed, same_size=False)
     axes = range(ndim) if tta is True else (tta or ())
     if any(not 0 <= int(a) < ndim for a in axes):
         raise ValueError(f"test-time mirroring axes {list(axes)} are not spatial axes of a {ndim}D patch")
@@ -240,7 +286,7 @@ def predict_volume(
         predict = mirrored(predict, tuple(int(a) + 1 for a in axes))
     images = image if ndim == 2 else image[None]
     probabilities = sliding_window(
-        images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, dtype
+        images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, dtype, margin
     )
     return probabilities if ndim == 2 else probabilities[0]
 

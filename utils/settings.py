@@ -70,6 +70,16 @@ AUGMENT_PRESETS = ("none", "default", "strong")
 STRATEGIES = ("default", "mirrored", "multiworker")
 VALIDATION_MODES = ("auto", "volumes", "patches")
 DEFAULT_MEMORY_GB = 8.0
+# 2D plans on a CPU keep a training step near STEP_SECONDS: the batch (and the patch of the models trained on
+# patches) is capped at what the CPU trains in that time, from the model's floating-point operations per sample
+# and cores x CPU_GFLOPS_PER_CORE of the CPU's kind (utils/train/planning.py). Measured with TensorFlow on an AMD
+# EPYC with AVX-512 (2 cores): the CPU recipe's 2D U-Net trains at about 60 GFLOP/s per core (oneDNN), the two-path
+# CNN at about 30 (XLA); the lower is kept, and the other kinds are scaled by vector width. On a GPU the memory
+# plan stands.
+STEP_SECONDS = 1.0
+CPU_GFLOPS_PER_CORE = {"amx": 30.0, "avx512": 30.0, "avx2": 15.0, "avx": 8.0, "other": 8.0}
+# Architectures trained on patches of their receptive field and applied fully convolutionally to whole slices.
+WHOLE_SLICE_MODELS = ("twopath2d",)
 
 # Evaluation (evaluation.py).
 BLENDS = ("gaussian", "constant")

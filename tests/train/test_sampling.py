@@ -152,6 +152,26 @@ def test_stack_sampler_reads_rows_pads_and_oversamples():
     assert 0.15 < present[:, 1].mean() < 0.35  # class 2 (one voxel in one row) gets half of the placed samples
 
 
+def test_targets_of_a_network_of_valid_convolutions_are_the_centre_of_the_patch():
+    plain = sampler_for((12, 12), foreground_ratio=0.0, seed=5)
+    trimmed = sampler_for((12, 12), foreground_ratio=0.0, seed=5, target_margin=3)
+    (x, y), (x_trimmed, y_trimmed) = plain[2], trimmed[2]
+    np.testing.assert_array_equal(x_trimmed, x)
+    np.testing.assert_array_equal(y_trimmed, y[:, 3:-3, 3:-3])
+    # a sample placed on foreground holds it in its targets, not only in the margin around them
+    rng = np.random.default_rng(1)
+    labels = np.zeros((30, 48, 40), dtype=np.uint8)
+    labels[:, 20:23, 18:21] = 1
+    images = rng.normal(size=(30, 48, 40, 1)).astype(np.float32)
+    sampler = StackSampler(images, labels, (40, 40), 2, batch_size=6, foreground_ratio=1.0, target_margin=16)
+    for index in range(5):
+        x, y = sampler[index]
+        assert x.shape == (6, 40, 40, 1) and y.shape == (6, 8, 8)
+        assert (y == 1).any(axis=(1, 2)).all()
+    with pytest.raises(ValueError, match="leaves no target"):
+        sampler_for((12, 12), target_margin=6)
+
+
 def test_stack_and_patch_size_must_agree():
     with pytest.raises(ValueError, match="do not fit a patch size"):
         StackSampler(np.zeros((2, 8, 8, 1)), np.zeros((2, 8, 8)), (8, 8, 8), 2)

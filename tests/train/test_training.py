@@ -15,7 +15,7 @@ from utils.inference import predict_volume
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepared import PreparedDataset
 from utils.runs import TrainingConfig, load_model
-from utils.settings import TRAINING, defaults
+from utils.settings import CPU_GFLOPS_PER_CORE, STEP_SECONDS, TRAINING, defaults
 from utils.train import planning
 from utils.train.callbacks import LearningRate, read_history, write_history
 from utils.train.config import check_settings, resolve_config
@@ -84,6 +84,52 @@ def test_depth_fits_a_given_patch():
     assert plan["model_args"]["depth"] == 3 and "depth" not in plan["plan"]["planned"]
     plan = planning.plan("fcn3d", fingerprint, 1, 3, {}, patch_size=[24, 24, 24])
     assert plan["model_args"]["depth"] == 3
+
+
+SLOW_CPU = {"model": "a 2-core CPU", "cores": 2, "kind": "avx"}
+FAST_CPU = {"model": "a 64-core CPU", "cores": 64, "kind": "avx512"}
+UNET_CPU = {"filters": 16, "norm": "instance", "stem_stride": 2}
+
+
+def test_2d_plans_fit_the_step_time_of_a_cpu_and_the_memory_of_a_gpu():
+    fingerprint = {"median_shape": [120, 512, 512], "median_spacing": [2.5, 0.8, 0.8]}
+    slow = planning.plan("unet2d", fingerprint, 1, 3, UNET_CPU, cpu=SLOW_CPU)
+    speed = slow["plan"]["speed"]
+    assert speed["gflops"] == 2 * CPU_GFLOPS_PER_CORE["avx"] and speed["cores"] == 2
+    assert slow["batch_size"] == max(2, int(STEP_SECONDS * speed["gflops"] // speed["gflop_per_sample"]))
+    assert slow["batch_size"] == 2 or speed["estimated_step_s"] <= STEP_SECONDS
+    fast = planning.plan("unet2d", fingerprint, 1, 3, UNET_CPU, cpu=FAST_CPU)
+    gpu = planning.plan("unet2d", fingerprint, 1, 3, UNET_CPU, recipe="gpu")
+    assert "speed" not in gpu["plan"] and gpu["patch_size"] == slow["patch_size"] == [256, 256]
+    assert slow["batch_size"] < fast["batch_size"] <= gpu["batch_size"]
+    assert gpu["batch_size"] == min(planning.target_batch_size([256, 256]), gpu["plan"]["samples_that_fit"])
+    volume = planning.plan("unet3d", {"median_shape": [36, 51, 36]}, 1, 3, UNET_CPU, cpu=SLOW_CPU)
+    assert "speed" not in volume["plan"]  # 3D plans keep their rule (batch 2)
+
+
+def test_multiply_adds_are_counted_from_the_layers():
+    options = {"local_filters": 1, "global_filters": 1, "pieces": 1, "padding": "valid"}
+    built = model_zoo.build_model("twopath2d", (33, 33, 1), 2, **options)
+    # local 7x7 onto 27x27, 3x3 onto 22x22 (after a 4x4 pooling), global 13x13 onto 21x21, score 21x21x2x2 onto 1x1
+    assert planning.count_multiply_adds(built) == 49 * 27**2 + 9 * 22**2 + 169 * 21**2 + 21 * 21 * 2 * 2
+    keras.backend.clear_session()
+
+
+def test_the_two_path_network_is_planned_on_patches_of_its_receptive_field():
+    fingerprint = {"median_shape": [36, 51, 36], "median_spacing": [1, 1, 1]}
+    plan = planning.plan("twopath2d", fingerprint, 1, 3, {}, cpu=FAST_CPU)
+    assert plan["model_args"] == {"padding": "valid"} and plan["patch_size"] == [64, 64]
+    assert planning.output_margin("twopath2d", plan["model_args"]) == 16
+    assert "central 32x32 pixels (receptive field 33x33)" in plan["plan"]["trained_on"]
+    slow = planning.plan("twopath2d", fingerprint, 1, 3, {}, cpu={**SLOW_CPU, "cores": 1})
+    assert 33 <= slow["patch_size"][0] < 64 and slow["batch_size"] >= 2
+    assert slow["patch_size"] == [33, 33] or slow["plan"]["speed"]["estimated_step_s"] <= STEP_SECONDS
+    tiny = planning.plan("twopath2d", fingerprint, 1, 3, {}, target_shape=[6, 8], cpu=FAST_CPU)
+    assert tiny["patch_size"] == [38, 38]  # outputs no larger than the slices
+    cascade = planning.plan("twopath2d", fingerprint, 1, 3, {"cascade": True}, cpu=FAST_CPU)
+    assert cascade["patch_size"] == [96, 96] and planning.output_margin("twopath2d", cascade["model_args"]) == 32
+    same = planning.plan("twopath2d", fingerprint, 1, 3, {"padding": "same"}, patch_size=[40, 40], cpu=FAST_CPU)
+    assert same["patch_size"] == [40, 40] and planning.output_margin("twopath2d", same["model_args"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
 from utils.prepared import PreparedDataset
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
 from utils.runs import TrainingConfig, load_run, model_path
+from utils.settings import WHOLE_SLICE_MODELS
 
 log = logging.getLogger(__name__)
 POSTPROCESSING_FILE = "postprocessing.json"
@@ -80,17 +81,25 @@ def class_names(labels: Mapping[str, str], values: Sequence[int]) -> dict[str, s
 
 @dataclass
 class Predictor:
-    """What :func:`segment` needs from a run: the model (or a ``batch -> probabilities`` function) and its config."""
+    """What :func:`segment` needs from a run: the model (or a ``batch -> probabilities`` function) and its config.
+
+    A network trained on patches of its receptive field (:data:`utils.settings.WHOLE_SLICE_MODELS`) predicts whole
+    slices, fully convolutionally: :meth:`whole_slice_model` rebuilds it for any slice size with the trained weights.
+    """
 
     model: object
     config: TrainingConfig
     predict: Callable[[np.ndarray], np.ndarray] | None = None
+    _whole_slices: object = field(default=None, init=False, repr=False)
 
     def probabilities(self, image: np.ndarray, options: Options) -> np.ndarray:
+        model, patch = self.model, self.config.patch_size
+        if self.predict is None and self.config.model in WHOLE_SLICE_MODELS:
+            model, patch = self.whole_slice_model(), list(image.shape[1:3])
         return predict_volume(
-            self.model,
+            model,
             image,
-            self.config.patch_size,
+            patch,
             self.config.num_classes,
             overlap=options.overlap,
             blend=options.blend,
@@ -99,6 +108,19 @@ class Predictor:
             progress=options.progress,
             predict=self.predict,
         )
+
+    def whole_slice_model(self):
+        """The run's network built for ``(None, None, C)`` slices with same padding (its valid convolutions padded by
+        half the receptive field, with zeros) and the trained weights: output ``(B, H, W, K)`` for any slice."""
+        if self._whole_slices is None:
+            import model as model_zoo
+
+            args = {**self.config.model_args, "padding": "same"}
+            shape = (None, None, self.config.num_channels)
+            whole = model_zoo.build_model(self.config.model, shape, self.config.num_classes, **args)
+            whole.set_weights(self.model.get_weights())
+            self._whole_slices = whole
+        return self._whole_slices
 
 
 def segment(

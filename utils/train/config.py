@@ -146,6 +146,7 @@ def resolve_config(
             batch_size=config["batch_size"],
             memory_gb=config["memory_budget"],
             target_shape=target,
+            recipe=recipe,
         )
     config.update(patch_size=planned["patch_size"], batch_size=planned["batch_size"], model_args=planned["model_args"])
     config["plan"] = planned["plan"]

@@ -36,6 +36,7 @@ from utils.train.distribute import (
     mixed_precision_policy,
     summary_writer,
 )
+from utils.train.planning import jit_compile, output_margin
 from utils.train.sampling import PatchSampler, StackSampler
 from utils.train.workers import guarded
 
@@ -70,6 +71,7 @@ def compile_model(model: keras.Model, config: TrainingConfig, lr: float) -> list
             optimizer=optimizer,
             loss=get_loss(config.loss, **config.loss_args),
             metrics=[MeanForegroundDice(config.num_classes)],
+            jit_compile=jit_compile(config.model),
         )
         return None
     model.compile(
@@ -106,6 +108,7 @@ def make_sampler(
         shard=distribution.worker_index,
         target_strides=strides,
         random_padding=config.pad_placement == "random",
+        target_margin=output_margin(config.model, config.model_args),
     )
     if distribution.strategy is None and config.workers > 1:
         options.update(

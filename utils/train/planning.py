@@ -12,6 +12,19 @@ memory budget, in the spirit of nnU-Net's experiment planning (Isensee et al. 20
    budget, the axis with the largest physical extent (voxels x spacing) is shrunk by one down-sampling step.
 5. Batch: 2 for 3D patches above 64^3 voxels, else 4; in 2D ``2^18 / voxels`` within 2..32; then capped by what fits
    in the budget (at least 2).
+6. Speed (2D plans with the ``cpu`` recipe): the batch is also capped by what the CPU trains in
+   :data:`~utils.settings.STEP_SECONDS` (at least 2): the training cost of a sample is counted from the model (2
+   floating-point operations per multiply-add of every convolution and dense layer, forward and twice backward, plus
+   a few per activation) and the CPU's speed is its cores times :data:`~utils.settings.CPU_GFLOPS_PER_CORE` of its
+   kind. A step then stays near a second on a 2-core CPU instead of the 42 s that 32 whole 61 x 73 slices of the
+   two-path network took; on a GPU the memory plan stands.
+
+Models trained on patches (:data:`~utils.settings.WHOLE_SLICE_MODELS`: the two-path CNN of Havaei et al. 2017) are
+planned differently: the network is built with valid convolutions, so each output pixel is the prediction for the
+window of the receptive field (33 x 33) around it, and a sample of ``33 + k - 1`` pixels a side trains the ``k x k``
+receptive-field patches at its centre at once (``k`` = 32, or 16, 8, 1 where the CPU's step budget does not hold two
+samples; ``k = 1`` is the paper's 33 x 33 patch labelling its centre pixel). Evaluation applies the same weights
+fully convolutionally to whole slices.
 
 The plan (inputs, estimate and choices) is returned for ``config.json``. Spacing anisotropy (largest over smallest
 spacing) above 3 is reported: such data usually trains better with a 2D model, as our 3D networks pool isotropically.
@@ -26,11 +39,13 @@ from collections.abc import Sequence
 import numpy as np
 
 import model as model_zoo
-from utils.settings import DEFAULT_MEMORY_GB
+from utils import device
+from utils.settings import CPU_GFLOPS_PER_CORE, DEFAULT_MEMORY_GB, STEP_SECONDS, WHOLE_SLICE_MODELS
 
 MAX_PATCH = {2: 256, 3: 128}
 MIN_FEATURE_MAP = 4
 MAX_DEPTH = 6
+OUTPUT_SIDES = (32, 16, 8, 1)  # output tiles of a model trained on patches, largest first
 
 
 def builder_options(name: str) -> dict:
@@ -75,7 +90,8 @@ def round_up(patch: Sequence[float], factor: int) -> list[int]:
 
 
 def estimate_memory(name: str, model_args: dict, patch: Sequence[int], num_channels: int, num_classes: int) -> dict:
-    """Training memory of one sample and of the weights, in bytes (float32), from a symbolic build of the model."""
+    """Training memory of one sample and of the weights, in bytes (float32), and the floating-point operations of
+    training on one sample (``flops_per_sample``), from a symbolic build of the model."""
     import keras
 
     built = model_zoo.build_model(name, (*patch, num_channels), num_classes, **model_args)
@@ -84,9 +100,68 @@ def estimate_memory(name: str, model_args: dict, patch: Sequence[int], num_chann
         outputs = layer.output if isinstance(layer.output, list | tuple) else [layer.output]
         for output in outputs:
             elements += int(np.prod([d for d in output.shape[1:] if d is not None]))
+    multiply_adds = count_multiply_adds(built)
     parameters = int(built.count_params())
     keras.backend.clear_session()
-    return {"per_sample_bytes": 2 * 4 * elements, "weights_bytes": 16 * parameters, "parameters": parameters}
+    return {
+        "per_sample_bytes": 2 * 4 * elements,
+        "weights_bytes": 16 * parameters,
+        "parameters": parameters,
+        "flops_per_sample": 3 * 2 * multiply_adds + 6 * elements,
+    }
+
+
+def count_multiply_adds(built) -> int:
+    """Multiply-adds of one forward pass of a built Keras model on one sample: every convolution and dense layer's
+    kernel size times the positions it is applied at (a transposed convolution's input positions)."""
+    import keras
+
+    total = 0
+    for layer in built.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or isinstance(layer.output, list | tuple):
+            continue
+        positions = int(np.prod([d for d in layer.output.shape[1:-1] if d is not None]))
+        if isinstance(layer, keras.layers.Conv2DTranspose | keras.layers.Conv3DTranspose):
+            positions //= int(np.prod(layer.strides))
+        total += int(np.prod(kernel.shape)) * positions
+    return total
+
+
+def device_gflops(cpu: dict) -> float:
+    """Training speed assumed for a CPU, in GFLOP/s: its cores times the rate of its kind."""
+    rate = CPU_GFLOPS_PER_CORE.get(cpu.get("kind"), CPU_GFLOPS_PER_CORE["other"])
+    return float(cpu.get("cores") or 1) * rate
+
+
+def speed_batch(flops_per_sample: float, gflops: float) -> int:
+    """Samples a device of ``gflops`` trains in :data:`~utils.settings.STEP_SECONDS`."""
+    return int(STEP_SECONDS * gflops * 1e9 // max(flops_per_sample, 1.0))
+
+
+def receptive_field(name: str, model_args: dict) -> int:
+    """The receptive field of a model trained on patches (33 for the two-path CNN, 65 as a cascade)."""
+    return (model_zoo.TWOPATH_CONTEXT * (2 if model_args.get("cascade") else 1)) + 1
+
+
+def output_margin(name: str, model_args: dict) -> int:
+    """Pixels a model with valid convolutions trims from each side of its input (0 for the others): the training
+    targets are the centre of each patch."""
+    if name not in WHOLE_SLICE_MODELS or model_args.get("padding", "same") != "valid":
+        return 0
+    return receptive_field(name, model_args) // 2
+
+
+def jit_compile(name: str) -> bool | str:
+    """``model.compile``'s ``jit_compile``: XLA for the networks trained on patches under TensorFlow, Keras's
+    ``auto`` (XLA on GPUs only) for the others. TensorFlow's own gradient of the two-path CNN's 21 x 21 score
+    convolution (224 channels in, a few out) is pathologically slow on a CPU: a step of five 64 x 64 samples took
+    4.8 s there against 0.28 s with XLA (2 cores, AMD EPYC)."""
+    import keras
+
+    if name in WHOLE_SLICE_MODELS and keras.backend.backend() == "tensorflow":
+        return True
+    return "auto"
 
 
 def target_batch_size(patch: Sequence[int]) -> int:
@@ -106,6 +181,8 @@ def plan(
     batch_size: int | None = None,
     memory_gb: float = DEFAULT_MEMORY_GB,
     target_shape: Sequence[float] | None = None,
+    recipe: str = "cpu",
+    cpu: dict | None = None,
 ) -> dict:
     """Plan the patch size, batch size and depth of ``name`` for a dataset.
 
@@ -117,6 +194,8 @@ def plan(
         patch_size, batch_size: values set by the user, kept as they are.
         memory_gb: the memory budget of one device, in GiB.
         target_shape: the shape to cover instead of the fingerprint's median (e.g. the rows of an exported stack).
+        recipe: the device recipe (``cpu`` or ``gpu``); with ``cpu`` 2D plans also fit the step time.
+        cpu: :func:`utils.device.cpu_info` of the machine (read when ``None``).
 
     Returns:
         ``{"patch_size", "batch_size", "model_args", "plan": {...how they were chosen...}}``.
@@ -134,6 +213,15 @@ def plan(
         target_shape = list(median)[-ndim:] if median else list(patch_size)
     target = [min(float(t), MAX_PATCH[ndim]) for t in target_shape[-ndim:]]
     budget = float(memory_gb) * 2**30
+    speed = None
+    if ndim == 2 and recipe == "cpu":
+        cpu = cpu or device.cpu_info()
+        speed = {"cpu": cpu.get("model"), "cores": cpu.get("cores"), "kind": cpu.get("kind")}
+        speed["gflops"] = device_gflops(cpu)
+    if name in WHOLE_SLICE_MODELS:
+        return _patch_trained_plan(
+            name, num_channels, num_classes, model_args, patch_size, batch_size, budget, target, speed, memory_gb
+        )
     depth_planned = "depth" in builder_options(name) and "depth" not in model_args
     patch = list(patch_size) if patch_size is not None else None
     rates: dict[str, dict] = {}
@@ -163,7 +251,12 @@ def plan(
                 "raise --memory-budget or choose a smaller model"
             )
         target[axis] = candidate[axis] - factor
-    batch = int(batch_size) if batch_size is not None else max(2, min(target_batch_size(candidate), fits))
+    by_speed = None
+    if speed is not None:
+        speed["gflop_per_sample"] = round(rate["flops_per_sample"] * int(np.prod(candidate)) / rate["voxels"] / 1e9, 4)
+        by_speed = speed_batch(speed["gflop_per_sample"] * 1e9, speed["gflops"])
+    limits = [target_batch_size(candidate), fits] + ([by_speed] if by_speed is not None else [])
+    batch = int(batch_size) if batch_size is not None else max(2, min(limits))
     spacing_arr = np.asarray(fingerprint.get("median_spacing") or [1.0], dtype=float)
     anisotropy = float(spacing_arr.max() / spacing_arr.min()) if spacing_arr.size else 1.0
     record = {
@@ -184,4 +277,58 @@ def plan(
         record["note_memory"] = f"the estimate exceeds the {memory_gb} GiB budget at batch {batch}"
     if anisotropy > 3 and ndim == 3:
         record["note"] = "spacing is anisotropic (> 3); a 2D model may train better"
+    if speed is not None:
+        record["speed"] = _speed_record(speed, batch, by_speed)
     return {"patch_size": candidate, "batch_size": batch, "model_args": args, "plan": record}
+
+
+def _speed_record(speed: dict, batch: int, by_speed: int | None) -> dict:
+    estimated = batch * speed["gflop_per_sample"] / speed["gflops"]
+    return {**speed, "samples_per_step_s": by_speed, "step_s_target": STEP_SECONDS, "estimated_step_s": estimated}
+
+
+def _patch_trained_plan(
+    name: str,
+    num_channels: int,
+    num_classes: int,
+    model_args: dict,
+    patch_size: Sequence[int] | None,
+    batch_size: int | None,
+    budget: float,
+    target: Sequence[float],
+    speed: dict | None,
+    memory_gb: float,
+) -> dict:
+    """Plan a model trained on patches of its receptive field (module docstring): valid convolutions, a patch of
+    ``field + k - 1`` pixels a side with the largest output side ``k`` (at most the slice) whose two samples fit the
+    step time (with the ``cpu`` recipe) and the memory budget, and the batch as for the other 2D models."""
+    args = {"padding": "valid", **model_args}
+    field, margin = receptive_field(name, args), output_margin(name, args)
+    shortest = max(1, int(min(target)))
+    sides = sorted({min(k, shortest) for k in OUTPUT_SIDES}, reverse=True)
+    candidates = [list(patch_size)] if patch_size is not None else [[field + k - 1] * 2 for k in sides]
+    for patch in candidates:
+        estimate = estimate_memory(name, args, patch, num_channels, num_classes)
+        fits = int((budget - estimate["weights_bytes"]) // max(estimate["per_sample_bytes"], 1))
+        by_speed = speed_batch(estimate["flops_per_sample"], speed["gflops"]) if speed is not None else None
+        if fits >= 2 and (by_speed is None or by_speed >= 2):
+            break
+    limits = [target_batch_size(patch), fits] + ([by_speed] if by_speed is not None else [])
+    batch = int(batch_size) if batch_size is not None else max(2, min(limits))
+    record = {
+        "target_shape": [float(t) for t in target],
+        "trained_on": f"{patch[0]}x{patch[1]} patches labelling their central {patch[0] - 2 * margin}x"
+        f"{patch[1] - 2 * margin} pixels (receptive field {field}x{field})",
+        "predicted_on": "whole slices, fully convolutionally",
+        "jit_compile": jit_compile(name),
+        "memory_budget_gb": float(memory_gb),
+        "estimated_gb_per_sample": round(estimate["per_sample_bytes"] / 2**30, 4),
+        "estimated_gb_total": round((batch * estimate["per_sample_bytes"] + estimate["weights_bytes"]) / 2**30, 4),
+        "parameters": estimate["parameters"],
+        "samples_that_fit": fits,
+        "planned": [k for k, v in (("patch_size", patch_size), ("batch_size", batch_size)) if v is None],
+    }
+    if speed is not None:
+        speed["gflop_per_sample"] = round(estimate["flops_per_sample"] / 1e9, 4)
+        record["speed"] = _speed_record(speed, batch, by_speed)
+    return {"patch_size": [int(p) for p in patch], "batch_size": batch, "model_args": args, "plan": record}

@@ -61,21 +61,29 @@ def foreground_locations(label: np.ndarray, num_classes: int, rng: np.random.Gen
 
 
 def patch_start(
-    shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, centre=None, random_padding: bool = False
+    shape: Sequence[int],
+    size: Sequence[int],
+    rng: np.random.Generator,
+    centre=None,
+    random_padding: bool = False,
+    margin: int = 0,
 ) -> list[int]:
     """Start of a window of ``size`` in a volume of ``shape``: random, or holding ``centre`` in its central half.
 
     Along an axis where the volume is smaller than the window, the whole volume lies inside the window: centred, or
     with ``random_padding`` at a random offset (as nnU-Net's loader places it), which shifts it within the patch.
+    With a ``margin`` (the targets are the window less ``margin`` on each side), ``centre`` lies in the central half
+    of the targets.
     """
     start = []
     for axis, (n, p) in enumerate(zip(shape, size, strict=True)):
+        jitter = max(p - 2 * margin, 1) // 4
         if n <= p:
             start.append(-int(rng.integers(0, p - n + 1)) if random_padding else -((p - n) // 2))
         elif centre is None:
             start.append(int(rng.integers(0, n - p + 1)))
         else:
-            start.append(int(np.clip(centre[axis] - p // 2 + rng.integers(-(p // 4), p // 4 + 1), 0, n - p)))
+            start.append(int(np.clip(centre[axis] - p // 2 + rng.integers(-jitter, jitter + 1), 0, n - p)))
     return start
 
 
@@ -96,7 +104,9 @@ class PatchSampler(keras.utils.PyDataset):
     (benchmarks/RESULTS.md).
 
     With ``target_strides`` (deep supervision), ``y`` is a tuple with one target per model output, the truth taken
-    every ``stride`` voxels along each axis (nearest, so labels stay labels).
+    every ``stride`` voxels along each axis (nearest, so labels stay labels). With ``target_margin`` (a network of
+    valid convolutions, whose output is its input less that many voxels on each side), ``y`` is the centre of the
+    patch: ``(B, *(patch - 2 margin))``.
 
     Args:
         image_loader: ``case_id -> (Z, Y, X, C)`` array (memory-mapped).
@@ -115,6 +125,7 @@ class PatchSampler(keras.utils.PyDataset):
         target_strides: per model output, the stride of its target (deep supervision), or ``None``.
         random_padding: place a volume smaller than the patch at a random offset inside it (else centred).
         one_hot: yield float32 one-hot targets instead of label maps.
+        target_margin: voxels trimmed from each side of the targets (0: the whole patch).
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
 
     Raises:
@@ -138,6 +149,7 @@ class PatchSampler(keras.utils.PyDataset):
         target_strides: Sequence[Sequence[int]] | None = None,
         random_padding: bool = False,
         one_hot: bool = False,
+        target_margin: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -149,6 +161,8 @@ class PatchSampler(keras.utils.PyDataset):
             raise ValueError(f"foreground ratio must be within [0, 1], got {foreground_ratio}")
         if int(batch_size) < 1 or int(steps_per_epoch) < 1:
             raise ValueError(f"batch size and steps per epoch must be at least 1, got {batch_size}, {steps_per_epoch}")
+        if not 0 <= int(target_margin) < min(patch_size) / 2:
+            raise ValueError(f"target margin {target_margin} leaves no target in a patch of {tuple(patch_size)}")
         self.image_loader, self.label_loader = image_loader, label_loader
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(v) for v in patch_size)
@@ -163,6 +177,7 @@ class PatchSampler(keras.utils.PyDataset):
         self.target_strides = [tuple(s) for s in target_strides] if target_strides else None
         self.random_padding = bool(random_padding)
         self.one_hot = bool(one_hot)
+        self.target_margin = int(target_margin)
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         self.locations = {c: foreground_locations(self.label_loader(c), num_classes, rng) for c in self.case_ids}
 
@@ -189,14 +204,17 @@ class PatchSampler(keras.utils.PyDataset):
         return x, self.targets(labels)
 
     def targets(self, labels: np.ndarray):
-        """Label maps ``(B, *patch)`` (one-hot ``(B, *patch, K)`` with ``one_hot``), or a tuple of them at each
-        output's stride."""
+        """Label maps ``(B, *patch)`` (one-hot ``(B, *patch, K)`` with ``one_hot``; less ``target_margin`` on each
+        side), or a tuple of them at each output's stride."""
         eye = np.eye(self.num_classes, dtype=np.float32)
         dtype = np.uint8 if self.num_classes <= 256 else np.int32
 
         def encode(array: np.ndarray) -> np.ndarray:
             return eye[array.astype(np.intp)] if self.one_hot else array.astype(dtype, copy=False)
 
+        if self.target_margin:
+            m = self.target_margin
+            labels = labels[(slice(None), *(slice(m, -m) for _ in self.patch_size))]
         if not self.target_strides:
             return encode(labels)
         return tuple(
@@ -225,7 +243,7 @@ class PatchSampler(keras.utils.PyDataset):
 
     def crop(self, image, label, centre, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A patch of ``image (*spatial, C)`` / ``label (*spatial)``, spatially augmented while it is read."""
-        start = patch_start(label.shape, self.patch_size, rng, centre, self.random_padding)
+        start = patch_start(label.shape, self.patch_size, rng, centre, self.random_padding, self.target_margin)
         augmenter = self.augment if isinstance(self.augment, Augmenter) else None
         coordinates = augmenter.spatial_coordinates(self.patch_size, rng) if augmenter else None
         if coordinates is None:
