@@ -125,7 +125,9 @@ def test_jax_data_parallel_trains_over_two_cpu_devices(prepared_sample, tmp_path
     run = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "--data", str(prepared_sample), "--output", str(run),
                "--strategy", "mirrored", "--epochs", "2", *TINY]  # fmt: skip
-    env = environment(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    quick = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # compiling is most of it
+    flags = f"--xla_force_host_platform_device_count=2 {quick}"
+    env = environment(KERAS_BACKEND="jax", XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())
