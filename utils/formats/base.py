@@ -106,7 +106,8 @@ class CaseSpec:
             ``png``).
         image: the source files: one per channel (NIfTI, ITK), one per slice (DICOM, PNG) or the HDF5 file.
         label: the label file (for HDF5 the file itself, for PNG the first mask), or ``None`` when unlabelled.
-        error: why discovery could not read the source (:func:`unreadable_spec`); loading raises it.
+        error: why discovery refused the case (a missing, unreadable or incomplete source, a path out of the
+            dataset folder); :func:`utils.formats.load_case` raises it, so the case fails alone.
         hdf5: (hdf5) the datasets of the case in its file.
         masks: (png) one mask file per slice; ``[]`` when unlabelled.
         spacing: (hdf5, png) voxel size ``[z, y, x]`` in mm, as these files hold none (or only as an attribute).
