@@ -105,9 +105,10 @@ def _failure_message(spec: CaseSpec, error: BaseException) -> str:
     text = str(error) if isinstance(error, ValueError | OSError) else f"cannot read ({type(error).__name__}: {error})"
     text = " ".join(text.split()) or type(error).__name__
     files = [str(p) for p in [*spec.image, spec.label] if p]
-    if not any(name in text for name in [*files, *{str(Path(f).parent) for f in spec.image}]):
-        named = str(Path(files[0]).parent) if len(spec.image) > 3 else ", ".join(dict.fromkeys(files))
-        text = f"{named or spec.id}: {text}"
+    places = [*files, *{str(Path(f).parent) for f in spec.image}]
+    if str(error) != spec.error and not any(place in text for place in places):  # spec.error names its file
+        shown = str(Path(files[0]).parent) if len(spec.image) > 3 else ", ".join(dict.fromkeys(files))
+        text = f"{shown or spec.id}: {text}"
     return text
 
 
