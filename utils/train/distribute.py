@@ -28,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
+from utils.device import cpu_info
 from utils.settings import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -240,11 +242,25 @@ def has_gpu() -> bool:
 
 
 def mixed_precision_policy() -> str:
-    """``mixed_float16`` on a GPU; ``mixed_bfloat16`` on CPUs, whose kernels (e.g. 3D max pooling) lack float16."""
+    """``mixed_float16`` on a GPU; ``mixed_bfloat16`` on CPUs with bfloat16 instructions (AVX-512 BF16, AMX), whose
+    kernels (e.g. 3D max pooling) lack float16; ``float32`` on other CPUs, where oneDNN has no bfloat16 convolution
+    (an AVX2 CPU, or oneDNN capped below AVX-512 by ``ONEDNN_MAX_CPU_ISA``)."""
     if has_gpu():
         return "mixed_float16"
-    log.info("no GPU: --mixed-precision uses mixed_bfloat16 (the CPU kernels lack float16)")
-    return "mixed_bfloat16"
+    if cpu_has_bfloat16():
+        log.info("no GPU: --mixed-precision uses mixed_bfloat16 (the CPU kernels lack float16)")
+        return "mixed_bfloat16"
+    log.warning("--mixed-precision: this CPU has no bfloat16 instructions, so training stays in float32")
+    return "float32"
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU (as oneDNN may use it) has bfloat16 instructions."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if capped and not capped.startswith(("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")):
+        return False
+    isa = cpu_info()["isa"]
+    return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
 
 
 def enable_determinism() -> None:
