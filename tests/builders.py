@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from utils import geometry
+from utils.formats import load_case, source_values
+from utils.preprocessing import PreprocessSettings, prepare_case
 
 NRRD_PAIRS = {
     "image_pattern": ["*_image.nrrd", "*_subvolume.nrrd"],
@@ -205,3 +207,12 @@ def hippocampus_png(root, source, cases=HIPPOCAMPUS_CASES[:4]):
             Image.fromarray(label[..., k]).save(root / "masks" / name)
         written[case] = np.moveaxis(label, 2, 0)
     return written
+
+
+def entry_and_values(source, index=0):
+    """A manifest-like case entry and the source label in source values, as evaluation hands them to write_mask."""
+    spec = source.cases[index]
+    case = load_case(spec)
+    _, _, record = prepare_case(case, PreprocessSettings(spacing="original", normalize="none"), None, ["x"])
+    entry = {"id": spec.id, "source": spec, "geometry": record, "writer": case.writer}
+    return entry, source_values(case.label, source.label_values)

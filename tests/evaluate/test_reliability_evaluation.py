@@ -151,7 +151,7 @@ def written_twice(entry, values, tmp_path) -> tuple[list, list]:
 def test_masks_in_every_source_format_are_written_byte_identically(tmp_path, source, options):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data folder {SHARED_DATA} is not in this checkout")
-    from test_writers import entry_and_values
+    from builders import entry_and_values
 
     options = {key: str(SHARED_DATA / value) for key, value in options.items()}
     entry, values = entry_and_values(readers.discover(SHARED_DATA / source, "auto", options))

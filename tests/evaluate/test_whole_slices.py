@@ -20,6 +20,7 @@ from utils.evaluate.options import Options
 from utils.evaluate.pipeline import Predictor
 from utils.inference import model_margin, model_predictor, predict_volume
 from utils.runs import TrainingConfig
+from utils.settings import TRAINING
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"
@@ -116,6 +117,7 @@ def test_the_two_path_network_trains_on_patches_and_predicts_whole_slices(uneven
     config, results = train_and_evaluate(data, tmp_path, *flags)
     assert config["model_args"]["padding"] == "valid" and config["patch_size"] == [64, 64]
     assert "receptive field 33x33" in config["plan"]["trained_on"]
+    assert config["lr"] == pytest.approx(0.1 * TRAINING["lr"].default)  # no normalisation layers: a tenth
     for case in json.loads((data / "splits.json").read_text())["test"]:
         source_label = nib.load(folder / "raw" / "labelsTr" / f"{case}.nii.gz")
         mask = nib.load(results / "masks" / f"{case}.nii.gz")

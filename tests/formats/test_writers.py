@@ -7,26 +7,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import NRRD_PAIRS, make_png
+from builders import NRRD_PAIRS, entry_and_values, make_png
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 
 from utils import formats as readers
 from utils.formats import class_indices, source_values, write_mask
-from utils.preprocessing import PreprocessSettings, prepare_case
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data folder {SHARED_DATA} is not in this checkout"
 )
-
-
-def entry_and_values(source, index=0):
-    """A manifest-like case entry and the source label in source values, as evaluation hands them to write_mask."""
-    spec = source.cases[index]
-    case = readers.load_case(spec)
-    _, _, record = prepare_case(case, PreprocessSettings(spacing="original", normalize="none"), None, ["x"])
-    entry = {"id": spec.id, "source": spec, "geometry": record, "writer": case.writer}
-    return entry, source_values(case.label, source.label_values)
 
 
 def test_label_values_map_both_ways():
