@@ -149,6 +149,8 @@ def resolve_config(
             recipe=recipe,
         )
     config.update(patch_size=planned["patch_size"], batch_size=planned["batch_size"], model_args=planned["model_args"])
+    if "lr" in planned and "lr" not in chosen:
+        config["lr"] = planned["lr"] * config["lr"]
     config["plan"] = planned["plan"]
     config["recipe"] = recipe
     config["replicas"] = replicas
