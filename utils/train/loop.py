@@ -259,8 +259,9 @@ def _train(
 def describe_plan(config: TrainingConfig) -> str:
     """The plan in one line: recipe, network, patch, batch, optimisation, augmentation, precision and workers."""
     args = config.model_args
-    network = f"{config.model} (filters {args.get('filters', '?')}, depth {args.get('depth', '?')}"
-    network += ", deep supervision)" if args.get("deep_supervision") else ")"
+    shown = [f"{key} {args[key]}" for key in ("filters", "depth") if key in args]
+    shown += ["deep supervision"] if args.get("deep_supervision") else []
+    network = f"{config.model} ({', '.join(shown)})" if shown else config.model
     precision = "mixed precision" if config.mixed_precision else "float32"
     patch = "x".join(map(str, config.patch_size))
     return (
