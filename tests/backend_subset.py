@@ -21,26 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SMALL = {  # small but complete networks: every block of each architecture runs
-    "unet": {"depth": 2, "filters": 4},
-    "resunet": {"depth": 2, "filters": 4},
-    "attention_unet": {"depth": 2, "filters": 4},
-    "dilated": {"filters": 4, "front_convs": 1, "dilations": (1, 2)},
-    "fcn": {"depth": 3, "filters": 4, "convs_per_level": 1},
-    "twopath": {"local_filters": 4, "global_filters": 4},
-}
-SPATIAL = {2: (16, 16), 3: (16, 16, 16)}
-LOSS_OPTIONS = {
-    "dice": {},
-    "gdl": {},
-    "dice_ce": {},
-    "gdl_ce": {},
-    "ce": {},
-    "weighted_ce": {"class_weights": [1.0, 5.0, 2.0]},
-    "tversky": {"alpha": 0.3, "beta": 0.7},
-    "focal": {"gamma": 2.0},
-    "dice_focal": {},
-}
+from tables import LOSS_OPTIONS, SMALL_MODELS, SPATIAL  # noqa: E402
 
 
 def loss_cases() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -65,7 +46,7 @@ def check_model(name: str, folder: Path) -> dict:
     ndim = int(name[-2])
     spatial = SPATIAL[ndim]
     keras.utils.set_random_seed(0)
-    net = model.build_model(name, (*spatial, 2), 3, **SMALL[name[:-2]])
+    net = model.build_model(name, (*spatial, 2), 3, **SMALL_MODELS[name[:-2]])
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, *spatial, 2)).astype("float32")
     targets = np.eye(3, dtype="float32")[rng.integers(0, 3, size=(2, *spatial))]

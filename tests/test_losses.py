@@ -11,20 +11,10 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from tables import LOSS_OPTIONS
 
 from utils import losses
 
-ALL_OPTIONS = {
-    "dice": {},
-    "gdl": {},
-    "dice_ce": {},
-    "gdl_ce": {},
-    "ce": {},
-    "weighted_ce": {"class_weights": [1.0, 5.0, 2.0]},
-    "tversky": {"alpha": 0.3, "beta": 0.7},
-    "focal": {"gamma": 2.0},
-    "dice_focal": {},
-}
 SHAPES = [(2, 6, 5, 3), (2, 4, 5, 3, 3)]
 
 
@@ -58,11 +48,11 @@ def binary_pair(truth_foreground, pred_foreground):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", list(ALL_OPTIONS))
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_perfect_prediction_scores_zero_even_with_an_absent_class(name, shape):
     labels = np.random.default_rng(0).integers(0, shape[-1] - 1, size=shape[:-1])  # the last class is absent
     y_true = one_hot(labels, shape[-1])
-    value = loss_value(name, y_true, y_true, **ALL_OPTIONS[name])
+    value = loss_value(name, y_true, y_true, **LOSS_OPTIONS[name])
     assert 0.0 <= value < 1e-5
 
 
@@ -268,11 +258,11 @@ def test_single_sigmoid_channel_equals_monai_and_torch(torch, monai_losses):
         assert to_numpy(losses.focal_loss(y_true, y_pred, 2.0)).mean() == pytest.approx(focal, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", list(ALL_OPTIONS))
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_no_nan_when_only_background_is_present(name):
     y_true = one_hot(np.zeros((2, 4, 4), dtype=int), 3)
     y_pred = np.full(y_true.shape, 1 / 3, dtype="float32")
-    options = dict(ALL_OPTIONS[name])
+    options = dict(LOSS_OPTIONS[name])
     if name in ("dice", "gdl", "dice_ce", "gdl_ce", "tversky", "dice_focal"):
         options["include_background"] = False
     values = to_numpy(losses.LOSSES[name](**options, reduction="none")(tensor(y_true), tensor(y_pred)))
@@ -329,9 +319,9 @@ def test_get_loss_rejects_unknown_names_and_options():
         losses.get_loss("dice")(tensor(np.zeros((1, 4, 4, 1))), tensor(np.zeros((1, 4, 4, 3))))
 
 
-@pytest.mark.parametrize("name", list(ALL_OPTIONS))
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_serialization_round_trip(name):
-    loss = losses.get_loss(name, **ALL_OPTIONS[name])
+    loss = losses.get_loss(name, **LOSS_OPTIONS[name])
     config = keras.saving.serialize_keras_object(loss)
     assert config["registered_name"].startswith("medseg>")
     restored = keras.saving.deserialize_keras_object(config)
@@ -398,13 +388,13 @@ def test_deep_supervision_in_fit_with_one_full_resolution_target():
     assert np.isfinite(history.history["loss"][0])
 
 
-@pytest.mark.parametrize("name", list(ALL_OPTIONS))
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_label_maps_give_the_loss_of_their_one_hot(name):
     rng = np.random.default_rng(11)
     labels = rng.integers(0, 3, size=(2, 5, 4, 3)).astype("uint8")
     y_pred = rng.dirichlet(np.ones(3), size=labels.shape).astype("float32")
-    from_labels = loss_value(name, labels, y_pred, **ALL_OPTIONS[name])
-    assert from_labels == pytest.approx(loss_value(name, one_hot(labels, 3), y_pred, **ALL_OPTIONS[name]), rel=1e-6)
+    from_labels = loss_value(name, labels, y_pred, **LOSS_OPTIONS[name])
+    assert from_labels == pytest.approx(loss_value(name, one_hot(labels, 3), y_pred, **LOSS_OPTIONS[name]), rel=1e-6)
 
 
 def test_label_maps_with_one_sigmoid_channel_and_deep_supervision():

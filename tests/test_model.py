@@ -6,21 +6,12 @@ Sizes are tiny (16 × 16 slices, 16³ patches, 4 filters) so that the file runs 
 import keras
 import numpy as np
 import pytest
+from tables import SMALL_MODELS, SPATIAL
 
 import model
 
 BASE_NAMES = ["unet", "resunet", "attention_unet", "dilated", "fcn", "twopath"]
 
-TINY = {
-    "unet": {"depth": 2, "filters": 4},
-    "resunet": {"depth": 2, "filters": 4},
-    "attention_unet": {"depth": 2, "filters": 4},
-    "dilated": {"filters": 4, "front_convs": 1, "dilations": (1, 2)},
-    "fcn": {"depth": 3, "filters": 4, "convs_per_level": 1},
-    "twopath": {"local_filters": 4, "global_filters": 4},
-}
-
-SPATIAL = {2: (16, 16), 3: (16, 16, 16)}
 
 # Adam learning rates for the gradient-step tests; the two-pathway net has no normalisation and needs a small one.
 LEARNING_RATE = {"twopath": 5e-4}
@@ -28,7 +19,7 @@ LEARNING_RATE = {"twopath": 5e-4}
 
 def _tiny(name, **overrides):
     """The tiny options of ``name`` (e.g. "unet3d"), with ``overrides``."""
-    return {**TINY[name[:-2]], **overrides}
+    return {**SMALL_MODELS[name[:-2]], **overrides}
 
 
 def _batch(spatial, channels, num_classes, batch_size=2, seed=0):
