@@ -49,7 +49,10 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(prepared_s
         deadline = time.monotonic() + TIMEOUT_S
         while epochs_done(killed) < 1 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.5)  # into the steps of the second epoch (150 steps take several seconds)
+        # Into the steps of the second epoch: 150 steps take 1.6 s on a quiet AVX-512 EPYC core (11 ms a step), so a
+        # fixed wait of a second or more could outlast the epoch; 0.3 s lands a few dozen steps in there, and earlier
+        # in the epoch on a slower or busier machine.
+        time.sleep(0.3)
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
