@@ -38,6 +38,29 @@ OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # oneDNN on, as every entry point of the toolkit sets it (utils/device.py), unless the caller chose.
 ONEDNN_ENV = {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")}
 
+# The targets of issue 14, each ours / the peer in one run (higher is better): train step against plain PyTorch on
+# the same network, the augmented data pipeline, sliding-window inference on *each* volume set, preprocessing.
+TARGETS = {"train_step": 1.0, "data_pipeline": 2.0, "inference": 1.5, "preprocessing": 2.0}
+# Quality: held-out mean foreground dice at least QUALITY_FLOOR after a 10-minute budget (not asked of the quick run's
+# 1.5 minutes) and at least the peer's + QUALITY_MARGIN, both sides trained for the same wall time within EQUAL_TIME.
+QUALITY_FLOOR, QUALITY_MARGIN, EQUAL_TIME = 0.875, 0.01, 0.05
+
+
+def verdict(name: str, result: dict) -> tuple[bool, str]:
+    """Whether one benchmark's result meets its target, and the target in words."""
+    if name == "quality":
+        ours, peer = result["ours"]["heldout_dice"], result["monai"]["heldout_dice"]
+        times = result["train_seconds"]
+        ok = ours >= peer + QUALITY_MARGIN and abs(times["ours"] / times["monai"] - 1) <= EQUAL_TIME
+        words = f"dice >= MONAI + {QUALITY_MARGIN}, equal time ±{EQUAL_TIME:.0%}"
+        if result["minutes"] >= 10:
+            ok, words = ok and ours >= QUALITY_FLOOR, f"dice >= {QUALITY_FLOOR} and {words}"
+        return ok, words
+    if name == "inference":
+        ratios = [figures["ratio"] for figures in result["by_volume"].values()]
+        return min(ratios) >= TARGETS[name], f">= {TARGETS[name]} on each volume set"
+    return result["ratio"] >= TARGETS[name], f">= {TARGETS[name]}"
+
 
 def loadavg() -> list[float]:
     """The 1, 5 and 15-minute load averages."""

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {"train_step": 1.0, "data_pipeline": 2.0, "inference": 1.0, "preprocessing": 1.0, "quality": 1.0}
+from common import verdict
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -43,11 +43,12 @@ def summary(report: dict) -> str:
         if "ratio" not in result:
             rows.append([name, "error", result.get("error", ""), "", "", "", ""])
             continue
-        met = "met" if result["ratio"] >= TARGETS[name] else "**not met**"
+        met, words = verdict(name, result)
+        met = "met" if met else "**not met**"
         load = loads([result["loadavg_before"][0], result["loadavg_after"][0]])
         best = f"{result['ratio_best']:.2f}" if "ratio_best" in result else "–"
         rows.append(
-            [f"`{name}`", f"{result['ratio']:.2f}", best, f">= {TARGETS[name]}", met, load,
+            [f"`{name}`", f"{result['ratio']:.2f}", best, words, met, load,
              f"{result['seconds'] / 60:.1f}"]
         )  # fmt: skip
     header = ["benchmark", "ratio (medians)", "ratio (best reps)", "target", "", "load avg (1 min)", "minutes"]
