@@ -57,6 +57,7 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference")
     add_setting(group, "overlap", EVALUATE["overlap"])
     add_setting(group, "blend", EVALUATE["blend"])
+    add_setting(group, "engine", EVALUATE["engine"])
     group.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,

@@ -5,7 +5,9 @@ slice (axis 0) of the volume, windows tiled over ``(Y, X)`` and batched across s
 over ``(Z, Y, X)``. Windows overlap by ``overlap`` of the patch size; each prediction is weighted by a Gaussian
 importance map (sigma = patch / 8, as in nnU-Net) or uniformly, and the weighted predictions are averaged. A Keras
 model is called through its compiled predict function, or eagerly when the caller says it lives under a distribution
-strategy (``distributed``: validation while training with ``--strategy mirrored|multiworker``).
+strategy (``distributed``: validation while training with ``--strategy mirrored|multiworker``). Any other engine
+plugs in as a ``batch -> probabilities`` callable (``predict``): :func:`onnx_predictor` runs an exported bundle's
+ONNX network with onnxruntime through the same windows, weights and mirroring.
 
 Networks of valid convolutions (the two-path CNN as trained, :data:`utils.settings.WHOLE_SLICE_MODELS`) return the
 centre of their input, ``margin`` voxels less on each side. The sliding window then pads the image by the margin
@@ -27,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -234,6 +237,53 @@ def model_predictor(model, distributed: bool = False, same_size: bool = True) ->
         return sliding_window(batch, predict, window, classes, batch_size=len(batch), dtype="float32", margin=margin)
 
     return predict_same_size
+
+
+def onnx_predictor(path, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """``batch -> probabilities`` for an ONNX network (a bundle's ``model.onnx``) run by onnxruntime on the CPU: the
+    engine seam of :func:`predict_volume` (its ``predict``), so the same sliding window serves every engine.
+
+    Args:
+        path: the ``.onnx`` file; its first input takes ``(B, *window, C)`` float32, its first output is the
+            probabilities ``(B, *window, K)``.
+        threads: onnxruntime's intra-op threads (``None``: its default, one per core).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: onnxruntime is not installed or cannot load the file.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ValueError(f"{path}: --engine onnx needs onnxruntime (pip install onnxruntime)") from error
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types for damaged or unsupported files
+        raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {error})") from error
+    name = session.get_inputs()[0].name
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    return predict
+
+
+def whole_slice_network(network, name: str, model_args: dict, num_channels: int, num_classes: int):
+    """A network trained on patches of its receptive field (:data:`utils.settings.WHOLE_SLICE_MODELS`) rebuilt for
+    ``(None, None, C)`` slices with same padding (its valid convolutions padded by half the receptive field, with
+    zeros) and the trained weights: output ``(B, H, W, K)`` for any slice."""
+    import model as model_zoo
+
+    args = {**model_args, "padding": "same"}
+    whole = model_zoo.build_model(name, (None, None, num_channels), num_classes, **args)
+    whole.set_weights(network.get_weights())
+    return whole
 
 
 def predict_volume(

@@ -86,6 +86,7 @@ BLENDS = ("gaussian", "constant")
 PICTURES = ("all", "overlays", "none")
 POSTPROCESS_CHOICES = ("none", "lcc", "auto")
 CONNECTIVITIES = (1, 2, 3)
+ENGINES = ("keras", "onnx")
 
 
 @dataclass(frozen=True)
@@ -450,4 +451,10 @@ EVALUATE: dict[str, Setting] = {
     ),
     "metrics": Setting(list(METRIC_NAMES), "metrics to compute", type=list, choices=METRIC_NAMES, default_text="all"),
     "nsd_tolerance": Setting(1.0, "tolerance of nsd in mm", type=float, positive=True),
+    "engine": Setting(
+        "keras",
+        "what runs the network: keras (the .keras model) or onnx (a bundle's model.onnx with onnxruntime; --run "
+        "must then be a bundle written by --export)",
+        choices=ENGINES,
+    ),
 }

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from utils.evaluate.postprocess import parse_min_size
-from utils.settings import EVALUATE, METRIC_NAMES, PICTURES, POSTPROCESS_CHOICES
+from utils.settings import ENGINES, EVALUATE, METRIC_NAMES, PICTURES, POSTPROCESS_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ class Options:
         nsd_tolerance: the tolerance of ``nsd`` in mm.
         pictures: ``all`` (overlay PNG and GIF per case), ``overlays`` (PNG only) or ``none``.
         progress: progress bars over cases and windows.
+        save_probabilities: also write each case's class probabilities on the source grid
+            (:mod:`utils.evaluate.probabilities`).
+        engine: what runs the network: ``keras`` (the ``.keras`` model) or ``onnx`` (a bundle's ``model.onnx`` with
+            onnxruntime; :func:`utils.bundle.open_run`).
     """
 
     overlap: float = EVALUATE["overlap"].default
@@ -44,12 +48,16 @@ class Options:
     nsd_tolerance: float = EVALUATE["nsd_tolerance"].default
     pictures: str = EVALUATE["pictures"].default
     progress: bool = True
+    save_probabilities: bool = EVALUATE["save_probabilities"].default
+    engine: str = EVALUATE["engine"].default
 
     def __post_init__(self) -> None:
         if self.postprocess not in POSTPROCESS_CHOICES:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_CHOICES}, got {self.postprocess!r}")
         if self.pictures not in PICTURES:
             raise ValueError(f"pictures must be one of {PICTURES}, got {self.pictures!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
