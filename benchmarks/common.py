@@ -94,6 +94,8 @@ def machine() -> dict:
         "cpu_kind": cpu["kind"],
         "isa": cpu["isa"],
         "TF_ENABLE_ONEDNN_OPTS": ONEDNN_ENV["TF_ENABLE_ONEDNN_OPTS"],
+        # oneDNN capped below the CPU's own instruction set (AVX2 reproduced on an AVX-512 CPU), or None
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "memory_gib": round(memory_kb / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -29,12 +29,75 @@ def machine(report: dict) -> str:
         ["date", m["date"]],
         ["mode", f"{report['mode']} ({report.get('total_seconds', 0) / 60:.0f} min in all)"],
         ["CPU", f"{m['cpu']}, nproc {m['nproc']}"],
+        ["CPU kind", kind(m)],
+        ["instruction sets", ", ".join(name for name, present in m.get("isa", {}).items() if present)],
         ["memory", f"{m['memory_gib']} GiB"],
         ["system", f"{m['os']}, Python {m['python']}"],
         ["versions", versions],
         ["GPU", report.get("gpu_note", "")],
     ]
     return table(["", ""], rows)
+
+
+def kind(m: dict) -> str:
+    """The CPU kind the figures stand for: the CPU's own, or what ``ONEDNN_MAX_CPU_ISA`` capped oneDNN to."""
+    cap = m.get("ONEDNN_MAX_CPU_ISA")
+    return f"{cap.lower()} (oneDNN capped on an {m.get('cpu_kind')} CPU)" if cap else str(m.get("cpu_kind", "?"))
+
+
+def by_kind(reports: list[dict]) -> str:
+    """One row per results file (a CPU kind): each benchmark's ratio and whether it meets its target."""
+    names = ["train_step", "data_pipeline", "inference", "preprocessing", "quality"]
+    rows = []
+    for report in reports:
+        m, cells = report["machine"], []
+        for name in names:
+            result = report["benchmarks"].get(name, {})
+            if "ratio" not in result:
+                cells.append(result.get("error", "–")[:40] if result else "–")
+                continue
+            met, _ = verdict(name, result)
+            figure = f"{result['ratio']:.2f}"
+            if name == "inference":
+                figure = " / ".join(f"{v['ratio']:.2f}" for v in result["by_volume"].values())
+            if name == "quality":
+                figure = f"{result['ours']['heldout_dice']:.3f} vs {result['monai']['heldout_dice']:.3f}"
+            cells.append(f"{figure} {'met' if met else '**not met**'}")
+        load = [v for r in report["benchmarks"].values() for v in (r.get("loadavg_before", [0])[0],)]
+        rows.append([kind(m), m["cpu"], report["mode"], *cells, loads(load)])
+    header = ["CPU kind", "CPU", "mode", *names, "load avg"]
+    return table(header, rows)
+
+
+def scale(report: dict) -> str:
+    """The scale benchmark (``scale_measure.py``): per size, each stage's seconds and peak memory, then the slopes."""
+    rows = []
+    for s in report["sizes"]:
+        prepare, infer = s["prepare"], s["inference"]
+        rows.append(
+            [f"512x512x{s['depth']}", f"{s['voxels_per_case'] / 1e6:.0f}M", s["float32_case_mib"],
+             f"{prepare['ours']['seconds_per_case']:.1f} / {prepare['monai']['seconds_per_case']:.1f}",
+             f"{prepare['ours']['peak_rss_mib']} / {prepare['monai']['peak_rss_mib']}",
+             f"{s['train']['step_s'] * 1000:.0f}", f"{s['train']['epoch_end_s']:.1f}",
+             f"{s['evaluate']['seconds_per_case']:.1f}", s["evaluate"]["peak_rss_mib"],
+             f"{infer['ours']['seconds']:.1f} / {infer['monai']['seconds']:.1f}",
+             f"{infer['ours']['peak_rss_mib']:.0f} / {infer['monai']['peak_rss_mib']:.0f}", loads(s["loadavg"])]
+        )  # fmt: skip
+    header = ["case", "voxels", "float32 MiB", "prepare s (ours / MONAI)", "prepare peak MiB", "train step ms",
+              "epoch end s", "evaluate s", "evaluate peak MiB", "inference s (ours / MONAI)",
+              "inference peak MiB", "load avg"]  # fmt: skip
+    parts = [table(header, rows)]
+    parts.append(
+        table(["stage", "slope of log(seconds) on log(voxels)"], [[k, v] for k, v in report["slopes"].items()])
+    )
+    if "epoch" in report:
+        e = report["epoch"]
+        plan = f"{e['model']} patch {'x'.join(map(str, e['patch_size']))} batch {e['batch_size']}"
+        header = ["dataset", "plan", "step ms", "steps", "epoch end s", "validation share", "auto for 100 cases"]
+        row = [f"{len(e['cases'])} x 512x512x{e['depth']}", plan, f"{e['step_s'] * 1000:.0f}", e["steps"],
+               e["epoch_end_s"], f"{e['validation_share']:.1%}", e["auto_for_hundred_cases"]]  # fmt: skip
+        parts.append(table(header, [row]))
+    return "\n\n".join(parts) + "\n"
 
 
 def summary(report: dict) -> str:
@@ -146,8 +209,15 @@ def render(report: dict) -> str:
 
 
 def main(argv=None) -> None:
+    """``report.py RESULTS.json`` (one run, every table), ``report.py --kinds A.json B.json ...`` (one row per CPU
+    kind) or ``report.py --scale scale.json``."""
     argv = sys.argv[1:] if argv is None else argv
-    print(render(json.loads(Path(argv[0]).read_text())))
+    if argv[0] == "--kinds":
+        print(by_kind([json.loads(Path(path).read_text()) for path in argv[1:]]))
+    elif argv[0] == "--scale":
+        print(scale(json.loads(Path(argv[1]).read_text())))
+    else:
+        print(render(json.loads(Path(argv[0]).read_text())))
 
 
 if __name__ == "__main__":

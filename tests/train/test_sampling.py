@@ -4,8 +4,15 @@ augmentation read through the volume, deep-supervision targets."""
 import numpy as np
 import pytest
 
-from utils.train.augment import Augmenter, augmentation_settings
-from utils.train.sampling import PatchSampler, StackSampler, extract_patch, foreground_flags, read_transformed
+from utils.train.augment import Augmenter, augmentation_settings, coordinates_of
+from utils.train.sampling import (
+    PatchSampler,
+    StackSampler,
+    extract_patch,
+    foreground_flags,
+    read_affine,
+    read_transformed,
+)
 
 
 def make_volumes():
@@ -115,6 +122,24 @@ def test_spatial_augmentation_reads_around_the_patch():
     patch, patch_label = volume[10:18, 5:13, 12:20], label[10:18, 5:13, 12:20]
     match = [k for k in (1, -1) if np.allclose(x, np.rot90(patch, k, axes=(1, 2)), atol=1e-5)]
     assert match and np.array_equal(y, np.rot90(patch_label, match[0], axes=(1, 2)))
+
+
+@pytest.mark.parametrize("start", [(11, 9, 10), (0, 0, 0), (22, 22, 20)])  # inside, and overhanging both corners
+def test_rotation_and_scaling_read_without_a_grid_equal_the_grid_read(start):
+    """The affine fast path (scipy's affine_transform on a window bounded by the patch's corners) gives the values of
+    the coordinate-grid path (map_coordinates) for the same drawn transform, zero padding at the borders included."""
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(32, 32, 30, 2)).astype(np.float32)
+    label = rng.integers(0, 3, size=(32, 32, 30)).astype(np.uint8)
+    settings = augmentation_settings("none", 3, {"rotation": {"p": 1, "angle": [-30, 30]}, "scale": {"p": 1}})
+    for seed in range(4):
+        transform = Augmenter(settings, 3).spatial_transform((10, 12, 10), np.random.default_rng(seed))
+        assert transform[1] is None and not np.allclose(transform[0], np.eye(3))
+        fast = read_affine(volume, label, start, (10, 12, 10), transform[0], image_order=1)
+        grid = read_transformed(volume, label, start, (10, 12, 10), coordinates_of(transform, (10, 12, 10)), 1)
+        np.testing.assert_allclose(fast[0], grid[0], atol=1e-5)
+        assert fast[0].shape == (10, 12, 10, 2) and fast[1].dtype == np.uint8
+        assert np.mean(fast[1] == grid[1]) > 0.999  # nearest: a coordinate exactly halfway may round either way
 
 
 def test_augmented_batches_keep_image_and_label_together():

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from utils.train.augment import Augmenter, resample
+from utils.train.augment import Augmenter, coordinates_of, resample, resample_affine
 
 _MAX_LOCATIONS = 5_000
 
@@ -245,10 +245,13 @@ class PatchSampler(keras.utils.PyDataset):
         """A patch of ``image (*spatial, C)`` / ``label (*spatial)``, spatially augmented while it is read."""
         start = patch_start(label.shape, self.patch_size, rng, centre, self.random_padding, self.target_margin)
         augmenter = self.augment if isinstance(self.augment, Augmenter) else None
-        coordinates = augmenter.spatial_coordinates(self.patch_size, rng) if augmenter else None
-        if coordinates is None:
+        transform = augmenter.spatial_transform(self.patch_size, rng) if augmenter else None
+        if transform is None:
             x, y = extract_patch(image, start, self.patch_size), extract_patch(label, start, self.patch_size)
+        elif transform[1] is None:  # rotation and scaling only
+            x, y = read_affine(image, label, start, self.patch_size, transform[0], augmenter.image_order)
         else:
+            coordinates = coordinates_of(transform, self.patch_size)
             x, y = read_transformed(image, label, start, self.patch_size, coordinates, augmenter.image_order)
         if augmenter is not None:
             return augmenter.after_spatial(x, y, rng)
@@ -269,6 +272,25 @@ def read_transformed(image, label, start, size, coordinates: np.ndarray, image_o
     window_y = extract_patch(label, low, high - low)
     local = absolute - low.reshape(-1, *([1] * ndim))
     return resample(window_x, local, image_order, True), resample(window_y, local, 0, False)
+
+
+def read_affine(image, label, start, size, matrix: np.ndarray, image_order: int):
+    """:func:`read_transformed` for an affine transform (``matrix`` about the patch centre): the window is bounded by
+    the transformed corners of the patch and resampled without a coordinate grid."""
+    ndim = len(size)
+    half = np.array([(p - 1) / 2 for p in size])
+    centre = np.asarray(start, dtype=float) + half
+    corners = np.array(np.meshgrid(*[(-h, h) for h in half], indexing="ij")).reshape(ndim, -1)
+    absolute = matrix @ corners + centre[:, None]
+    low = np.floor(absolute.min(axis=1)).astype(int) - 1
+    high = np.ceil(absolute.max(axis=1)).astype(int) + 2
+    window_x = extract_patch(image, low, high - low).astype(np.float32, copy=False)
+    window_y = extract_patch(label, low, high - low)
+    offset = centre - low - matrix @ half
+    return (
+        resample_affine(window_x, matrix, offset, size, image_order, True),
+        resample_affine(window_y, matrix, offset, size, 0, False),
+    )
 
 
 class StackSampler(PatchSampler):
