@@ -201,7 +201,7 @@ def run(quick: bool, log_dir, data: str) -> dict:
     default), processes for MONAI's ``DataLoader(num_workers=2)``. Extra sides: ours with process workers, ours
     before the fix (float32 one-hot targets, process workers) and, in a full run, ours with the ``default`` preset
     (mirroring only) and an upper bound of process workers without any transport of the batches."""
-    reps, batches = (3, 20) if quick else (7, 40)
+    reps, batches = (3, 60) if quick else (7, 120)  # enough batches that the prefetched few do not count
     results = {}
     for count in (2,) if quick else (2, 0):
         common = {"data": data, "workers": count, "batches": batches}
