@@ -1,0 +1,290 @@
+"""Cost against size on full-size CT: every stage timed, and its peak memory taken, on the cases of ``scale.py``.
+
+    python benchmarks/scale_measure.py --workdir /tmp/scale                  # sizes 64 128 256 512, then the epoch
+    python benchmarks/scale_measure.py --workdir /tmp/scale --sizes 64 128 --no-epoch
+    python benchmarks/report.py --scale /tmp/scale/scale.json               # the tables of RESULTS.md
+
+Per size ``N`` (cases of 512 x 512 x N made by ``scale.py`` from the real CTs of ``../shared/data``; two per size, one
+to train and one to validate), each command in a fresh process under GNU ``time`` (seconds, and peak resident memory
+of the process and the children it waited for):
+
+- ``prepare``: ``data_gen.py`` on the two cases (``--workers 1``) against ``monai_preprocess.py`` (LoadImage,
+  Orientation, Spacing to the spacing ``data_gen.py`` chose, normalisation, saving) on the same two; per case.
+- ``train``: ``train.py`` for two epochs of 10 steps with the default plan for that dataset; the second epoch's
+  steps and the first epoch's end (validation and checkpoints, from ``state.json``) separately.
+- ``evaluate``: ``evaluation.py`` on the validation case: prediction with the run's model, mask written back on the
+  source grid, scored.
+- ``inference``: the same U-Net on both sides (``infer_once.py``: ours ``utils.inference.predict_volume``, MONAI
+  ``sliding_window_inference``, windows 40x56x40, overlap 0.5, 3 classes) on the prepared validation volume.
+
+Then ``epoch``: a dataset of four 512 x 512 x 200 cases trained with every default (100 steps per epoch, ``--validation
+auto``) for two epochs, the share of an epoch that validation takes, and the validation mode ``auto`` chooses for a
+hundred such cases (20 of them validation). The slope of log(cost) against log(voxels) of each stage is fitted and
+``scale.png`` draws them. Cases are generated at run time into ``--workdir`` and deleted with it; nothing is
+committed but the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scale
+from common import REPO, bench_env, loadavg, machine
+
+SIZES = scale.SIZES
+TRAIN_STEPS = 10
+EPOCH_DEPTH, EPOCH_CASES, HUNDRED = 200, 4, 100
+
+
+def timed(command: list[str], log_path: Path) -> tuple[float, float]:
+    """Run ``command`` under GNU time; ``(seconds, peak RSS in MiB)``. Raises ``RuntimeError`` naming the log."""
+    measure = log_path.with_suffix(".time")
+    with open(log_path, "w") as log:
+        code = subprocess.call(
+            ["/usr/bin/time", "-o", str(measure), "-f", "%e %M", *command], cwd=REPO, stdout=log, stderr=log,
+            env=bench_env(),
+        )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed (exit {code}); see {log_path}")
+    seconds, kib = measure.read_text().split()[-2:]
+    return float(seconds), float(kib) / 1024
+
+
+def make_dataset(folder: Path, depth: int, count: int, sources) -> list[dict]:
+    """``count`` generated cases of depth ``depth`` in an MSD folder; their ids, shapes and spacings."""
+    shutil.rmtree(folder, ignore_errors=True)
+    cases = []
+    for number in range(count):
+        case = scale.make_case(depth, sources, seed=0, case=number)
+        scale.write_case(folder, case)
+        cases.append({"id": case.case_id, "shape": list(case.image.shape), "spacing": list(case.spacing)})
+    scale.write_dataset_json(folder, [c["id"] for c in cases])
+    return cases
+
+
+def train_figures(run: Path) -> dict:
+    """Steps and epoch end of a two-epoch run: seconds of the second epoch's steps, seconds of the first epoch's end
+    (validation, checkpoints, curves), the validation mode and the plan."""
+    state = json.loads((run / "state.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    with open(run / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    epoch_end = float(state["epoch_end_s"])
+    second = float(rows[1]["time_s"]) - float(rows[0]["time_s"]) - epoch_end
+    steps = int(rows[1]["steps"])
+    return {
+        "step_s": round(second / steps, 4),
+        "steps": steps,
+        "epoch_end_s": round(epoch_end, 2),
+        "validation_share": round(epoch_end / (epoch_end + second), 3),
+        "patch_size": config["patch_size"],
+        "batch_size": config["batch_size"],
+        "model": config["model"],
+    }
+
+
+def prepared_voxels(data: Path) -> dict:
+    """Shapes of the prepared images of ``data`` by case id."""
+    paths = (data / "volumes").glob("*_image.npy")
+    return {p.name[: -len("_image.npy")]: list(np.load(p, mmap_mode="r").shape) for p in paths}
+
+
+def measure_size(depth: int, workdir: Path, sources, logs: Path) -> dict:
+    raw, data, run = workdir / f"raw_{depth}", workdir / f"prepared_{depth}", workdir / f"run_{depth}"
+    cases = make_dataset(raw, depth, 2, sources)
+    result = {"depth": depth, "cases": cases, "voxels_per_case": 512 * 512 * depth, "loadavg": [loadavg()[0]]}
+    shutil.rmtree(data, ignore_errors=True)
+    seconds, peak = timed(
+        [sys.executable, "data_gen.py", "--input", str(raw), "--output", str(data), "--workers", "1", "--split",
+         "0.5", "0.5", "0"],
+        logs / f"prepare_ours_{depth}.log",
+    )  # fmt: skip
+    manifest = json.loads((data / "manifest.json").read_text())
+    spacing = manifest["resolved"]["median_spacing"]  # (z, y, x) mm
+    result["prepare"] = {"ours": {"seconds_per_case": round(seconds / 2, 2), "peak_rss_mib": round(peak)}}
+    result["prepared_shapes"] = prepared_voxels(data)
+    peer_out = workdir / f"monai_{depth}"
+    shutil.rmtree(peer_out, ignore_errors=True)
+    zyx = [float(s) for s in spacing]
+    seconds, peak = timed(
+        [sys.executable, "benchmarks/monai_preprocess.py", "--input", str(raw), "--output", str(peer_out),
+         "--workers", "0", "--spacing", *map(str, zyx[::-1])],
+        logs / f"prepare_monai_{depth}.log",
+    )  # fmt: skip
+    shutil.rmtree(peer_out, ignore_errors=True)
+    result["prepare"]["monai"] = {"seconds_per_case": round(seconds / 2, 2), "peak_rss_mib": round(peak)}
+    result["float32_case_mib"] = round(4 * 512 * 512 * depth / 2**20)
+
+    shutil.rmtree(run, ignore_errors=True)
+    seconds, peak = timed(
+        [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2", "--steps-per-epoch",
+         str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0"],
+        logs / f"train_{depth}.log",
+    )  # fmt: skip
+    result["train"] = {**train_figures(run), "process_seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+
+    results = workdir / f"results_{depth}"
+    shutil.rmtree(results, ignore_errors=True)
+    seconds, peak = timed(
+        [sys.executable, "evaluation.py", "--run", str(run), "--data", str(data), "--split", "val", "--output",
+         str(results), "--metrics", "dice", "--pictures", "none", "--quiet"],
+        logs / f"evaluate_{depth}.log",
+    )  # fmt: skip
+    result["evaluate"] = {"seconds_per_case": round(seconds, 1), "peak_rss_mib": round(peak)}
+
+    val_case = json.loads((data / "splits.json").read_text())["val"][0]
+    image = data / "volumes" / f"{val_case}_image.npy"
+    result["inference"] = {}
+    for side in ("ours", "monai"):
+        out = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "infer_once.py"), side, str(image)], cwd=REPO / "benchmarks",
+            env=bench_env(), capture_output=True, text=True,
+        )  # fmt: skip
+        (logs / f"inference_{side}_{depth}.log").write_text(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"infer_once.py {side} failed on {image}; see {logs}")
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        result["inference"][side] = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
+    result["loadavg"].append(loadavg()[0])
+    shutil.rmtree(raw, ignore_errors=True)
+    return result
+
+
+def measure_epoch(workdir: Path, sources, logs: Path) -> dict:
+    """Every default on four 512 x 512 x 200 cases (two train, two validation), two epochs; what ``auto`` would do
+    with a hundred such cases."""
+    raw, data, run = workdir / "raw_epoch", workdir / "prepared_epoch", workdir / "run_epoch"
+    cases = make_dataset(raw, EPOCH_DEPTH, EPOCH_CASES, sources)
+    shutil.rmtree(data, ignore_errors=True)
+    timed([sys.executable, "data_gen.py", "--input", str(raw), "--output", str(data), "--workers", "1", "--split",
+           "0.5", "0.5", "0"], logs / "prepare_epoch.log")  # fmt: skip
+    shutil.rmtree(raw, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)
+    seconds, peak = timed(
+        [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2", "--no-tensorboard",
+         "--seed", "0"],
+        logs / "train_epoch.log",
+    )  # fmt: skip
+    figures = {**train_figures(run), "process_seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+    figures["auto_for_hundred_cases"] = auto_mode(run, data)
+    return {"depth": EPOCH_DEPTH, "cases": cases, **figures}
+
+
+def auto_mode(run: Path, data: Path) -> str:
+    """The mode ``--validation auto`` picks for 20 validation cases shaped like this dataset's (100 cases, 80/20)."""
+    sys.path.insert(0, str(REPO))
+    from utils.prepared import PreparedDataset
+    from utils.runs import load_config
+    from utils.train.callbacks import validation_mode
+
+    dataset = PreparedDataset(data)
+    val = dataset.split("val")
+    return validation_mode(load_config(run), dataset, [val[i % len(val)] for i in range(HUNDRED // 5)])
+
+
+def slopes(sizes: list[dict]) -> dict:
+    """Least-squares slope of log(seconds) against log(voxels) for each measured cost."""
+    voxels = np.log([s["voxels_per_case"] for s in sizes])
+    series = {
+        "prepare (ours)": [s["prepare"]["ours"]["seconds_per_case"] for s in sizes],
+        "prepare (MONAI)": [s["prepare"]["monai"]["seconds_per_case"] for s in sizes],
+        "evaluate (ours)": [s["evaluate"]["seconds_per_case"] for s in sizes],
+        "inference (ours)": [s["inference"]["ours"]["seconds"] for s in sizes],
+        "inference (MONAI)": [s["inference"]["monai"]["seconds"] for s in sizes],
+        "train step (ours)": [s["train"]["step_s"] for s in sizes],
+        "epoch end, validation (ours)": [s["train"]["epoch_end_s"] for s in sizes],
+    }
+    if len(sizes) < 2:
+        return {}
+    return {name: round(float(np.polyfit(voxels, np.log(values), 1)[0]), 3) for name, values in series.items()}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = report["sizes"]
+    voxels = [s["voxels_per_case"] for s in sizes]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = {
+        "prepare (ours)": [s["prepare"]["ours"]["seconds_per_case"] for s in sizes],
+        "prepare (MONAI)": [s["prepare"]["monai"]["seconds_per_case"] for s in sizes],
+        "evaluate (ours)": [s["evaluate"]["seconds_per_case"] for s in sizes],
+        "inference (ours)": [s["inference"]["ours"]["seconds"] for s in sizes],
+        "inference (MONAI)": [s["inference"]["monai"]["seconds"] for s in sizes],
+        "train: 10 steps (ours)": [s["train"]["step_s"] * TRAIN_STEPS for s in sizes],
+        "train: epoch end (ours)": [s["train"]["epoch_end_s"] for s in sizes],
+    }
+    for name, values in lines.items():
+        axes[0].loglog(voxels, values, "o-", label=f"{name} ({report['slopes'].get(name.split(':')[0], '')})")
+    axes[0].loglog(voxels, [lines["inference (ours)"][0] * v / voxels[0] for v in voxels], "k:", label="slope 1")
+    axes[0].set(xlabel="voxels per case", ylabel="seconds", title="time per case")
+    memory = {
+        "prepare (ours)": [s["prepare"]["ours"]["peak_rss_mib"] for s in sizes],
+        "prepare (MONAI)": [s["prepare"]["monai"]["peak_rss_mib"] for s in sizes],
+        "evaluate (ours)": [s["evaluate"]["peak_rss_mib"] for s in sizes],
+        "inference (ours)": [s["inference"]["ours"]["peak_rss_mib"] for s in sizes],
+        "inference (MONAI)": [s["inference"]["monai"]["peak_rss_mib"] for s in sizes],
+    }
+    for name, values in memory.items():
+        axes[1].loglog(voxels, values, "o-", label=name)
+    axes[1].set(xlabel="voxels per case", ylabel="peak RSS (MiB)", title="peak memory")
+    for axis in axes:
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"512 x 512 x N CT cases, {report['machine']['cpu']} ({report['machine'].get('cpu_kind', '')})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True, help="generated cases, runs and logs (deleted cases)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="depths N (default: %(default)s)")
+    parser.add_argument("--no-epoch", action="store_true", help="skip the 512 x 512 x 200 epoch measurement")
+    parser.add_argument("--json", type=Path, help="where to write the figures (default: WORKDIR/scale.json)")
+    parser.add_argument("--plot", type=Path, help="where to draw the plot (default: WORKDIR/scale.png)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = args.json or workdir / "scale.json"
+    sources = scale.load_sources()
+    report = {"machine": machine(), "sizes": [], "slopes": {}, "started": time.strftime("%Y-%m-%d %H:%M")}
+    for depth in args.sizes:
+        begin = time.perf_counter()
+        try:
+            report["sizes"].append(measure_size(depth, workdir, sources, logs))
+        except (RuntimeError, OSError, ValueError) as error:  # keep the sizes already measured
+            print(f"error at 512x512x{depth}: {error}", file=sys.stderr)
+            report.setdefault("errors", []).append(f"{depth}: {error}")
+        print(f"512x512x{depth}: {time.perf_counter() - begin:.0f} s", flush=True)
+        report["slopes"] = slopes(report["sizes"])
+        out.write_text(json.dumps(report, indent=1))
+    if not args.no_epoch:
+        try:
+            report["epoch"] = measure_epoch(workdir, sources, logs)
+        except (RuntimeError, OSError, ValueError) as error:
+            print(f"error in the epoch measurement: {error}", file=sys.stderr)
+            report.setdefault("errors", []).append(f"epoch: {error}")
+        out.write_text(json.dumps(report, indent=1))
+    if len(report["sizes"]) >= 2:
+        plot(report, args.plot or workdir / "scale.png")
+    print(json.dumps(report["slopes"], indent=1))
+    print(f"figures in {out}")
+    return 1 if report.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
