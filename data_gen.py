@@ -2,6 +2,8 @@
 
 Examples (``--format auto`` detects each input format; README.md has one line per format):
     python data_gen.py --input data/hippocampus_sample --output data/hippocampus
+    python data_gen.py --input nnUNet_raw/Dataset004_Hippocampus --output data/hippocampus_nnunet
+    python data_gen.py --input my_scans --output data/mine      (imagesTr/ + labelsTr/ or images/ + labels/)
     python data_gen.py --input scans/ --image-pattern '*_image.nrrd' --label-pattern '*_label.nrrd' --output data/x
     python data_gen.py --input lab_petct_vox_5.00mm.h5 --binarize --export slices --output data/sts
     python data_gen.py --input ct_series/ --label seg.nii.gz --window-preset soft_tissue --output data/ct

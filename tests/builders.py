@@ -216,3 +216,29 @@ def entry_and_values(source, index=0):
     _, _, record = prepare_case(case, PreprocessSettings(spacing="original", normalize="none"), None, ["x"])
     entry = {"id": spec.id, "source": spec, "geometry": record, "writer": case.writer}
     return entry, source_values(case.label, source.label_values)
+
+
+def make_nnunet(root, source, cases=("001", "011", "020"), test_cases=("034",), channels=1, labels=None):
+    """An nnU-Net v2 raw folder (``dataset.json`` without a case list, ``imagesTr/<case>_000C.nii.gz``,
+    ``labelsTr/<case>.nii.gz``, ``imagesTs/``) built from real MSD Hippocampus cases of ``source`` (an MSD folder):
+    channel ``C`` is the case's image times ``C + 1``; ``test_cases`` go to ``imagesTs`` without their labels."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    for case in (*cases, *test_cases):
+        image = nib.load(Path(source) / "imagesTr" / f"hippocampus_{case}.nii.gz")
+        folder = "imagesTr" if case in cases else "imagesTs"
+        for c in range(channels):
+            data = np.asarray(image.dataobj, np.float32) * (c + 1)
+            nib.save(nib.Nifti1Image(data, image.affine), str(root / folder / f"hippocampus_{case}_{c:04d}.nii.gz"))
+        if case in cases:
+            label = (Path(source) / "labelsTr" / f"hippocampus_{case}.nii.gz").read_bytes()
+            (root / "labelsTr" / f"hippocampus_{case}.nii.gz").write_bytes(label)
+    meta = {
+        "name": "Hippocampus",
+        "channel_names": {str(c): "MRI" if c == 0 else f"MRI x{c + 1}" for c in range(channels)},
+        "labels": labels or {"background": 0, "Anterior": 1, "Posterior": 2},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root

@@ -79,7 +79,8 @@ def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = T
         "--label",
         metavar="PATH",
         help="labels that sit apart from the images: for one DICOM series a NIfTI/NRRD/MHA file in the same physical "
-        "space (any axis order), a DICOM-SEG or an RTSTRUCT; for PNG the mask folder; for one image file its label",
+        "space (any axis order), a DICOM-SEG or an RTSTRUCT; for PNG the mask folder; for a folder of NIfTI/NRRD/MHA "
+        "images the label folder (paired by case name); for one image file its label",
     )
     group.add_argument(
         "--image-pattern",
@@ -90,6 +91,13 @@ def add_reader_flags(parser: argparse.ArgumentParser, label_transforms: bool = T
     )
     group.add_argument(
         "--label-pattern", nargs="+", metavar="GLOB", help="file-name pattern(s) of labels, e.g. '*_label.nrrd'"
+    )
+    group.add_argument(
+        "--channel-patterns",
+        nargs="+",
+        metavar="GLOB",
+        help="one file-name pattern per channel (files), e.g. '*_ct.nii.gz' '*_pet.nii.gz': the text the wildcards "
+        "match pairs a case's channel files and its label; files named <case>_0000, <case>_0001 ... need none",
     )
     group.add_argument(
         "--patient-pattern",
@@ -137,6 +145,7 @@ def reader_options(args: argparse.Namespace) -> dict:
         "label": args.label,
         "image_pattern": args.image_pattern,
         "label_pattern": args.label_pattern,
+        "channel_patterns": args.channel_patterns,
         "patient_pattern": args.patient_pattern,
         "hdf5_image_keys": args.hdf5_image_keys,
         "hdf5_label_key": args.hdf5_label_key,

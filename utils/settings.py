@@ -36,7 +36,7 @@ MODEL_NAMES = (
 # signature.
 USER_MODEL_PATTERN = r"[^:\s]+\.py:[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 LOSS_NAMES = ("dice", "gdl", "dice_ce", "gdl_ce", "ce", "weighted_ce", "tversky", "focal", "dice_focal")
-LAYOUTS = ("msd", "files", "hdf5", "brats", "dicom", "png")
+LAYOUTS = ("msd", "files", "hdf5", "brats", "dicom", "png", "nnunet", "folders")
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
 
 # Preparation (data_gen.py).

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from builders import NRRD_PAIRS, make_brats, make_msd, make_png, write_nifti
+from builders import NRRD_PAIRS, make_brats, make_msd, make_nnunet, make_png, write_nifti
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -501,6 +501,8 @@ SPEC_SOURCES = {
         ["masks", "channels", "label_lookup"],
     ),
     "brats": (lambda tmp: (make_brats(tmp / "brats"), "brats", {}), False, ["label_lookup", "label_values"]),
+    "nnunet": (lambda tmp: (make_nnunet(tmp / "nn", SAMPLE, channels=2), "nnunet", {}), False, ["image", "label"]),
+    "folders": (lambda tmp: (PYRADIOMICS, "folders", {}), True, ["label_lookup", "label_values"]),
 }
 
 

@@ -48,6 +48,7 @@ READER_OPTIONS = (
     "label",
     "image_pattern",
     "label_pattern",
+    "channel_patterns",
     "patient_pattern",
     "hdf5_image_keys",
     "hdf5_label_key",
@@ -94,7 +95,8 @@ class TrainingPreparation:
         return [channels[k] for k in sorted(channels, key=int)]
 
     def reader_options(self, options: dict | None) -> dict:
-        """The user's reader options plus the training's label remapping (``label_map``, ``binarize``)."""
+        """The user's reader options plus the training's label remapping (``label_map``, ``binarize``) and channel
+        count (``num_channels``: files named ``<case>_0000`` ... are grouped into cases of that many channels)."""
         unknown = sorted(set(options or {}) - set(READER_OPTIONS))
         if unknown:
             raise ValueError(f"unknown reader option(s) {unknown}; known: {list(READER_OPTIONS)}")
@@ -102,6 +104,7 @@ class TrainingPreparation:
             **{k: v for k, v in (options or {}).items() if v is not None},
             "label_map": self.settings.label_map,
             "binarize": self.settings.binarize,
+            "num_channels": len(self.manifest["channels"]),
         }
 
 

@@ -26,9 +26,15 @@ Formats (:data:`FORMATS`, keyed by layout, each auto-detected by :func:`detect_f
   (:mod:`utils.formats.dicom`).
 - ``png``: 2D image and mask folders (PNG/JPG/TIFF) matched by file name, grouped into patients by a pattern
   (:mod:`utils.formats.png`).
+- ``nnunet``: nnU-Net v2 raw dataset (``dataset.json`` with ``channel_names``, ``labels``, ``file_ending`` and no
+  case list; ``imagesTr/<case>_XXXX``, ``labelsTr/<case>``, ``imagesTs/``) (:mod:`utils.formats.nnunet`).
+- ``folders``: plain folders matched by case name with no pattern: ``imagesTr``/``labelsTr``, ``images``/``labels``
+  or a ``label`` folder, pairs side by side (``case1`` + ``case1_seg``), or images alone (new scans); channels in
+  ``_0000``-style files (:mod:`utils.formats.folders`, :mod:`utils.formats.channels`).
 
 A case spec's ``format`` is not the layout but the *kind* that loads it (:attr:`Format.kind`: ``nifti`` for ``msd``
-and ``brats``, ``sitk`` for ``files``, else the layout's name); the mask writer record of a case has the same
+and ``brats``, ``sitk`` for ``files`` and ``folders``, ``nifti`` or ``sitk`` for ``nnunet`` by its ``file_ending``,
+else the layout's name); the mask writer record of a case has the same
 ``kind``. Both are stored in manifests; :func:`format_of_kind` finds the :class:`Format` of one.
 
 Labels are remapped to contiguous classes ``0..K-1`` (after the user's ``label_map`` and ``binarize``); the value each
@@ -68,6 +74,7 @@ from utils.formats.base import (
     CaseSpec,
     DatasetSource,
     Hdf5Keys,
+    _pattern_regex,
     apply_label_lookup,
     check_label_values,
     class_indices,
@@ -75,9 +82,11 @@ from utils.formats.base import (
 )
 from utils.formats.dicom import _looks_like_dicom, discover_dicom, load_dicom_case
 from utils.formats.dicom_seg import write_dicom_seg
+from utils.formats.folders import discover_folders
 from utils.formats.hdf5 import discover_hdf5, load_hdf5_case, write_hdf5_mask
 from utils.formats.itk import discover_files, load_sitk_case, write_sitk_mask
 from utils.formats.nifti import _brats_files, discover_brats, discover_msd, load_nifti_case, write_nifti_mask
+from utils.formats.nnunet import discover_nnunet, is_nnunet_v2
 from utils.formats.png import discover_png, load_png_case, write_png_masks
 from utils.geometry import GeometryRecord
 
@@ -130,9 +139,12 @@ FORMATS: dict[str, Format] = {
         Format("brats", "nifti", discover_brats, load_nifti_case),
         Format("dicom", "dicom", discover_dicom, load_dicom_case, write_dicom_seg),
         Format("png", "png", discover_png, load_png_case, write_png_masks),
+        Format("nnunet", "nifti", discover_nnunet, load_nifti_case),
+        Format("folders", "sitk", discover_folders, load_sitk_case, write_sitk_mask),
     )
 }
 LAYOUTS = tuple(sorted(FORMATS))
+_DEFAULT_IMAGE = _pattern_regex("*_image.*")
 
 
 def format_of_kind(kind: str | None) -> Format | None:
@@ -161,7 +173,10 @@ def detect_format(path: str | os.PathLike) -> str:
             return "dicom"
         raise ValueError(f"{path}: cannot tell the input format; pass --format ({', '.join(sorted(FORMATS))})")
     if (path / "dataset.json").is_file():
-        return "msd"
+        try:
+            return "nnunet" if is_nnunet_v2(fileio.read_json(path / "dataset.json")) else "msd"
+        except (ValueError, OSError):  # msd discovery names the problem
+            return "msd"
     subdirs = [p for p in path.iterdir() if p.is_dir()]
     if any(_brats_files(d) for d in subdirs[:20]):
         return "brats"
@@ -171,8 +186,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hdf5"
     if any(n.endswith(".dcm") for n in names) or any(_looks_like_dicom(p) for p in files[:50]):
         return "dicom"
-    if any(n.endswith(SITK_SUFFIXES) for n in names):
-        return "files"
+    if any(n.endswith(SITK_SUFFIXES) for n in names):  # files: the default '*_image.*' pairs; folders: no pattern
+        return "files" if any(n.endswith(SITK_SUFFIXES) and _DEFAULT_IMAGE.match(n) for n in names) else "folders"
     if any(n.endswith(PNG_SUFFIXES) for n in names):
         return "png"
     raise ValueError(f"{path}: cannot tell the input format; pass --format ({', '.join(sorted(FORMATS))})")
@@ -184,7 +199,8 @@ def discover(path: str | os.PathLike, fmt: str = "auto", options: dict | None = 
     Args:
         path: the input folder or file.
         fmt: a key of :data:`FORMATS` (a layout, :data:`LAYOUTS`) or ``auto``.
-        options: reader options: ``label``, ``image_pattern``, ``label_pattern``, ``patient_pattern``,
+        options: reader options: ``label``, ``image_pattern``, ``label_pattern``, ``channel_patterns``,
+            ``num_channels`` (the channels a case must have, e.g. a run's), ``patient_pattern``,
             ``hdf5_image_keys``, ``hdf5_label_key``, ``source_spacing`` (HDF5, PNG), ``label_map`` ``{source: target}``,
             ``binarize``, ``label_names`` ``{source value: name}``.
 
@@ -192,12 +208,16 @@ def discover(path: str | os.PathLike, fmt: str = "auto", options: dict | None = 
         FileNotFoundError: the input (or a file it names) is missing.
         ValueError: unknown format or a layout problem, naming the file.
     """
-    fmt = detect_format(path) if fmt == "auto" else fmt
+    options = options or {}
+    if fmt == "auto":
+        fmt = detect_format(path)
+        if fmt == "folders" and (options.get("image_pattern") or options.get("channel_patterns")):
+            fmt = "files"
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}; known: auto, {', '.join(sorted(FORMATS))}")
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: input not found")
-    return FORMATS[fmt].discover(path, options or {})
+    return FORMATS[fmt].discover(path, options)
 
 
 def load_case(spec: CaseSpec | dict, allowed_labels: set[int] | None = None) -> CaseData:

@@ -9,7 +9,7 @@
   ``label_map`` and ``binarize``; :func:`build_label_lookup`, :func:`finalize_source`) and keeps the value each class
   had in the source in ``label_values``, so that writers put the source values back (:func:`source_values`; its
   inverse :func:`class_indices`);
-- pairing image and label files by glob patterns (:func:`_pair_files`; the ``files`` and ``png`` layouts).
+- pairing image and label files by glob patterns (:func:`_pair_files`, for ``png``; ``files``: :mod:`.channels`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import SimpleITK as sitk
 
 from utils import fileio, geometry
 from utils.formats.base import (
-    _SUFFIX_WORDS,
     SITK_SUFFIXES,
     CaseData,
     CaseError,
@@ -27,8 +25,6 @@ from utils.formats.base import (
     DatasetSource,
     _apply_patient_pattern,
     _as_list,
-    _pair_files,
-    _pattern_regex,
     _scan_values,
     as_label_map,
     check_image,
@@ -38,6 +34,7 @@ from utils.formats.base import (
     safe_id,
     strip_suffix,
 )
+from utils.formats.channels import PairedCase, channel_names, pair_channel_files
 
 
 def read_sitk(path: str | os.PathLike) -> sitk.Image:
@@ -96,23 +93,15 @@ def sitk_to_array(image: sitk.Image, path: str | os.PathLike) -> tuple[np.ndarra
     return array, geometry.affine_from_sitk(geo["spacing"], geo["origin"], geo["direction"])
 
 
-def _case_id(path: Path, root: Path, regexes: Sequence[re.Pattern]) -> str:
-    """Case id of an image: its name up to the end of the last wildcard (``brain1_image.nrrd`` with ``*_image.nrrd``
-    → ``brain1``), prefixed by its sub-folder."""
-    stem = strip_suffix(path.name)
-    match = next((m for m in (r.match(path.name) for r in regexes) if m), None)
-    if match is not None:
-        ends = [match.end(i) for i, g in enumerate(match.groups(), 1) if g and g.lower() not in _SUFFIX_WORDS]
-        stem = strip_suffix(path.name[: ends[-1]]) if ends else stem
-    folder = str(path.parent.relative_to(root))
-    return safe_id(stem if folder in ("", ".") else f"{folder.replace(os.sep, '_')}_{stem}")
-
-
 def discover_files(path: str | os.PathLike, options: dict | None = None) -> DatasetSource:
     """Image/label pairs in NRRD, MHA/MHD or NIfTI under a folder, paired by ``image_pattern``/``label_pattern``.
 
     The text that the wildcards of both patterns match pairs the files (``*_image.nrrd`` with ``*_label.nrrd``);
-    files matching the label pattern are never taken as images. A single image file with ``label`` works too.
+    files matching the label pattern are never taken as images. Channels in separate files: ``channel_patterns``
+    (one pattern per channel, paired the same way), or images named ``<case>_0000``, ``<case>_0001`` ...
+    (:mod:`utils.formats.channels`). A single image file with ``label`` works too.
+
+    A case that lacks one of its channel files fails alone when loaded (:attr:`CaseSpec.error`).
 
     Raises:
         FileNotFoundError: ``path`` (or ``label``) does not exist.
@@ -120,31 +109,37 @@ def discover_files(path: str | os.PathLike, options: dict | None = None) -> Data
     """
     options = options or {}
     root = Path(path)
+    channel_patterns = _as_list(options.get("channel_patterns"))
     if root.is_file():
         label = Path(options["label"]) if options.get("label") else None
         if label is not None and not label.is_file():
             raise FileNotFoundError(f"{label}: label file not found")
-        pairs, image_pattern, named = [((".", strip_suffix(root.name)), root, label)], None, True
+        pairs, named = [PairedCase(safe_id(strip_suffix(root.name)), [root], label)], True
         root = root.parent
     else:
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: input not found")
         image_pattern = options.get("image_pattern") or "*_image.*"
         label_pattern = options.get("label_pattern") or ("*_label.*" if not options.get("image_pattern") else None)
-        pairs, named = _pair_files(root, image_pattern, label_pattern, SITK_SUFFIXES), False
+        pairs = pair_channel_files(root, image_pattern, label_pattern, channel_patterns, options.get("num_channels"))
+        named = False
     cases = []
-    for _key, image, label in pairs:
-        case_id = _case_id(image, root, [_pattern_regex(p) for p in _as_list(image_pattern)])
-        spec = CaseSpec(id=case_id, format="sitk", image=[str(image)], label=str(label) if label else None)
+    for case in pairs:
+        label = case.label
+        image = [str(p) for p in case.images]
+        spec = CaseSpec(id=case.id, format="sitk", image=image, label=str(label) if label else None, error=case.error)
         try:  # a matched file behind a symbolic link out of the folder is refused; files named by flags are the user's
-            spec.image = [str(image.resolve() if named else inside_dataset(image, root))]
+            spec.image = [str(p.resolve() if named else inside_dataset(p, root)) for p in case.images]
             spec.label = str(label.resolve() if named else inside_dataset(label, root)) if label else None
         except CaseError as error:
-            spec.error = str(error)
+            spec.error = spec.error or str(error)
         cases.append(spec)
     _apply_patient_pattern(cases, options.get("patient_pattern"), [Path(c.image[0]).name for c in cases])
     values = _scan_values((c.label, _sitk_label_reader(c.label)) for c in cases if c.label and not c.error)
-    return finalize_source(root.name, "files", {"0": "image"}, cases, root, values, None, options)
+    channels = channel_names(channel_patterns) if channel_patterns else {"0": "image"}
+    if not channel_patterns and max(len(c.image) for c in cases) > 1:
+        channels = {str(c): f"channel_{c:04d}" for c in range(max(len(c.image) for c in cases))}
+    return finalize_source(root.name, "files", channels, cases, root, values, None, options)
 
 
 def _sitk_label_reader(path: str) -> Callable[[], np.ndarray]:

@@ -32,6 +32,7 @@ from utils.formats.base import (
     safe_id,
     strip_suffix,
 )
+from utils.formats.nnunet import is_nnunet_v2
 
 BRATS_MODALITIES = {
     "2020": (
@@ -120,7 +121,8 @@ def discover_msd(path: str | os.PathLike, options: dict | None = None) -> Datase
             image, label = _msd_entry(entry, key, meta_path)
             cases.append(_msd_spec(root, meta_path, image, label if key == "training" else None, len(channels)))
     if not cases:
-        raise ValueError(f"{meta_path}: lists no cases under 'training' or 'test'")
+        hint = " (an nnU-Net v2 dataset.json: use --format nnunet or auto)" if is_nnunet_v2(meta) else ""
+        raise ValueError(f"{meta_path}: lists no cases under 'training' or 'test'{hint}")
     names = {int(k): v for k, v in labels.items()}
     return finalize_source(meta.get("name", root.name), "msd", channels, cases, root, names, names, options or {})
 
