@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import label_reader, make_nnunet, write_nifti
+from builders import entry_and_values, label_reader, make_nnunet, write_nifti
 from conftest import SAMPLE, SHARED_DATA
+from PIL import Image
 
 import data_gen
 from utils import formats as readers
@@ -105,6 +106,29 @@ def test_nnunet_dataset_entry_lists_files_anywhere_in_the_folder(tmp_path):
     np.testing.assert_array_equal(readers.load_case(cases[0]).label, sample_arrays("011")[1])
     with pytest.raises(CaseError, match=r"case gone lists .*nothing_0000\.nii\.gz, which does not exist"):
         readers.load_case(cases[1])
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_nnunet_2d_png_datasets_read_as_one_slice_volumes(tmp_path, rgb):
+    image, label = sample_arrays("001")
+    grey = np.clip(255 * image[10] / image.max(), 0, 255).astype(np.uint8)  # a real axial slice
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    pixels = np.stack([grey, grey // 2, 255 - grey], -1) if rgb else grey
+    Image.fromarray(pixels).save(tmp_path / "imagesTr" / "s1_0000.png")
+    Image.fromarray(label[10].astype(np.uint8)).save(tmp_path / "labelsTr" / "s1.png")
+    names = {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "grey"}
+    meta = {"channel_names": names, "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".png"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    source = readers.discover(tmp_path)
+    case = readers.load_case(source.cases[0])
+    assert source.format == "nnunet" and case.image.shape == (1, *grey.shape, 3 if rgb else 1)
+    np.testing.assert_array_equal(case.image[0, ..., -1], 255 - grey if rgb else grey)
+    np.testing.assert_array_equal(case.label[0], label[10])
+    entry, values = entry_and_values(source)
+    written = readers.write_mask(values, entry, tmp_path / "out")
+    assert [p.name for p in written] == ["s1.nii.gz", "s1.nrrd"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written[1]))), label[10])
 
 
 def test_data_gen_prepares_an_nnunet_folder_with_no_pattern_flags(tmp_path):

@@ -15,9 +15,11 @@ writes it for (``regions_class_order``), else ``label_<value>``. A ``dataset`` e
 "label": ...}}``, paths relative to the folder) replaces the file-name convention, as in nnU-Net.
 
 Cases load with the NIfTI loader (``file_ending`` ``.nii.gz`` or ``.nii``) or the SimpleITK one (``.nrrd``, ``.mha``,
-...), so their masks are written as those formats' are. A case that lacks a channel file or its label, or whose files
-lead out of the folder, fails alone when loaded, with a message naming the files (:attr:`CaseSpec.error`); a label
-without an image is reported and passed over.
+and 2D ``.png``/``.tif`` images as one-slice volumes, an RGB file giving three channels), so their masks are written
+as those formats' are (a 2D image's as ``masks/<id>.nii.gz`` and a 2D ``.nrrd``).
+
+A case that lacks a channel file or its label, or whose files lead out of the folder, fails alone when loaded, with a
+message naming the files (:attr:`CaseSpec.error`); a label without an image is reported and passed over.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from utils.fileio import read_json
 from utils.formats.base import (
     NIFTI_SUFFIXES,
+    PNG_SUFFIXES,
     SITK_SUFFIXES,
     CaseError,
     CaseSpec,
@@ -65,11 +68,9 @@ def discover_nnunet(path: str | os.PathLike, options: dict | None = None) -> Dat
         raise ValueError(f"{meta_path}: an nnU-Net v2 dataset.json needs 'channel_names' and 'labels'")
     channels = {str(k): str(v) for k, v in sorted(meta["channel_names"].items(), key=lambda item: int(item[0]))}
     ending = str(meta.get("file_ending", ".nii.gz"))
-    if ending.lower() not in SITK_SUFFIXES:
-        raise ValueError(
-            f"{meta_path}: file_ending {ending!r} is not read here (known: {', '.join(SITK_SUFFIXES)}); for 2D "
-            "images use --format png"
-        )
+    if ending.lower() not in (*SITK_SUFFIXES, *PNG_SUFFIXES):
+        known = ", ".join((*SITK_SUFFIXES, *PNG_SUFFIXES))
+        raise ValueError(f"{meta_path}: file_ending {ending!r} is not read here (known: {known})")
     kind = "nifti" if ending.lower() in NIFTI_SUFFIXES else "sitk"
     values, names = nnunet_labels(meta["labels"], meta.get("regions_class_order"), meta_path)
     if isinstance(meta.get("dataset"), dict):
@@ -147,8 +148,11 @@ def _folder_cases(
 def _folder_case(
     root: Path, image_dir: Path, label_dir: Path | None, case: str, ending: str, n_channels: int, kind: str
 ) -> CaseSpec:
-    """One case's spec; a missing channel or label, or a file out of the folder, becomes its error."""
+    """One case's spec; a missing channel or label, or a file out of the folder, becomes its error. A 2D image
+    (PNG, TIFF) may hold every channel in its ``_0000`` file (RGB), as nnU-Net reads it."""
     files = _channel_files(image_dir, case, ending, n_channels)
+    if ending.lower() in PNG_SUFFIXES and not any(f.is_file() for f in files[1:]):
+        files = files[:1]
     label = label_dir / f"{case}{ending}" if label_dir is not None else None
     spec = CaseSpec(id=safe_id(case), format=kind, image=[str(f) for f in files], label=str(label) if label else None)
     try:
