@@ -60,7 +60,7 @@ def test_nnunet_v2_raw_dataset_is_detected_and_reads_every_channel(tmp_path):
     assert source.cases[3].label is None and readers.load_case(source.cases[3]).label is None  # imagesTs
 
 
-def test_nnunet_region_labels_name_the_values_they_are_written_as(tmp_path):
+def test_nnunet_region_labels_name_the_values_they_are_written_as(tmp_path, caplog):
     regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
     values, names = nnunet_labels(regions, [1, 2, 3], tmp_path / "dataset.json")
     assert values == [0, 1, 2, 3]
@@ -70,6 +70,9 @@ def test_nnunet_region_labels_name_the_values_they_are_written_as(tmp_path):
         nnunet_labels({"background": 0, "core": "x"}, None, tmp_path / "dataset.json")
     with pytest.raises(ValueError, match="has no background entry 0"):
         nnunet_labels({"liver": 1}, None, tmp_path / "dataset.json")
+    with caplog.at_level(logging.WARNING):
+        assert nnunet_labels({"background": 0, "liver": 1, "ignore": 2}, None, tmp_path)[1][2] == "ignore"
+    assert "label 'ignore' (2) is learned and scored as a class here" in caplog.text
     root = make_nnunet(tmp_path / "regions", SAMPLE, cases=("001",), test_cases=(), labels=regions)
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps({**meta, "regions_class_order": [1, 2, 3]}))

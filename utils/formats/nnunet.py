@@ -11,7 +11,8 @@ A folder as nnU-Net v2 expects it under ``nnUNet_raw``::
 ``labels`` maps names to values, ``{"background": 0, "liver": 1}``; a region-based dataset lists values per region
 (``{"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}``, with ``regions_class_order``). Regions
 are learned and scored here as the label values they are made of; each value is named after the region that nnU-Net
-writes it for (``regions_class_order``), else ``label_<value>``. A ``dataset`` entry (``{case: {"images": [...],
+writes it for (``regions_class_order``), else ``label_<value>``. An ``ignore`` label is learned as a class, with a
+warning. A ``dataset`` entry (``{case: {"images": [...],
 "label": ...}}``, paths relative to the folder) replaces the file-name convention, as in nnU-Net.
 
 Cases load with the NIfTI loader (``file_ending`` ``.nii.gz`` or ``.nii``) or the SimpleITK one (``.nrrd``, ``.mha``,
@@ -107,6 +108,9 @@ def nnunet_labels(raw, regions_order, meta_path: Path) -> tuple[list[int], dict[
     values = sorted({0, *(v for value in raw.values() for v in (value if isinstance(value, list) else [value]))})
     if 0 not in names:
         raise ValueError(f"{meta_path}: 'labels' has no background entry 0: {raw!r}")
+    if "ignore" in raw:
+        log.warning("%s: label 'ignore' (%s) is learned and scored as a class here (nnU-Net leaves those voxels out of "
+                    "its loss; that is not done here)", meta_path, raw["ignore"])  # fmt: skip
     if regions:
         ordered = [n for n in raw if n != names[0]]
         for name, value in zip(ordered, regions_order or [], strict=False):
