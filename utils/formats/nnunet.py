@@ -12,8 +12,8 @@ A folder as nnU-Net v2 expects it under ``nnUNet_raw``::
 (``{"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}``, with ``regions_class_order``). Regions
 are learned and scored here as the label values they are made of; each value is named after the region that nnU-Net
 writes it for (``regions_class_order``), else ``label_<value>``. An ``ignore`` label is learned as a class, with a
-warning. A ``dataset`` entry (``{case: {"images": [...],
-"label": ...}}``, paths relative to the folder) replaces the file-name convention, as in nnU-Net.
+warning. A ``dataset`` entry (``{case: {"images": [...], "label": ...}}``, paths relative to the folder) replaces the
+file-name convention, as in nnU-Net.
 
 Cases load with the NIfTI loader (``file_ending`` ``.nii.gz`` or ``.nii``) or the SimpleITK one (``.nrrd``, ``.mha``,
 and 2D ``.png``/``.tif`` images as one-slice volumes, an RGB file giving three channels), so their masks are written
