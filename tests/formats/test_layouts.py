@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import entry_and_values, label_reader, make_nnunet, write_nifti
+from builders import entry_and_values, hippocampus_subset, label_reader, make_nnunet, write_nifti
 from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 
@@ -145,6 +145,31 @@ def test_data_gen_prepares_an_nnunet_folder_with_no_pattern_flags(tmp_path):
     assert volume.shape[-1] == 2
     np.testing.assert_allclose(volume[..., 1], volume[..., 0], atol=1e-4)  # per-channel z-score undoes the x2
     assert "hippocampus_034" in json.loads((out / "splits.json").read_text())["test"]  # imagesTs: unlabelled
+
+
+def test_the_same_cases_as_msd_nnunet_and_plain_folders_prepare_to_the_same_volumes(tmp_path):
+    cases = ("001", "011", "020")
+    plain = tmp_path / "plain"
+    copy_sample(plain / "imagesTr", cases, plain / "labelsTr")
+    inputs = {
+        "msd": hippocampus_subset(tmp_path / "msd", SAMPLE, cases),
+        "nnunet": make_nnunet(tmp_path / "nnunet", SAMPLE, cases, test_cases=()),
+        "folders": plain,
+    }
+    prepared = {}
+    for name, root in inputs.items():
+        out = tmp_path / f"prepared_{name}"
+        assert data_gen.main(["--input", str(root), "--output", str(out), "--workers", "1", "--seed", "3"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["source"]["format"] == name
+        prepared[name] = {c["id"]: (out / c["image"], out / c["label"], c["geometry"]) for c in manifest["cases"]}
+    for name in ("nnunet", "folders"):
+        assert sorted(prepared[name]) == sorted(prepared["msd"])
+        for case_id, (image, label, geometry) in prepared["msd"].items():
+            other = prepared[name][case_id]
+            np.testing.assert_array_equal(np.load(other[0]), np.load(image))
+            np.testing.assert_array_equal(np.load(other[1]), np.load(label))
+            assert other[2] == geometry
 
 
 @pytest.mark.parametrize(
