@@ -16,10 +16,11 @@ from conftest import SAMPLE, SHARED_DATA
 from PIL import Image
 
 import data_gen
+import evaluation
 from utils import formats as readers
 from utils.cli import reader_options
 from utils.evaluate.options import Options
-from utils.evaluate.predict import predict_images
+from utils.evaluate.predict import READER_OPTIONS, predict_images
 from utils.formats import CaseError
 from utils.formats.channels import group_channels
 from utils.formats.nnunet import nnunet_labels
@@ -287,6 +288,14 @@ def test_data_gen_prepares_a_plain_folder_of_pairs_with_no_pattern_flags(tmp_pat
     assert manifest["source"]["format"] == "folders" and len(manifest["cases"]) == 3
     case = manifest["cases"][0]
     assert case["id"] == "hippocampus_001" and np.load(out / case["label"]).max() == 2
+
+
+def test_every_reader_flag_of_evaluation_is_a_prediction_reader_option():
+    args = evaluation.build_parser().parse_args(
+        ["--run", "r", "--input", "x", "--output", "o", "--channel-patterns", "*_ct.nii.gz", "*_pet.nii.gz"]
+    )
+    options = reader_options(args)
+    assert set(options) <= set(READER_OPTIONS) and options["channel_patterns"] == ["*_ct.nii.gz", "*_pet.nii.gz"]
 
 
 def test_a_folder_of_new_scans_predicts_with_no_flags(synthetic, tmp_path):
