@@ -7,6 +7,8 @@ Examples (``--format auto`` detects each input format; README.md has one line pe
     python data_gen.py --input scans/ --image-pattern '*_image.nrrd' --label-pattern '*_label.nrrd' --output data/x
     python data_gen.py --input lab_petct_vox_5.00mm.h5 --binarize --export slices --output data/sts
     python data_gen.py --input ct_series/ --label seg.nii.gz --window-preset soft_tissue --output data/ct
+    python data_gen.py --input data/hippocampus_sample --folds 5 --output data/hippocampus_cv
+    python data_gen.py --input nnUNet_raw/Dataset004_Hippocampus --splits splits_final.json --output data/h
 
 Writes ``manifest.json``, ``fingerprint.json``, ``splits.json`` and ``volumes/`` into ``--output``
 (docs/ARCHITECTURE.md), and with ``--export slices patches`` the ``slices/`` and ``patches/`` arrays of the classic
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_setting(parser, key, PREPARE[key])
     _add_export_flags(parser)
     add_setting(parser, "split", PREPARE["split"], nargs=3, metavar=("TRAIN", "VAL", "TEST"))
+    add_setting(parser, "splits", PREPARE["splits"])
+    add_setting(parser, "folds", PREPARE["folds"])
     add_setting(parser, "seed", PREPARE["seed"])
     add_setting(parser, "workers", PREPARE["workers"])
     return parser
@@ -141,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{source.name}: {len(source.cases)} cases ({source.format}) from {args.input}")
     try:
         with folder_lock(args.output, command_line("data_gen.py", argv)):
-            manifest = prepare_dataset(source, args.output, settings, args.split, args.seed, args.workers, exports)
+            manifest = prepare_dataset(
+                source, args.output, settings, args.split, args.seed, args.workers, exports, args.folds, args.splits
+            )
     except PreparationError as error:
         print(f"data_gen.py: {error}", file=sys.stderr)
         print(f"The other cases were written to {args.output}.", file=sys.stderr)

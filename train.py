@@ -2,6 +2,7 @@
 
 Example:
     python train.py --data data/hippocampus --output runs/hippocampus --model unet3d --time-limit 10
+    python train.py --data data/hippocampus_cv --output runs/hippocampus_cv --fold 0   (data_gen.py --folds 5)
 
 Writes config.json (every resolved setting and the plan), model.keras (best validation dice), last.keras and
 state.json (to --resume), history.csv, curves.png, model_summary.txt and tensorboard/ into --output.
@@ -23,7 +24,15 @@ enable_onednn()
 
 # Flags by group, in --help order; each takes its type, choices, default and help from utils.settings.TRAINING.
 FLAG_GROUPS = {
-    "model and loss": ("model", "model_args", "loss", "loss_args"),
+    "model and loss": (
+        "model",
+        "model_args",
+        "backbone",
+        "encoder_weights",
+        "freeze_encoder_epochs",
+        "loss",
+        "loss_args",
+    ),
     "data and sampling": (
         "source",
         "patch_size",
@@ -58,6 +67,7 @@ FLAG_GROUPS = {
         "early_stopping",
         "validation",
         "val_overlap",
+        "metrics",
         "tensorboard",
         "tensorboard_images",
     ),
@@ -84,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit, --early-stopping, --workers, --worker-mode may change)",
     )
     add_setting(run, "seed", TRAINING["seed"], with_default=False)
+    add_setting(run, "fold", TRAINING["fold"], with_default=False)
     add_setting(run, "deterministic", TRAINING["deterministic"], with_default=False)
     for title, keys in FLAG_GROUPS.items():
         group = parser.add_argument_group(title)

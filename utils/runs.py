@@ -2,6 +2,11 @@
 
 Training writes a run (``utils.train``), evaluation reads it (``utils.evaluate``); the two never import each other,
 so what both need to save and load a run lives here.
+
+A run holds what prediction needs without its training dataset: ``config.json`` (the settings and the plan) and
+``dataset/`` (:func:`write_dataset_record`: the training dataset's preprocessing settings, labels, channels,
+normalisation statistics and splits, copied when training starts), so it keeps predicting once that dataset has
+moved or been deleted, and an export bundle copies these plain JSON files.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
 from utils import fileio
 from utils.settings import TRAINING, defaults
+
+if TYPE_CHECKING:
+    from utils.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,9 @@ class TrainingConfig:
 
     model: str = _setting("model")
     model_args: dict = _setting("model_args")
+    backbone: str | None = _setting("backbone")
+    encoder_weights: str | None = _setting("encoder_weights")
+    freeze_encoder_epochs: int = _setting("freeze_encoder_epochs")
     loss: str = _setting("loss")
     loss_args: dict = _setting("loss_args")
     source: str = _setting("source")
@@ -129,12 +141,14 @@ class TrainingConfig:
     early_stopping: int = _setting("early_stopping")
     val_overlap: float = _setting("val_overlap")
     validation: str = _setting("validation")
+    metrics: list[str] = _setting("metrics")
     tensorboard: bool = _setting("tensorboard")
     tensorboard_images: int = _setting("tensorboard_images")
     mixed_precision: bool = _setting("mixed_precision")
     strategy: str = _setting("strategy")
     deterministic: bool = _setting("deterministic")
     seed: int = _setting("seed")
+    fold: int | None = _setting("fold")
 
     model_source: str | None = None  # a user's builder (model FILE.py:FUNCTION): the file's absolute path or module
     plan: dict = field(default_factory=dict)
@@ -202,3 +216,71 @@ def load_config(run_dir: str | os.PathLike) -> TrainingConfig:
     """
     path = Path(run_dir) / "config.json"
     return TrainingConfig.from_json(fileio.read_json(path), path)
+
+
+FOLD_PREFIX = "fold_"  # runs/<name>/fold_<i>/: fold i of a cross-validation (train.py --fold i), a run of its own
+
+
+def fold_folder(run_dir: str | os.PathLike, fold: int) -> Path:
+    """``runs/<name>/fold_<fold>``."""
+    return Path(run_dir) / f"{FOLD_PREFIX}{int(fold)}"
+
+
+def fold_folders(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{i: runs/<name>/fold_<i>}`` of a run trained with ``--fold``, by fold index; empty for a single run (a folder
+    with its own ``config.json``) or a folder without folds."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file() or not run_dir.is_dir():
+        return {}
+    found = {}
+    for child in run_dir.iterdir():
+        index = child.name[len(FOLD_PREFIX) :]
+        if child.is_dir() and child.name.startswith(FOLD_PREFIX) and index.isdigit():
+            found[int(index)] = child
+    return dict(sorted(found.items()))
+
+
+def first_config(run_dir: str | os.PathLike) -> TrainingConfig:
+    """The config of a run, or of the first fold with one of a run of folds (their settings agree but for the fold).
+
+    Raises:
+        FileNotFoundError: neither the run nor any fold has a ``config.json``.
+        ValueError: it is not a readable training config.
+    """
+    for folder in fold_folders(run_dir).values():
+        if (folder / "config.json").is_file():
+            return load_config(folder)
+    return load_config(run_dir)
+
+
+DATASET_RECORD = "dataset"  # runs/<name>/dataset/: the training dataset's record, copied when training starts
+
+
+def write_dataset_record(run_dir: str | os.PathLike, dataset: PreparedDataset) -> Path:
+    """Copy into ``runs/<name>/dataset/`` what prediction needs from the training dataset, so that the run predicts
+    new images after that dataset is moved or deleted: ``manifest.json`` without its per-case entries (the
+    preprocessing settings, labels with names and source values, channels, the resolved spacing and CT statistics),
+    ``fingerprint.json`` (the normalisation statistics) and ``splits.json`` (the cases trained and validated on).
+    The plan is in the run's ``config.json``. Returns the folder.
+    """
+    folder = Path(run_dir) / DATASET_RECORD
+    source = {k: v for k, v in dataset.manifest.get("source", {}).items() if k != "root_from_dataset"}
+    manifest = {
+        **dataset.manifest,
+        "source": source,
+        "cases": [],
+        "num_cases": len(dataset.cases),
+        "copied_from": str(dataset.path.resolve()),
+    }
+    with fileio.atomic_group():
+        fileio.write_json(folder / "manifest.json", manifest)
+        fileio.write_json(folder / "splits.json", dataset.splits)
+        if dataset.fingerprint:
+            fileio.write_json(folder / "fingerprint.json", dataset.fingerprint)
+    return folder
+
+
+def dataset_record(run_dir: str | os.PathLike) -> Path | None:
+    """``runs/<name>/dataset/`` when the run holds its training dataset's record (runs trained before it did not)."""
+    folder = Path(run_dir) / DATASET_RECORD
+    return folder if (folder / "manifest.json").is_file() else None

@@ -35,9 +35,22 @@ MODEL_NAMES = (
 # A user's builder instead of a name: a Python file or an importable module, and a function with build_model's
 # signature.
 USER_MODEL_PATTERN = r"[^:\s]+\.py:[A-Za-z_]\w*|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
+# Pretrained 2D encoders of unet2d (keras.applications; utils.backbones.BACKBONES).
+BACKBONE_NAMES = (
+    "resnet50",
+    "efficientnetb0",
+    "efficientnetb1",
+    "efficientnetb2",
+    "efficientnetb3",
+    "convnext_tiny",
+    "densenet121",
+)
 LOSS_NAMES = ("dice", "gdl", "dice_ce", "gdl_ce", "ce", "weighted_ce", "tversky", "focal", "dice_focal")
 LAYOUTS = ("msd", "files", "hdf5", "brats", "dicom", "png", "nnunet", "folders")
 METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity", "volume_truth_ml", "volume_pred_ml")
+# Scores logged each epoch besides the dice (utils.metrics.TRAINING_METRICS): fg_<name> on the training batches,
+# val_<name> on the validation cases.
+TRAINING_METRIC_NAMES = ("iou", "fscore")
 
 # Preparation (data_gen.py).
 WINDOW_PRESETS = {
@@ -216,6 +229,29 @@ TRAINING: dict[str, Setting] = {
         metavar="JSON",
         default_text=f"{{}}, then the recipe ({_UNET_RECIPE})",
     ),
+    "backbone": Setting(
+        None,
+        "unet2d only: a pretrained 2D encoder from keras.applications under the U-Net decoder (patch sizes multiples "
+        "of 32); the image's channels reach its 3 through a learned 1x1 convolution",
+        choices=BACKBONE_NAMES,
+        default_text="none: the U-Net's own encoder",
+    ),
+    "encoder_weights": Setting(
+        None,
+        "weights of the --backbone: imagenet (Keras's cache, ~/.keras/models, downloaded by Keras on first use) or a "
+        "weights file of the keras.applications model without its top (e.g. resnet50_..._notop.h5, or "
+        "encoder.weights.h5 saved from a run's model.get_layer('encoder'))",
+        metavar="imagenet|FILE",
+        default_text="none: random",
+    ),
+    "freeze_encoder_epochs": Setting(
+        0,
+        "keep the --backbone's weights fixed for this many first epochs (the decoder and the input adapter learn), "
+        "then train everything; the model is recompiled at each change",
+        type=int,
+        minimum=0,
+        metavar="N",
+    ),
     "loss": Setting("dice_ce", "loss", choices=LOSS_NAMES),
     "loss_args": Setting({}, "loss options as JSON, e.g. '{\"batch\": true}'", type=dict, metavar="JSON"),
     "source": Setting(
@@ -309,6 +345,15 @@ TRAINING: dict[str, Setting] = {
         "cost at most a fifth of an epoch's training work, else patches",
         choices=VALIDATION_MODES,
     ),
+    "metrics": Setting(
+        [],
+        "scores logged each epoch besides the dice, as fg_<name> (training batches) and val_<name> (validation), "
+        "in history.csv, curves.png and TensorBoard: iou (Jaccard), fscore (F1; on argmax masks it equals the dice, "
+        "logged under the name the PNG workflow used); each a mean over the foreground classes",
+        type=list,
+        choices=TRAINING_METRIC_NAMES,
+        default_text="none: the dice only",
+    ),
     "tensorboard": Setting(True, "write tensorboard/ event files", type=bool),
     "tensorboard_images": Setting(
         3, "validation cases shown as image | truth | prediction in TensorBoard", type=int, metavar="N"
@@ -324,6 +369,15 @@ TRAINING: dict[str, Setting] = {
     ),
     "deterministic": Setting(False, "deterministic kernels: the same seed gives the same weights (slower)", type=bool),
     "seed": Setting(0, "seed of weights, batches and augmentation", type=int),
+    "fold": Setting(
+        None,
+        "train fold I of the dataset's splits.json (data_gen.py --folds K or --splits FILE) into --output/fold_I/, "
+        "a complete run folder; evaluation.py --run --output ensembles the folds found there",
+        type=int,
+        minimum=0,
+        metavar="I",
+        default_text="none: the train and val split",
+    ),
 }
 # Settings a resumed run may change (they steer the run, not what is learnt).
 RESUME_MAY_CHANGE = ("epochs", "time_limit", "early_stopping", "workers", "worker_mode", "tensorboard_images")
@@ -424,12 +478,34 @@ PREPARE: dict[str, Setting] = {
         minimum=0,
     ),
     "split": Setting([0.8, 0.2, 0.0], "patient-level split fractions", type=list, item=float, minimum=0),
+    "splits": Setting(
+        None,
+        "your own split instead of --split: a splits.json of this toolkit (train, val, test and optional folds) or "
+        "nnU-Net's splits_final.json (a list of folds, each with train and val case ids); unlabelled cases it does "
+        "not name go to test",
+        metavar="FILE",
+        default_text="none: drawn with --split and --seed",
+    ),
+    "folds": Setting(
+        None,
+        "K-fold cross-validation at patient level, seeded: the labelled cases outside the test fraction of --split "
+        "fall into K folds; splits.json lists each fold's train and val cases (train.py --fold I) and keeps fold "
+        "0's as its train and val",
+        type=int,
+        minimum=2,
+        metavar="K",
+        default_text="no folds",
+    ),
     "seed": Setting(0, "seed of the split", type=int),
     "workers": Setting(1, "processes over cases", type=int, minimum=1),
 }
 
 EVALUATE: dict[str, Setting] = {
-    "split": Setting("test", "with --data: train, val, test or all"),
+    "split": Setting(
+        "test",
+        "with --data: train, val, test or all; cv (a run of folds on a dataset with folds): every case of a fold's "
+        "val scored by that fold's model, as nnU-Net's cross-validation",
+    ),
     "overlap": Setting(0.5, "sliding-window overlap in [0, 1)", type=float, minimum=0),
     "blend": Setting(
         "gaussian", "weighting of overlapping windows: gaussian (sigma = patch/8) or constant", choices=BLENDS
@@ -456,5 +532,35 @@ EVALUATE: dict[str, Setting] = {
         "what runs the network: keras (the .keras model) or onnx (a bundle's model.onnx with onnxruntime; --run "
         "must then be a bundle written by --export)",
         choices=ENGINES,
+    ),
+    "save_probabilities": Setting(
+        False,
+        "also write each case's class probabilities on the source grid (before post-processing): "
+        "probabilities/<id>.npz (key 'probabilities', float16, shape (Z, Y, X, K), the mask's axis order) and, "
+        "for NIfTI, NRRD and MHA sources, probabilities/<id>.nii.gz (float32, 4D, classes last)",
+        type=bool,
+    ),
+    "source_root": Setting(
+        None,
+        "with --data: the folder the dataset's raw files are in now (the --input of data_gen.py, moved); cases whose "
+        "raw files are missing are scored against the prepared labels, with a note saying so",
+        metavar="DIR",
+        default_text="the input folder recorded in manifest.json, else one at the same place relative to the dataset",
+    ),
+    "predictions": Setting(
+        None,
+        "score masks another tool wrote, no model: folders of masks (NIfTI, NRRD, MHA; a results folder's masks/), "
+        "matched to --truth by case id (the file name without its suffix and a trailing _seg, _label, _mask or "
+        "_pred); two or more folders are compared case by case (paired Wilcoxon test per class)",
+        type=list,
+        metavar="DIR",
+        default_text="none",
+    ),
+    "truth": Setting(
+        None,
+        "with --predictions: the folder of true label maps (or a dataset folder with labelsTr/ and dataset.json, "
+        "whose labels name the classes)",
+        metavar="DIR",
+        default_text="none",
     ),
 }

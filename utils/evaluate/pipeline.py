@@ -35,17 +35,21 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import console, fileio
+from utils.bundle import open_run
+from utils.evaluate.ensemble import Ensemble, cv_assignment, fold_summaries, fold_view, open_models, out_of_fold
 from utils.evaluate.options import Options
 from utils.evaluate.postprocess import apply_plan, decide_lcc, make_plan, parse_min_size
+from utils.evaluate.probabilities import ProbabilityWriter
 from utils.evaluate.results import write_results
-from utils.formats import load_case, source_values, write_mask
+from utils.evaluate.sources import missing_note, read_source
+from utils.formats import source_values, write_mask
 from utils.geometry import GeometryRecord
-from utils.inference import predict_volume, probabilities_to_labels
+from utils.inference import predict_volume, probabilities_to_labels, whole_slice_network
 from utils.metrics import compute_case_metrics
 from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
 from utils.prepared import PreparedDataset
 from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
-from utils.runs import TrainingConfig, load_run, model_path
+from utils.runs import TrainingConfig, fold_folders, model_path
 from utils.settings import WHOLE_SLICE_MODELS
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,8 @@ class Predictor:
     """What :func:`segment` needs from a run: the model (or a ``batch -> probabilities`` function) and its config.
 
     A network trained on patches of its receptive field (:data:`utils.settings.WHOLE_SLICE_MODELS`) predicts whole
-    slices, fully convolutionally: :meth:`whole_slice_model` rebuilds it for any slice size with the trained weights.
+    slices, fully convolutionally: :meth:`whole_slice_model` rebuilds it for any slice size with the trained weights
+    (a bundle's exported networks are that rebuilt network, so ``predict`` too sees whole slices).
     """
 
     model: object
@@ -94,8 +99,8 @@ class Predictor:
 
     def probabilities(self, image: np.ndarray, options: Options) -> np.ndarray:
         model, patch = self.model, self.config.patch_size
-        if self.predict is None and self.config.model in WHOLE_SLICE_MODELS:
-            model, patch = self.whole_slice_model(), list(image.shape[1:3])
+        if self.config.model in WHOLE_SLICE_MODELS:
+            model, patch = (self.whole_slice_model() if self.predict is None else None), list(image.shape[1:3])
         return predict_volume(
             model,
             image,
@@ -113,25 +118,31 @@ class Predictor:
         """The run's network built for ``(None, None, C)`` slices with same padding (its valid convolutions padded by
         half the receptive field, with zeros) and the trained weights: output ``(B, H, W, K)`` for any slice."""
         if self._whole_slices is None:
-            import model as model_zoo
-
-            args = {**self.config.model_args, "padding": "same"}
-            shape = (None, None, self.config.num_channels)
-            whole = model_zoo.build_model(self.config.model, shape, self.config.num_classes, **args)
-            whole.set_weights(self.model.get_weights())
-            self._whole_slices = whole
+            config = self.config
+            self._whole_slices = whole_slice_network(
+                self.model, config.model, config.model_args, config.num_channels, config.num_classes
+            )
         return self._whole_slices
 
 
 def segment(
-    predictor: Predictor, image: np.ndarray, record: GeometryRecord, options: Options, plan: dict | None
+    predictor: Predictor,
+    image: np.ndarray,
+    record: GeometryRecord,
+    options: Options,
+    plan: dict | None,
+    keep: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Classes ``(Z, Y, X)`` uint8 on the source grid for a prepared image and its geometry record.
 
     The probabilities are resampled to the cropped source resolution one class at a time and arg-maxed; cropping and
-    reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last.
+    reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last. ``predictor``
+    may be an :class:`utils.evaluate.ensemble.Ensemble`; ``keep`` receives the probabilities ``(Z, Y, X, K)`` on the
+    prepared grid (``--save-probabilities``: :class:`utils.evaluate.probabilities.ProbabilityWriter`).
     """
     probabilities = predictor.probabilities(image, options)
+    if keep is not None:
+        keep(probabilities)
     labels = probabilities_to_labels(probabilities, record.cropped_shape)
     del probabilities
     classes = restore_label(labels, record)
@@ -221,7 +232,8 @@ def run_cases(
                 cached = fileio.read_json(cache)
             except ValueError:
                 cached = {}
-            files = [*cached.get("masks", []), *(cached[k] for k in ("overlay", "gif") if cached.get(k))]
+            files = [*cached.get("masks", []), *cached.get("probabilities", [])]
+            files += [cached[k] for k in ("overlay", "gif") if cached.get(k)]
             stamps = fileio.as_json(inputs(case_id)) if inputs is not None else None
             if (
                 cached.get("settings") == fileio.as_json(settings_key)
@@ -305,8 +317,12 @@ def file_stamps(paths: Iterable[str | os.PathLike | None]) -> str:
     return hashlib.sha1(json.dumps(stamps).encode()).hexdigest()
 
 
-def model_stamp(run_dir: str | os.PathLike) -> list | None:
-    """``[name, size, modification time in ns]`` of the run's model file, ``None`` without one."""
+def model_stamp(run_dir: str | os.PathLike) -> list | dict | None:
+    """``[name, size, modification time in ns]`` of the run's model file, ``None`` without one; for a run of folds,
+    ``{fold: stamp}``."""
+    folds = fold_folders(run_dir)
+    if folds:
+        return {str(index): model_stamp(folder) for index, folder in folds.items()}
     try:
         path = model_path(run_dir)
     except FileNotFoundError:
@@ -328,16 +344,17 @@ def plan_key(options: Options, run_dir: str | os.PathLike, data: str | os.PathLi
 
 
 def validation_cases(predictor: Predictor, dataset: PreparedDataset, options: Options) -> Callable:
-    """A generator factory over the validation split: ``(raw prediction, truth, spacing)`` on the source grid."""
+    """A generator factory over the validation split: ``(raw prediction, truth, spacing)`` on the source grid; for a
+    run of folds, every fold's val predicted by its own fold (:func:`utils.evaluate.ensemble.out_of_fold`)."""
 
     def cases():
-        for case_id in dataset.split("val"):
+        for case_id, model in out_of_fold(predictor, dataset):
             spec = dataset.spec(case_id)
             if not spec.label:
                 continue
-            source = load_case(spec)
+            source, _ = read_source(dataset, case_id)
             image, geometry = prepared_without_label(dataset, case_id, source)
-            prediction = segment(predictor, image, geometry, options, None)
+            prediction = segment(model, image, geometry, options, None)
             yield prediction, source.label, dataset.geometry(case_id).source_spacing
 
     return cases
@@ -378,28 +395,39 @@ def evaluate(
     split: str = "test",
     options: Options | None = None,
     predict: Callable[[np.ndarray], np.ndarray] | None = None,
+    source_root: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate a trained run on a split of a prepared dataset; returns the summary (also in ``summary.json``).
 
     Args:
-        run_dir: ``runs/<name>``.
+        run_dir: ``runs/<name>`` or a bundle (:mod:`utils.bundle`).
         data: the prepared dataset ``data/<name>`` (labels and channels must match the run's).
         output: ``results/<name>``.
-        split: ``train``, ``val``, ``test`` or ``all``.
+        split: ``train``, ``val``, ``test`` or ``all``; ``cv`` for a run of folds: every fold's val cases predicted by
+            their own fold's model, with each fold's summary in ``summary.json`` (:mod:`utils.evaluate.ensemble`).
         options: the inference, scoring and picture settings (:class:`Options`; its defaults when ``None``).
-        predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
+        predict: optional ``batch -> probabilities`` used instead of the run's model (tests); for a run of folds one
+            for all or a mapping fold index -> function.
+        source_root: where the dataset's raw files are now (``--source-root``); cases whose raw files are missing
+            are scored against the prepared labels (:mod:`utils.evaluate.sources`).
 
     Raises:
         FileNotFoundError, ValueError: a missing or incompatible run or dataset, or an empty split.
     """
+    if source_root is not None and not Path(source_root).is_dir():
+        raise FileNotFoundError(f"{source_root}: --source-root folder not found")
     options = options or Options()
-    config, model = load_run(run_dir, load=predict is None)
-    predictor = Predictor(model, config, predict)
-    dataset = PreparedDataset(data)
+    predictor = open_predictor(run_dir, options, predict)
+    config = predictor.config
+    dataset = fold_view(predictor, PreparedDataset(data, source_root))  # one fold's run: its fold's train and val
     check_compatible(config, dataset)
-    case_ids = dataset.split(split)
+    assignment = cv_assignment(dataset, predictor) if split == "cv" else None
+    case_ids = list(assignment) if assignment is not None else dataset.split(split)
     if not case_ids:
         raise ValueError(f"{dataset.path / 'splits.json'}: split {split!r} is empty")
+    note = missing_note(dataset, case_ids)
+    if note:
+        log.warning(note)
     output = open_output(output)
     values = label_values(dataset.manifest)
     names = class_names(dataset.labels, values)
@@ -418,6 +446,8 @@ def evaluate(
         **options.key(),
         "plan": plan,
     }
+    if assignment is not None:  # each case by its own fold, not by the ensemble: not the same result
+        settings_key["cross_validation"] = True
 
     def inputs(case_id: str) -> str:
         case = dataset.cases[case_id]
@@ -427,17 +457,42 @@ def evaluate(
 
     def process(case_id: str) -> dict:
         spec = dataset.spec(case_id)
-        source = load_case(spec)
+        source, rebuilt = read_source(dataset, case_id)
         image, geometry = prepared_without_label(dataset, case_id, source)
-        classes = segment(predictor, image, geometry, options, plan)
+        model = predictor.member(assignment[case_id]) if assignment is not None else predictor
+        keep = ProbabilityWriter(output, case_id, geometry, source.writer) if options.save_probabilities else None
+        classes = segment(model, image, geometry, options, plan, keep)
         truth = source.label if spec.label else None
-        entry = {"id": case_id, "geometry": dataset.geometry(case_id), "writer": dataset.cases[case_id]["writer"]}
-        return finish_case(output, entry, classes, truth, source.image, source.affine, values, names, options)
+        entry = {"id": case_id, "geometry": dataset.geometry(case_id), "writer": source.writer}
+        record = finish_case(output, entry, classes, truth, source.image, source.affine, values, names, options)
+        record = {**record, "probabilities": keep.written} if keep is not None else record
+        return {**record, "truth": "prepared"} if rebuilt else record
 
     records, failures = run_cases(case_ids, process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "split": split, "model": config.model, "patch_size": config.patch_size}
     plan = {**plan, "lcc_class_names": [dataset.labels[str(k)] for k in plan["lcc_classes"]]}
-    return write_results(output, records, failures, names, options, settings, plan, f"{config.model} on {split}")
+    title = f"{config.model} on {split}"
+    if isinstance(predictor, Ensemble):
+        settings["folds"] = sorted(predictor.members)
+        title += f" (folds {', '.join(map(str, predictor.members))})"
+    extra = {"folds": fold_summaries(records, failures, assignment, names, options.metrics)} if assignment else None
+    return write_results(output, records, failures, names, options, settings, plan, title, extra)
+
+
+def open_predictor(
+    run_dir: str | os.PathLike, options: Options, predict: Callable | Mapping[int, Callable] | None = None
+) -> Predictor | Ensemble:
+    """The run's model, or the :class:`~utils.evaluate.ensemble.Ensemble` of a run of folds (``runs/NAME/fold_I``).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or unreadable run, or folds that do not fit together.
+    """
+
+    def member(folder: Path, fold_predict: Callable | None) -> Predictor:
+        config, model, fold_predict = open_run(folder, options.engine, fold_predict)
+        return Predictor(model, config, fold_predict)
+
+    return open_models(run_dir, member, predict)
 
 
 def open_output(output: str | os.PathLike) -> Path:

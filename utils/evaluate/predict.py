@@ -1,13 +1,14 @@
 """Prediction on new images: raw files of any supported format, prepared exactly as the run's training data was.
 
-``evaluation.py --run runs/NAME --input PATH --output results/NAME`` lands here. The run's ``config.json`` names its
-training dataset (``data``); that folder's ``manifest.json`` holds the preprocessing settings (spacing, window,
-normalisation, crop, label remapping) and ``fingerprint.json`` the dataset statistics some of them need (median
-spacing, CT intensity percentiles). Each new case is read by :func:`utils.formats.discover` /
-:func:`utils.formats.load_case` with the training's label remapping, prepared by
-:func:`utils.preprocessing.prepare_case` *without its label* (so a ``foreground`` crop cannot peek at the truth),
-predicted, written back on its source grid, and scored when it has a label. Results are laid out as in
-:mod:`utils.evaluate.pipeline`.
+``evaluation.py --run runs/NAME --input PATH --output results/NAME`` lands here. The run folder's ``dataset/`` (a
+copy made when training started, :func:`utils.runs.write_dataset_record`; for older runs the training dataset that
+``config.json`` names in ``data``) holds the training dataset's ``manifest.json``, with the preprocessing settings
+(spacing, window, normalisation, crop, label remapping), and ``fingerprint.json``, the dataset statistics some of
+them need (median spacing, CT intensity percentiles): the run predicts after its training dataset is gone. Each new
+case is read by :func:`utils.formats.discover` / :func:`utils.formats.load_case` with the training's label
+remapping, prepared by :func:`utils.preprocessing.prepare_case` *without its label* (so a ``foreground`` crop cannot
+peek at the truth), predicted, written back on its source grid, and scored when it has a label. Results are laid out
+as in :mod:`utils.evaluate.pipeline`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from utils import console, fileio
+from utils.evaluate.ensemble import Ensemble
 from utils.evaluate.options import Options
 from utils.evaluate.pipeline import (
-    Predictor,
     class_names,
     file_stamps,
     finish_case,
     label_values,
     model_stamp,
     open_output,
+    open_predictor,
     plan_key,
     resolve_plan,
     run_cases,
@@ -37,11 +39,12 @@ from utils.evaluate.pipeline import (
     training_dataset,
     validation_cases,
 )
+from utils.evaluate.probabilities import ProbabilityWriter
 from utils.evaluate.results import write_results
 from utils.formats import class_indices, discover, load_case, source_values
 from utils.prepared import read_manifest
 from utils.preprocessing import PreprocessSettings, prepare_case
-from utils.runs import TrainingConfig, load_run
+from utils.runs import DATASET_RECORD, TrainingConfig, dataset_record
 
 log = logging.getLogger(__name__)
 READER_OPTIONS = (
@@ -66,17 +69,23 @@ class TrainingPreparation:
     settings: PreprocessSettings
 
     @classmethod
-    def of_run(cls, config: TrainingConfig, data: str | os.PathLike | None = None) -> TrainingPreparation:
-        """From the training dataset folder (``data``, default the run config's ``data``).
+    def of_run(
+        cls, config: TrainingConfig, data: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None
+    ) -> TrainingPreparation:
+        """From ``data`` (``--data``) when given, else from the run's own record of its training dataset
+        (``runs/<name>/dataset/``, :func:`utils.runs.write_dataset_record`), else, for runs trained before that
+        record, from the training dataset folder the run config names.
 
         Raises:
-            FileNotFoundError: the folder or its manifest is gone (name it with ``--data``).
+            FileNotFoundError: none of them is there (name the training dataset with ``--data``).
             ValueError: its labels or channels differ from the run's, or its manifest is of another version.
         """
-        path = Path(data or config.data or "")
+        record = dataset_record(run_dir) if run_dir is not None and not data else None
+        path = Path(data or record or config.data or "")
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(
-                f"{path / 'manifest.json'}: the run's training dataset is needed for its preprocessing settings; "
+                f"{path / 'manifest.json'}: the run's training dataset is needed for its preprocessing settings "
+                f"(the run folder holds no copy in {DATASET_RECORD}/: it was trained before runs kept one); "
                 "pass its folder with --data if it moved"
             )
         manifest = read_manifest(path)
@@ -122,14 +131,16 @@ def predict_images(
     """Predict every case found under ``input_path``; write masks, pictures and, for labelled cases, scores.
 
     Args:
-        run_dir: ``runs/<name>``.
+        run_dir: ``runs/<name>``, or a bundle ``bundles/<name>`` (:mod:`utils.bundle`; ``options.engine`` picks Keras
+            or onnxruntime).
         input_path: a folder or file in a format of :mod:`utils.formats`.
         output: ``results/<name>``.
         fmt: ``auto`` or a reader name (``msd``, ``files``, ``hdf5``, ``brats``, ``dicom``, ``png``).
         reader_options: reader options of :data:`READER_OPTIONS` (``label``, ``image_pattern``, ...).
         data: the run's training dataset folder when it is not where ``config.json`` says.
         options: inference, post-processing and scoring settings (:class:`utils.evaluate.pipeline.Options`).
-        predict: optional ``batch -> probabilities`` used instead of the run's model (tests).
+        predict: optional ``batch -> probabilities`` used instead of the run's model (tests); for a run of folds
+            (ensembled) one for all or a mapping fold index -> function.
 
     Returns:
         The summary (also in ``summary.json``).
@@ -139,9 +150,10 @@ def predict_images(
             differs from the run's.
     """
     options = options or Options()
-    config, model = load_run(run_dir, load=predict is None)
-    predictor = Predictor(model, config, predict)
-    training = TrainingPreparation.of_run(config, data)
+    predictor = open_predictor(run_dir, options, predict)
+    config = predictor.config
+    record_folder = predictor.run_folder if isinstance(predictor, Ensemble) else run_dir
+    training = TrainingPreparation.of_run(config, data, record_folder)
     source = discover(input_path, fmt, training.reader_options(reader_options))
     if len(source.channels) != config.num_channels:
         raise ValueError(
@@ -151,13 +163,13 @@ def predict_images(
     output = open_output(output)
     values = label_values(training.manifest)
     names = class_names(training.manifest["labels"], values)
-    validation_set = training_dataset(training.path)
+    validation_set = training_dataset(data or config.data)  # for --postprocess auto; gone with the dataset
     plan = resolve_plan(
         options,
         config.num_classes,
         run_dir,
         validation_cases(predictor, validation_set, options) if validation_set is not None else None,
-        plan_key(options, run_dir, training.path),
+        plan_key(options, run_dir, data or config.data or training.path),
     )
     specs = {spec.id: spec for spec in source.cases}
     settings_key = {
@@ -178,11 +190,13 @@ def predict_images(
         image, _, record = prepare_case(
             dataclasses.replace(case, label=None), training.settings, training.fingerprint, training.channel_names
         )
-        classes = segment(predictor, image, record, options, plan)
+        keep = ProbabilityWriter(output, case_id, record, case.writer) if options.save_probabilities else None
+        classes = segment(predictor, image, record, options, plan, keep)
         del image
         writer = {**case.writer, "label_values": [int(v) for v in values], "labels": training.manifest["labels"]}
         entry = {"id": case_id, "geometry": record, "writer": writer}
-        return finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
+        result = finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
+        return {**result, "probabilities": keep.written} if keep is not None else result
 
     def inputs(case_id: str) -> str:
         return file_stamps(specs[case_id].source_files())
@@ -190,5 +204,8 @@ def predict_images(
     records, failures = run_cases(list(specs), process, output, settings_key, options.progress, inputs)
     settings = {**settings_key, "model": config.model, "patch_size": config.patch_size}
     title = f"{config.model} on {Path(input_path).name}"
+    if isinstance(predictor, Ensemble):
+        settings["folds"] = sorted(predictor.members)
+        title += f" (folds {', '.join(map(str, predictor.members))})"
     plan = {**plan, "lcc_class_names": [training.manifest["labels"][str(k)] for k in plan["lcc_classes"]]}
     return write_results(output, records, failures, names, options, settings, plan, title)

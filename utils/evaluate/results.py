@@ -28,12 +28,15 @@ def write_results(
     settings: dict,
     plan: dict,
     title: str,
+    extra: dict | None = None,
 ) -> dict:
-    """``metrics.csv``, ``summary.json``, ``dice_boxplot.png`` and ``report.html`` from the case records."""
+    """``metrics.csv``, ``summary.json``, ``dice_boxplot.png`` and ``report.html`` from the case records; ``extra``
+    adds keys to ``summary.json`` (``folds``: each fold's summary under ``--split cv``)."""
     summary = summarize(records, names, options.metrics)
     summary["settings"] = settings
     summary["postprocessing"] = plan
     summary["failures"] = list(failures)
+    summary.update(extra or {})
     write_metrics_csv(output / "metrics.csv", records, names)
     fileio.write_json(output / "summary.json", summary)
     scored = [r for r in records if r["metrics"]]

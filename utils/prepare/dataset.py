@@ -20,14 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from utils import fileio
 from utils.formats import CaseError, CaseSpec, DatasetSource, load_case
 from utils.prepare.exports import ExportSettings, export_dataset
 from utils.prepare.fingerprint import _ct_stats, aggregate_fingerprint, case_fingerprint
-from utils.prepared import MANIFEST_VERSION
+from utils.prepare.splits import keep_prepared, make_folds, make_splits, read_splits_file
+from utils.prepared import MANIFEST_VERSION, input_root, portable_entry
 from utils.preprocessing import PreprocessSettings, prepare_case
 
 log = logging.getLogger(__name__)
@@ -176,41 +176,25 @@ def _prepare_job(
     return "ok", entry
 
 
-def make_splits(cases: Sequence[CaseSpec], fractions: Sequence[float], seed: int) -> dict:
-    """Seeded patient-level split of labelled cases into train/val/test; unlabelled cases go to test.
-
-    Args:
-        cases: every case found (their ``id``, ``patient`` and ``label``).
-        fractions: ``(train, val, test)``, summing to 1.
-        seed: random seed.
+def plan_splits(
+    cases: Sequence[CaseSpec],
+    split: Sequence[float],
+    seed: int,
+    folds: int | None = None,
+    splits_file: str | os.PathLike | None = None,
+) -> dict:
+    """``splits.json`` over every case found: the user's file, K folds, or the seeded ``split`` fractions.
 
     Raises:
-        ValueError: fractions that are negative or do not sum to 1.
+        ValueError: both ``folds`` and ``splits_file``; bad fractions, fold count or file.
+        FileNotFoundError: a split file that does not exist.
     """
-    fractions = [float(f) for f in fractions]
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"--split needs three non-negative fractions summing to 1, got {fractions}")
-    patients = sorted({case.patient for case in cases if case.label})
-    order = np.random.default_rng(seed).permutation(len(patients))
-    patients = [patients[i] for i in order]
-    n = len(patients)
-    n_val = int(round(n * fractions[1]))
-    n_test = int(round(n * fractions[2]))
-    if fractions[1] > 0 and n_val == 0 and n >= 2:
-        n_val = 1
-    n_test = min(n_test, n - n_val)
-    groups = {"val": set(patients[:n_val]), "test": set(patients[n_val : n_val + n_test])}
-    splits = {"train": [], "val": [], "test": []}
-    for case in cases:
-        if not case.label:
-            splits["test"].append(case.id)
-        elif case.patient in groups["val"]:
-            splits["val"].append(case.id)
-        elif case.patient in groups["test"]:
-            splits["test"].append(case.id)
-        else:
-            splits["train"].append(case.id)
-    return splits
+    if folds is not None and splits_file:
+        raise ValueError("give either --folds (drawn folds) or --splits (your own file), not both")
+    if splits_file:
+        return read_splits_file(splits_file, cases)
+    splits = make_splits(cases, split, seed)  # checks the fractions
+    return make_folds(cases, folds, float(split[2]), seed) if folds is not None else splits
 
 
 def prepare_dataset(
@@ -221,14 +205,20 @@ def prepare_dataset(
     seed: int = 0,
     workers: int = 1,
     exports: ExportSettings | None = None,
+    folds: int | None = None,
+    splits_file: str | os.PathLike | None = None,
 ) -> dict:
     """Fingerprint, preprocess and write every case of ``source`` into ``output``; return the manifest.
 
     ``exports`` adds the slice and patch exports of :mod:`utils.prepare.exports` once the manifest is written.
+    ``folds`` (K-fold cross-validation) or ``splits_file`` (the user's split) replace the split drawn from ``split``
+    (:mod:`utils.prepare.splits`); both are checked before any case is read.
 
     Raises:
+        ValueError: both ``folds`` and ``splits_file``, or a bad split file or fold count.
         PreparationError: after writing every case that worked and the dataset files, when some cases failed.
     """
+    planned_splits = plan_splits(source.cases, split, seed, folds, splits_file)
     out = fileio.check_writable(output)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     fileio.remove_stale_temporaries(out)
@@ -267,12 +257,18 @@ def prepare_dataset(
 
     # The split is drawn over every case found, then the cases that failed are left out: a case that becomes
     # unreadable (or readable again) never moves the others between train, val and test.
-    prepared = {e["id"] for e in entries}
-    splits = {k: [c for c in v if c in prepared] for k, v in make_splits(source.cases, split, seed).items()}
+    splits = keep_prepared(planned_splits, {e["id"] for e in entries})
+    readable = [spec for spec in source.cases if not spec.error]  # a refused case's files may lie anywhere
+    root = input_root(source.path, [f for spec in readable for f in spec.source_files()])  # paths relative to it
     manifest = {
         "version": MANIFEST_VERSION,
         "name": source.name,
-        "source": {"path": str(Path(source.path).resolve()), "format": source.format},
+        "source": {
+            "path": str(Path(source.path).resolve()),
+            "format": source.format,
+            "root": str(root),
+            "root_from_dataset": Path(os.path.relpath(root, out.resolve())).as_posix(),
+        },
         "labels": source.labels,
         "label_values": source.label_values or [int(k) for k in sorted(source.labels, key=int)],
         "channels": source.channels,
@@ -280,7 +276,9 @@ def prepare_dataset(
         "resolved": resolved,
         "seed": seed,
         "split_fractions": list(split),
-        "cases": [{k: v for k, v in e.items() if k != "key"} for e in entries],
+        "folds": len(splits.get("folds", [])) or None,
+        "splits_file": Path(splits_file).name if splits_file else None,
+        "cases": [portable_entry({k: v for k, v in e.items() if k != "key"}, root) for e in entries],
     }
     fileio.write_json(out / "splits.json", splits)
     fileio.write_json(out / "manifest.json", manifest)

@@ -17,9 +17,10 @@ import numpy as np
 
 import model as model_zoo
 from utils import fileio
+from utils.backbones import FIXED_BY_ENCODER
 from utils.losses import get_loss
 from utils.prepared import PreparedDataset
-from utils.runs import TrainingConfig, load_config
+from utils.runs import TrainingConfig, fold_folder, load_config
 from utils.settings import RECIPES, RESUME_MAY_CHANGE, TRAINING, defaults, gpu_workers
 from utils.train import planning
 from utils.train.augment import augmentation_settings
@@ -133,6 +134,7 @@ def resolve_config(
         target = rows
     augmentation_settings(config["augment"], ndim, config["augmentation"])
     get_loss(config["loss"], **config["loss_args"])
+    encoder = _backbone_args(config)
     if model_zoo.is_user_builder(config["model"]):
         planned = _user_builder_plan(config)
     else:
@@ -141,13 +143,16 @@ def resolve_config(
             dataset.fingerprint,
             dataset.num_channels,
             dataset.num_classes,
-            model_args=recipe_model_args(config, recipe),
+            model_args={**recipe_model_args(config, recipe), **encoder},
             patch_size=config["patch_size"],
             batch_size=config["batch_size"],
             memory_gb=config["memory_budget"],
             target_shape=target,
             recipe=recipe,
         )
+    if encoder:  # recorded once, as config.backbone; the encoder fixes the depth and the down-sampling
+        for key in ("backbone", *FIXED_BY_ENCODER):
+            planned["model_args"].pop(key, None)
     config.update(patch_size=planned["patch_size"], batch_size=planned["batch_size"], model_args=planned["model_args"])
     if "lr" in planned and "lr" not in chosen:
         config["lr"] = planned["lr"] * config["lr"]
@@ -169,6 +174,34 @@ def resolve_config(
     return TrainingConfig(**config)
 
 
+def _backbone_args(config: dict) -> dict:
+    """Check ``backbone``, ``encoder_weights`` and ``freeze_encoder_epochs`` (a backbone given in ``model_args`` moves
+    to ``backbone``; a weights file is recorded by its absolute path) and return the planner's extra option.
+
+    Raises:
+        ValueError: encoder options without a backbone, or a backbone for another model than unet2d.
+        FileNotFoundError: the weights file does not exist.
+    """
+    args = config["model_args"]
+    for key in ("backbone", "encoder_weights"):
+        if key in args:
+            given = args.pop(key)
+            config[key] = config[key] or given
+    backbone, weights = config["backbone"], config["encoder_weights"]
+    if backbone is None:
+        for key in ("encoder_weights", "freeze_encoder_epochs"):
+            if config[key]:
+                raise ValueError(f"--{key.replace('_', '-')} {config[key]} needs --backbone (a pretrained encoder)")
+        return {}
+    if config["model"] != "unet2d":
+        raise ValueError(f"--backbone {backbone}: pretrained encoders serve unet2d only, not {config['model']}")
+    if weights not in (None, "imagenet"):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{weights}: --encoder-weights file not found (give imagenet or a weights file)")
+        config["encoder_weights"] = str(Path(weights).resolve())
+    return {"backbone": backbone}
+
+
 def _user_builder_plan(config: dict) -> dict:
     """A user's builder is not planned: its patch size is the one given, its batch the planner's rule for that patch;
     the builder is imported and checked here, before any work."""
@@ -186,6 +219,24 @@ def _backend_version(backend: str) -> str:
         return __import__(backend).__version__
     except (ImportError, AttributeError):
         return "unknown"
+
+
+def fold_run(overrides: dict, dataset: PreparedDataset) -> tuple[PreparedDataset, Path]:
+    """The dataset as the run sees it and the run folder: with ``fold`` I, fold I's train and val splits of
+    ``splits.json`` and ``output/fold_I`` (a complete run folder of its own); without, the dataset and ``output``.
+
+    Raises:
+        ValueError: a fold ``splits.json`` does not hold (naming it), or a fold trained from exported stacks.
+    """
+    run_dir, fold = Path(overrides["output"]), overrides.get("fold")
+    if fold is None:
+        return dataset, run_dir
+    if (overrides.get("source") or "volumes") != "volumes":
+        raise ValueError(
+            f"--fold {fold} trains from volumes/ only (the exported slices/ and patches/ stacks hold fold 0's split); "
+            "leave out --source"
+        )
+    return dataset.with_fold(int(fold)), fold_folder(run_dir, fold)
 
 
 def _resume_config(run_dir: Path, dataset: PreparedDataset, overrides: dict) -> TrainingConfig:

@@ -22,13 +22,20 @@ import keras
 import model as model_zoo
 from utils import console, device, fileio
 from utils.losses import deep_supervision_compile_args, get_loss
-from utils.metrics import MeanForegroundDice
+from utils.metrics import training_metrics
 from utils.prepared import PreparedDataset
-from utils.runs import TrainingConfig, load_model
+from utils.runs import TrainingConfig, dataset_record, load_model, write_dataset_record
 from utils.settings import TRAINING
 from utils.train.augment import Augmenter, augmentation_settings
-from utils.train.callbacks import LearningRate, RunRecorder, TensorBoard, Validation, read_history
-from utils.train.config import STATE_FILE, _resume_config, check_settings, resolve_config, stack_paths
+from utils.train.callbacks import (
+    EncoderFreeze,
+    LearningRate,
+    RunRecorder,
+    TensorBoard,
+    Validation,
+    read_history,
+)
+from utils.train.config import STATE_FILE, _resume_config, check_settings, fold_run, resolve_config, stack_paths
 from utils.train.distribute import (
     Distribution,
     enable_determinism,
@@ -48,7 +55,8 @@ def build(config: TrainingConfig, num_channels: int, num_classes: int) -> keras.
     shape = (*config.patch_size, num_channels)
     if model_zoo.is_user_builder(config.model):
         return model_zoo.build_user_model(config.model, shape, num_classes, config.model_source, **config.model_args)
-    return model_zoo.build_model(config.model, shape, num_classes, **config.model_args)
+    backbone = {"backbone": config.backbone, "encoder_weights": config.encoder_weights} if config.backbone else {}
+    return model_zoo.build_model(config.model, shape, num_classes, **config.model_args, **backbone)
 
 
 def make_optimizer(config: TrainingConfig, lr: float) -> keras.optimizers.Optimizer:
@@ -70,13 +78,13 @@ def compile_model(model: keras.Model, config: TrainingConfig, lr: float) -> list
         model.compile(
             optimizer=optimizer,
             loss=get_loss(config.loss, **config.loss_args),
-            metrics=[MeanForegroundDice(config.num_classes)],
+            metrics=training_metrics(config.num_classes, config.metrics),
             jit_compile=jit_compile(config.model),
         )
         return None
     model.compile(
         optimizer=optimizer,
-        metrics=[[MeanForegroundDice(config.num_classes)]] + [[] for _ in outputs[1:]],
+        metrics=[training_metrics(config.num_classes, config.metrics)] + [[] for _ in outputs[1:]],
         **deep_supervision_compile_args(config.loss, len(outputs), **config.loss_args),
     )
     return output_strides(model, config.patch_size)
@@ -143,10 +151,11 @@ def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
         fileio.FolderInUse: another run writes the run folder.
     """
     check_settings(config_overrides)
-    dataset = PreparedDataset(config_overrides["data"])
-    run_dir = Path(config_overrides["output"])
+    dataset, run_dir = fold_run(config_overrides, PreparedDataset(config_overrides["data"]))
     resume = bool(config_overrides.get("resume"))
     saved = _resume_config(run_dir, dataset, config_overrides) if resume else None
+    if saved is not None and saved.fold is not None and config_overrides.get("fold") is None:
+        dataset = dataset.with_fold(saved.fold)  # resuming runs/NAME/fold_I itself
     strategy = saved.strategy if saved else config_overrides.get("strategy") or TRAINING["strategy"].default
     distribution = make_distribution(strategy)  # before anything starts TensorFlow's runtime (multiworker needs it)
     machine = announce_device()
@@ -217,6 +226,8 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         fileio.remove_stale_temporaries(run_dir)  # what a run killed while writing a checkpoint left
         fileio.write_json(run_dir / "config.json", config.to_json())
+        if not saved or dataset_record(run_dir) is None:  # a resumed run keeps the record it was started with
+            write_dataset_record(run_dir, dataset)
         fileio.write_text(run_dir / "model_summary.txt", model_zoo.model_summary_text(model))
 
     sampler = make_sampler(config, dataset, distribution, int(state["epoch"]), strides)
@@ -235,6 +246,8 @@ def _train(
         log.info("Validation after each epoch: %s of %d cases", validation.mode, len(validation.case_ids))
     recorder = RunRecorder(run_dir, history, state, clock, config, schedule, distribution)
     callbacks = [schedule, validation]
+    if config.freeze_encoder_epochs:
+        callbacks.insert(0, EncoderFreeze(config.freeze_encoder_epochs, distribution.scope))
     writer = summary_writer(run_dir / "tensorboard") if config.tensorboard and distribution.is_chief else None
     if writer is not None:
         callbacks.append(TensorBoard(writer, validation))
@@ -259,7 +272,9 @@ def _train(
 def describe_plan(config: TrainingConfig) -> str:
     """The plan in one line: recipe, network, patch, batch, optimisation, augmentation, precision and workers."""
     args = config.model_args
-    shown = [f"{key} {args[key]}" for key in ("filters", "depth") if key in args]
+    shown = [f"backbone {config.backbone} ({config.encoder_weights or 'random'} weights)"] if config.backbone else []
+    shown += [f"{key} {args[key]}" for key in ("filters", "depth") if key in args]
+    shown += [f"encoder frozen {config.freeze_encoder_epochs} epoch(s)"] if config.freeze_encoder_epochs else []
     shown += ["deep supervision"] if args.get("deep_supervision") else []
     network = f"{config.model} ({', '.join(shown)})" if shown else config.model
     precision = "mixed precision" if config.mixed_precision else "float32"
