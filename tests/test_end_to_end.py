@@ -9,6 +9,7 @@ import pytest
 
 import evaluation
 import train
+from utils.prepared import PreparedDataset
 
 DICE_FLOOR = 0.6  # an untrained or broken model scores below 0.1 on these cases; 3 epochs of 40 steps reach ~0.75
 
@@ -68,10 +69,9 @@ def test_train_then_evaluate_reaches_the_dice_floor(prepared, tmp_path):
     )
     summary = json.loads((results / "summary.json").read_text())
     assert summary["settings"]["tta"] == [0, 1, 2]  # test-time mirroring along the axes the training mirrored
-    manifest = json.loads((prepared / "manifest.json").read_text())
     test_ids = json.loads((prepared / "splits.json").read_text())["test"]
     for case_id in test_ids:
-        source = nib.load(next(c for c in manifest["cases"] if c["id"] == case_id)["source"]["label"])
+        source = nib.load(PreparedDataset(prepared).spec(case_id).label)
         mask = nib.load(results / "masks" / f"{case_id}.nii.gz")
         assert mask.shape == source.shape
         np.testing.assert_array_equal(mask.affine, source.affine)

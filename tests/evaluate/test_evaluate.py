@@ -18,6 +18,7 @@ from utils.evaluate.pipeline import check_compatible, evaluate, finish_case
 from utils.evaluate.predict import predict_images
 from utils.evaluate.results import summarize
 from utils.geometry import GeometryRecord
+from utils.prepared import PreparedDataset
 from utils.runs import TrainingConfig
 
 
@@ -86,7 +87,8 @@ def test_evaluation_writes_masks_on_the_source_grid_scores_pictures_and_report(s
     assert summary["failures"] == []
     manifest = json.loads((dataset / "manifest.json").read_text())
     for case in manifest["cases"]:
-        mask, source = nib.load(tmp_path / "masks" / f"{case['id']}.nii.gz"), nib.load(case["source"]["label"])
+        source = nib.load(PreparedDataset(dataset).spec(case["id"]).label)  # the manifest's paths are relative
+        mask = nib.load(tmp_path / "masks" / f"{case['id']}.nii.gz")
         assert mask.shape == source.shape
         np.testing.assert_array_equal(mask.affine, source.affine)
         island = int(case["id"][-1]) in (1, 2, 5, 6)

@@ -25,6 +25,7 @@ from utils import formats as readers
 from utils.evaluate.options import Options
 from utils.evaluate.pipeline import evaluate
 from utils.formats import write_mask
+from utils.prepared import PreparedDataset
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_a_rerun_redoes_the_cases_whose_input_or_model_changed(synthetic, tmp_pa
     first = len(calls)
     assert first > 0 and len(calls) == first  # the rerun reused every case
     case = json.loads((dataset / "manifest.json").read_text())["cases"][0]
-    source = Path(case["source"]["image"][0])
+    source = Path(PreparedDataset(dataset).spec(case["id"]).image[0])
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # the source was replaced
     calls.clear()
     evaluate(run, dataset, tmp_path / "out", split="all", options=options, predict=counting)

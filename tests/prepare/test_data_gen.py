@@ -41,6 +41,11 @@ def check_inverts(output, exact=True):
     for case_id, entry in dataset.cases.items():
         spec, geometry = dataset.spec(case_id), dataset.geometry(case_id)
         stored = {"id": case_id, "patient": entry["patient"], **entry["source"]}
+        for key in ("image", "label", "masks", "unreadable"):  # stored relative to the input root, read as full paths
+            if isinstance(stored.get(key), list):
+                stored[key] = [dataset.source_path(path) for path in stored[key]]
+            elif stored.get(key):
+                stored[key] = dataset.source_path(stored[key])
         assert json.dumps(spec.to_json()) == json.dumps(stored) and CaseSpec.from_json(spec.to_json()) == spec
         assert json.dumps(geometry.to_json()) == json.dumps(entry["geometry"])
         assert GeometryRecord.from_json(geometry.to_json()) == geometry

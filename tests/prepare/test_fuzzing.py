@@ -28,6 +28,7 @@ import pytest
 from conftest import SHARED_DATA
 
 import data_gen
+from utils.prepared import PreparedDataset
 
 SEED = 18
 COUNTS = {"nifti": 45, "nrrd": 35, "mha": 30, "dicom": 30, "hdf5": 30, "png": 40}
@@ -322,8 +323,10 @@ def fuzz(fmt: str, root: Path, capsys) -> dict:
     prepared = {case["id"] for case in manifest["cases"]}
     assert set(good) <= prepared, sorted(set(good) - prepared)
     tally = {"tried": len(damaged), "refused": 0, "read": 0, "left out": 0}
+    dataset = PreparedDataset(output)  # the manifest's source paths are relative to the input: resolve them
+    cases = [{"source": dataset.spec(case_id).to_json()} for case_id in dataset.cases]
     for path, kind in damaged:
-        result = outcome(path, manifest["cases"], failures, fmt == "dicom")
+        result = outcome(path, cases, failures, fmt == "dicom")
         assert result != "lost", f"{path.name} ({kind}) is neither prepared nor named in a failure:\n{err[-3000:]}"
         tally[result] += 1
     return tally
