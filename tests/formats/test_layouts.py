@@ -175,12 +175,16 @@ def test_the_same_cases_as_msd_nnunet_and_plain_folders_prepare_to_the_same_volu
 
 @pytest.mark.parametrize(
     ("images", "labels", "flag"),
-    [("imagesTr", "labelsTr", False), ("images", "labels", False), ("scans", "segs", True)],
+    [("imagesTr", "labelsTr", False), ("images", "labels", False), ("scans", "segs", True), ("x", "y", True)],
 )
 def test_paired_folders_match_by_case_name(tmp_path, images, labels, flag):
     root = tmp_path / "plain"
     copy_sample(root / images, ("001", "020"), root / labels)
-    assert readers.detect_format(root) == "folders"
+    if images == "x":  # names the files layout's default pattern would take: --label still pairs by case name
+        for folder in (root / images, root / labels):
+            for file in folder.iterdir():
+                file.rename(file.with_name(file.name.replace(".nii.gz", "_image.nii.gz")))
+    assert readers.detect_format(root) == ("files" if images == "x" else "folders")
     options = {"label": str(root / labels)} if flag else {}
     source = readers.discover(root / images if flag else root, "auto", options)
     assert source.format == "folders" and [c.id for c in source.cases] == ["hippocampus_001", "hippocampus_020"]

@@ -211,8 +211,11 @@ def discover(path: str | os.PathLike, fmt: str = "auto", options: dict | None = 
     options = options or {}
     if fmt == "auto":
         fmt = detect_format(path)
-        if fmt == "folders" and (options.get("image_pattern") or options.get("channel_patterns")):
+        patterns = options.get("image_pattern") or options.get("channel_patterns")
+        if fmt == "folders" and patterns:
             fmt = "files"
+        elif fmt == "files" and not patterns and options.get("label") and Path(options["label"]).is_dir():
+            fmt = "folders"  # a label folder pairs by case name
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}; known: auto, {', '.join(sorted(FORMATS))}")
     if not Path(path).exists():
