@@ -150,3 +150,14 @@ def test_new_images_are_predicted_by_the_ensemble_with_probabilities(cv_data, tm
         mask = np.asarray(nib.load(path).dataobj)
         np.testing.assert_array_equal(np.argmax(saved, axis=0), mask.transpose(2, 1, 0))
         np.testing.assert_allclose(saved.astype(np.float32).sum(axis=0), 1.0, atol=2e-3)
+
+
+def test_auto_postprocessing_of_folds_is_decided_on_the_out_of_fold_predictions(cv_data, tmp_path):
+    _, dataset = cv_data
+    run = fold_run(tmp_path / "run", dataset)
+    options = Options(postprocess="auto", pictures="none", metrics=["dice"], progress=False)
+    summary = evaluate(run, dataset, tmp_path / "out", split="cv", options=options, predict=label_reader)
+    plan = summary["postprocessing"]
+    assert plan["num_cases"] == 8  # every fold's val, each by its own fold (the run's val split alone holds 4)
+    assert plan["lcc_classes"] == [1] and summary["foreground_mean"]["dice"] == 1.0  # the islands are removed
+    assert json.loads((run / "postprocessing.json").read_text())["decisions"][0]["plan"]["num_cases"] == 8

@@ -1,12 +1,15 @@
 """train.py --fold I: fold I's train and val split from splits.json, into runs/NAME/fold_I/, a run folder that
-evaluates on its own; folds that do not exist are refused before any work."""
+evaluates on its own; folds that do not exist are refused before any work; two trained folds ensembled and
+cross-validated through evaluation.py (slow)."""
 
 import json
 
 import builders
+import numpy as np
 import pytest
 
 import data_gen
+import evaluation
 import train
 from utils.evaluate.options import Options
 from utils.evaluate.pipeline import evaluate
@@ -62,3 +65,22 @@ def test_folds_the_dataset_does_not_hold_are_refused_before_any_work(folded, tmp
     args = ["--data", str(folded), "--output", str(tmp_path / "run"), "--fold", "0", "--source", "slices"]
     assert train.main(args) == 2
     assert "--fold 0 trains from volumes/ only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_trained_folds_ensemble_and_cross_validate_from_the_command_line(folded, tmp_path):
+    run = tmp_path / "run"
+    for fold in ("0", "1"):
+        assert train.main(["--data", str(folded), "--output", str(run), "--fold", fold, *TINY]) == 0
+    flags = ["--run", str(run), "--data", str(folded), "--pictures", "none", "--quiet", "--metrics", "dice"]
+    assert evaluation.main([*flags, "--split", "cv", "--output", str(tmp_path / "cv"), "--save-probabilities"]) == 0
+    summary = json.loads((tmp_path / "cv" / "summary.json").read_text())
+    folds = json.loads((folded / "splits.json").read_text())["folds"]
+    assert summary["num_cases"] == 4 and summary["settings"]["folds"] == [0, 1] and summary["settings"]["tta"]
+    assert [summary["folds"][k]["num_cases"] for k in ("0", "1")] == [len(f["val"]) for f in folds]
+    for case_id in folds[0]["val"] + folds[1]["val"]:
+        probabilities = np.load(tmp_path / "cv" / "probabilities" / f"{case_id}.npz")["probabilities"]
+        assert probabilities.shape[0] == 3 and np.isfinite(probabilities).all()
+        assert (tmp_path / "cv" / "probabilities" / f"{case_id}.nii.gz").is_file()
+    assert evaluation.main([*flags, "--split", "all", "--output", str(tmp_path / "all"), "--no-tta"]) == 0
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["num_cases"] == 4
