@@ -76,19 +76,19 @@ def scale(report: dict) -> str:
         prepare, infer = s["prepare"], s["inference"]
         rows.append(
             [f"512x512x{s['depth']}", f"{s['voxels_per_case'] / 1e6:.0f}M", s["float32_case_mib"],
-             f"{prepare['ours']['seconds_per_case']:.1f} / {prepare['monai']['seconds_per_case']:.1f}",
+             f"{prepare['ours']['cpu_seconds_per_case']:.1f} / {prepare['monai']['cpu_seconds_per_case']:.1f}",
              f"{prepare['ours']['peak_rss_mib']} / {prepare['monai']['peak_rss_mib']}",
              f"{s['train']['step_s'] * 1000:.0f}", f"{s['train']['epoch_end_s']:.1f}",
-             f"{s['evaluate']['seconds_per_case']:.1f}", s["evaluate"]["peak_rss_mib"],
-             f"{infer['ours']['seconds']:.1f} / {infer['monai']['seconds']:.1f}",
+             f"{s['evaluate']['cpu_seconds_per_case']:.1f}", s["evaluate"]["peak_rss_mib"],
+             f"{infer['ours']['cpu_seconds']:.1f} / {infer['monai']['cpu_seconds']:.1f}",
              f"{infer['ours']['peak_rss_mib']:.0f} / {infer['monai']['peak_rss_mib']:.0f}", loads(s["loadavg"])]
         )  # fmt: skip
-    header = ["case", "voxels", "float32 MiB", "prepare s (ours / MONAI)", "prepare peak MiB", "train step ms",
-              "epoch end s", "evaluate s", "evaluate peak MiB", "inference s (ours / MONAI)",
+    header = ["case", "voxels", "float32 MiB", "prepare CPU s (ours / MONAI)", "prepare peak MiB", "train step ms",
+              "epoch end s", "evaluate CPU s", "evaluate peak MiB", "inference CPU s (ours / MONAI)",
               "inference peak MiB", "load avg"]  # fmt: skip
     parts = [table(header, rows)]
     parts.append(
-        table(["stage", "slope of log(seconds) on log(voxels)"], [[k, v] for k, v in report["slopes"].items()])
+        table(["stage", "slope of log(CPU seconds) on log(voxels)"], [[k, v] for k, v in report["slopes"].items()])
     )
     if "epoch" in report:
         e = report["epoch"]

@@ -44,18 +44,27 @@ TRAIN_STEPS = 10
 EPOCH_DEPTH, EPOCH_CASES, HUNDRED = 200, 4, 100
 
 
-def timed(command: list[str], log_path: Path) -> tuple[float, float]:
-    """Run ``command`` under GNU time; ``(seconds, peak RSS in MiB)``. Raises ``RuntimeError`` naming the log."""
+def timed(command: list[str], log_path: Path) -> tuple[float, float, float]:
+    """Run ``command`` under GNU time; ``(seconds, CPU seconds, peak RSS in MiB)``. Raises ``RuntimeError`` naming
+    the log."""
     measure = log_path.with_suffix(".time")
     with open(log_path, "w") as log:
         code = subprocess.call(
-            ["/usr/bin/time", "-o", str(measure), "-f", "%e %M", *command], cwd=REPO, stdout=log, stderr=log,
+            ["/usr/bin/time", "-o", str(measure), "-f", "%e %U %S %M", *command], cwd=REPO, stdout=log, stderr=log,
             env=bench_env(),
         )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed (exit {code}); see {log_path}")
-    seconds, kib = measure.read_text().split()[-2:]
-    return float(seconds), float(kib) / 1024
+    seconds, user, system, kib = measure.read_text().split()[-4:]
+    return float(seconds), float(user) + float(system), float(kib) / 1024
+
+
+def per_case(seconds: float, cpu: float, peak: float, cases: int) -> dict:
+    return {
+        "seconds_per_case": round(seconds / cases, 2),
+        "cpu_seconds_per_case": round(cpu / cases, 2),
+        "peak_rss_mib": round(peak),
+    }
 
 
 def make_dataset(folder: Path, depth: int, count: int, sources) -> list[dict]:
@@ -102,43 +111,44 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path) -> dict:
     cases = make_dataset(raw, depth, 2, sources)
     result = {"depth": depth, "cases": cases, "voxels_per_case": 512 * 512 * depth, "loadavg": [loadavg()[0]]}
     shutil.rmtree(data, ignore_errors=True)
-    seconds, peak = timed(
+    seconds, cpu, peak = timed(
         [sys.executable, "data_gen.py", "--input", str(raw), "--output", str(data), "--workers", "1", "--split",
          "0.5", "0.5", "0"],
         logs / f"prepare_ours_{depth}.log",
     )  # fmt: skip
     manifest = json.loads((data / "manifest.json").read_text())
     spacing = manifest["resolved"]["median_spacing"]  # (z, y, x) mm
-    result["prepare"] = {"ours": {"seconds_per_case": round(seconds / 2, 2), "peak_rss_mib": round(peak)}}
+    result["prepare"] = {"ours": per_case(seconds, cpu, peak, 2)}
     result["prepared_shapes"] = prepared_voxels(data)
     peer_out = workdir / f"monai_{depth}"
     shutil.rmtree(peer_out, ignore_errors=True)
     zyx = [float(s) for s in spacing]
-    seconds, peak = timed(
+    seconds, cpu, peak = timed(
         [sys.executable, "benchmarks/monai_preprocess.py", "--input", str(raw), "--output", str(peer_out),
          "--workers", "0", "--spacing", *map(str, zyx[::-1])],
         logs / f"prepare_monai_{depth}.log",
     )  # fmt: skip
     shutil.rmtree(peer_out, ignore_errors=True)
-    result["prepare"]["monai"] = {"seconds_per_case": round(seconds / 2, 2), "peak_rss_mib": round(peak)}
+    result["prepare"]["monai"] = per_case(seconds, cpu, peak, 2)
     result["float32_case_mib"] = round(4 * 512 * 512 * depth / 2**20)
 
     shutil.rmtree(run, ignore_errors=True)
-    seconds, peak = timed(
+    seconds, cpu, peak = timed(
         [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2", "--steps-per-epoch",
          str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0"],
         logs / f"train_{depth}.log",
     )  # fmt: skip
-    result["train"] = {**train_figures(run), "process_seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+    result["train"] = {**train_figures(run), "process_seconds": round(seconds, 1), "process_cpu_seconds": round(cpu, 1)}
+    result["train"]["peak_rss_mib"] = round(peak)
 
     results = workdir / f"results_{depth}"
     shutil.rmtree(results, ignore_errors=True)
-    seconds, peak = timed(
+    seconds, cpu, peak = timed(
         [sys.executable, "evaluation.py", "--run", str(run), "--data", str(data), "--split", "val", "--output",
          str(results), "--metrics", "dice", "--pictures", "none", "--quiet"],
         logs / f"evaluate_{depth}.log",
     )  # fmt: skip
-    result["evaluate"] = {"seconds_per_case": round(seconds, 1), "peak_rss_mib": round(peak)}
+    result["evaluate"] = per_case(seconds, cpu, peak, 1)
 
     val_case = json.loads((data / "splits.json").read_text())["val"][0]
     image = data / "volumes" / f"{val_case}_image.npy"
@@ -168,12 +178,13 @@ def measure_epoch(workdir: Path, sources, logs: Path) -> dict:
            "0.5", "0.5", "0"], logs / "prepare_epoch.log")  # fmt: skip
     shutil.rmtree(raw, ignore_errors=True)
     shutil.rmtree(run, ignore_errors=True)
-    seconds, peak = timed(
+    seconds, cpu, peak = timed(
         [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2", "--no-tensorboard",
          "--seed", "0"],
         logs / "train_epoch.log",
     )  # fmt: skip
-    figures = {**train_figures(run), "process_seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+    figures = {**train_figures(run), "process_seconds": round(seconds, 1), "process_cpu_seconds": round(cpu, 1)}
+    figures["peak_rss_mib"] = round(peak)
     figures["auto_for_hundred_cases"] = auto_mode(run, data)
     return {"depth": EPOCH_DEPTH, "cases": cases, **figures}
 
@@ -191,14 +202,15 @@ def auto_mode(run: Path, data: Path) -> str:
 
 
 def slopes(sizes: list[dict]) -> dict:
-    """Least-squares slope of log(seconds) against log(voxels) for each measured cost."""
+    """Least-squares slope of log(cost) against log(voxels) for each measured cost: CPU seconds (all threads), which a
+    busy machine changes far less than wall-clock seconds, for the stages run as a whole."""
     voxels = np.log([s["voxels_per_case"] for s in sizes])
     series = {
-        "prepare (ours)": [s["prepare"]["ours"]["seconds_per_case"] for s in sizes],
-        "prepare (MONAI)": [s["prepare"]["monai"]["seconds_per_case"] for s in sizes],
-        "evaluate (ours)": [s["evaluate"]["seconds_per_case"] for s in sizes],
-        "inference (ours)": [s["inference"]["ours"]["seconds"] for s in sizes],
-        "inference (MONAI)": [s["inference"]["monai"]["seconds"] for s in sizes],
+        "prepare (ours)": [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes],
+        "prepare (MONAI)": [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes],
+        "evaluate (ours)": [s["evaluate"]["cpu_seconds_per_case"] for s in sizes],
+        "inference (ours)": [s["inference"]["ours"]["cpu_seconds"] for s in sizes],
+        "inference (MONAI)": [s["inference"]["monai"]["cpu_seconds"] for s in sizes],
         "train step (ours)": [s["train"]["step_s"] for s in sizes],
         "epoch end, validation (ours)": [s["train"]["epoch_end_s"] for s in sizes],
     }
@@ -217,18 +229,18 @@ def plot(report: dict, path: Path) -> None:
     voxels = [s["voxels_per_case"] for s in sizes]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = {
-        "prepare (ours)": [s["prepare"]["ours"]["seconds_per_case"] for s in sizes],
-        "prepare (MONAI)": [s["prepare"]["monai"]["seconds_per_case"] for s in sizes],
-        "evaluate (ours)": [s["evaluate"]["seconds_per_case"] for s in sizes],
-        "inference (ours)": [s["inference"]["ours"]["seconds"] for s in sizes],
-        "inference (MONAI)": [s["inference"]["monai"]["seconds"] for s in sizes],
+        "prepare (ours)": [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes],
+        "prepare (MONAI)": [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes],
+        "evaluate (ours)": [s["evaluate"]["cpu_seconds_per_case"] for s in sizes],
+        "inference (ours)": [s["inference"]["ours"]["cpu_seconds"] for s in sizes],
+        "inference (MONAI)": [s["inference"]["monai"]["cpu_seconds"] for s in sizes],
         "train: 10 steps (ours)": [s["train"]["step_s"] * TRAIN_STEPS for s in sizes],
         "train: epoch end (ours)": [s["train"]["epoch_end_s"] for s in sizes],
     }
     for name, values in lines.items():
         axes[0].loglog(voxels, values, "o-", label=f"{name} ({report['slopes'].get(name.split(':')[0], '')})")
     axes[0].loglog(voxels, [lines["inference (ours)"][0] * v / voxels[0] for v in voxels], "k:", label="slope 1")
-    axes[0].set(xlabel="voxels per case", ylabel="seconds", title="time per case")
+    axes[0].set(xlabel="voxels per case", ylabel="seconds (CPU; train: wall)", title="cost per case")
     memory = {
         "prepare (ours)": [s["prepare"]["ours"]["peak_rss_mib"] for s in sizes],
         "prepare (MONAI)": [s["prepare"]["monai"]["peak_rss_mib"] for s in sizes],
