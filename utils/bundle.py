@@ -209,11 +209,21 @@ def open_run(
 def inference_network(network, config: TrainingConfig):
     """The network inference calls, as a Keras model with one float32 output: the first output of a
     deep-supervision model, float32 layers for a mixed-precision one, the whole-slice rebuild of a
-    :data:`utils.settings.WHOLE_SLICE_MODELS` network."""
+    :data:`utils.settings.WHOLE_SLICE_MODELS` network.
+
+    Raises:
+        ValueError: a model without symbolic inputs and outputs (a subclassed ``keras.Model``), which has no
+            signature to export.
+    """
     import keras
 
     from utils.inference import whole_slice_network
 
+    if not getattr(network, "inputs", None) or not getattr(network, "outputs", None):
+        raise ValueError(
+            f"model {config.model!r} has no symbolic inputs and outputs (a subclassed keras.Model?); build it with "
+            "the functional API (keras.Input ... keras.Model(inputs, outputs)) to export it"
+        )
     if any(layer.dtype_policy.name != "float32" for layer in network.layers):
 
         def float32_layer(layer):
