@@ -190,8 +190,8 @@ def hippocampus_subset(root, source, cases=HIPPOCAMPUS_CASES):
     return root
 
 
-def hippocampus_png(root, source, cases=HIPPOCAMPUS_CASES[:4]):
-    """``images/HIP_<case>_<slice>_.png`` (8-bit, scaled per case) and ``masks/`` (label values 0, 1, 2) from the
+def hippocampus_png(root, source, cases=HIPPOCAMPUS_CASES[:4], prefix="HIP"):
+    """``images/<prefix>_<case>_<slice>_.png`` (8-bit, scaled per case) and ``masks/`` (label values 0, 1, 2) from the
     axial slices (last file axis) of real MSD Hippocampus cases: slices of one patient share a size, patients
     differ. Returns ``{case: label (slices, rows, cols)}`` as written."""
     (root / "images").mkdir(parents=True)
@@ -202,7 +202,7 @@ def hippocampus_png(root, source, cases=HIPPOCAMPUS_CASES[:4]):
         label = np.asarray(nib.load(Path(source) / "labelsTr" / f"hippocampus_{case}.nii.gz").dataobj).astype(np.uint8)
         scaled = np.clip(255 * image / np.percentile(image, 99.5), 0, 255).astype(np.uint8)
         for k in range(image.shape[2]):
-            name = f"HIP_{case}_{k}_.png"
+            name = f"{prefix}_{case}_{k}_.png"
             Image.fromarray(scaled[..., k]).save(root / "images" / name)
             Image.fromarray(label[..., k]).save(root / "masks" / name)
         written[case] = np.moveaxis(label, 2, 0)
@@ -216,6 +216,56 @@ def entry_and_values(source, index=0):
     _, _, record = prepare_case(case, PreprocessSettings(spacing="original", normalize="none"), None, ["x"])
     entry = {"id": spec.id, "source": spec, "geometry": record, "writer": case.writer}
     return entry, source_values(case.label, source.label_values)
+
+
+def ct_slabs_msd(root, source, labels, names, slabs=((0, 12), (9, 21), (18, 30))):
+    """An MSD folder of axial slabs (three "patients") of the real TotalSegmentator CT (``source``: the shared data's
+    ``totalsegmentator`` folder, 122 x 101 x 30 voxels at 3 mm), keeping the organs ``labels`` ``{TotalSegmentator
+    value: new value}`` and setting every other label to 0; ``names`` ``{new value: name}`` go to dataset.json."""
+    image = nib.load(Path(source) / "example_ct_sm.nii.gz")
+    label = np.asarray(nib.load(Path(source) / "example_seg.nii.gz").dataobj).astype(np.uint8)
+    kept = np.zeros(256, np.uint8)
+    for value, new in labels.items():
+        kept[value] = new
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for n, (first, last) in enumerate(slabs):
+        affine = image.affine.copy()
+        affine[:3, 3] += first * affine[:3, 2]  # the slab's first slice keeps its place in the patient
+        name = f"ct_{n:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., first:last], affine), str(root / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(kept[label[..., first:last]], affine), str(root / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {"name": root.name, "modality": {"0": "CT"}, "labels": {"0": "background", **names}}
+    (root / "dataset.json").write_text(json.dumps({**meta, "training": training, "numTraining": len(training)}))
+    return root
+
+
+def brats_from_hippocampus(root, source, cases=HIPPOCAMPUS_CASES[:4]):
+    """BraTS 2020-style case folders built from real MSD Hippocampus T1 cases (``source``): four channels (the image,
+    its square root, a smoothed copy and its inverse standing for FLAIR, T1, T1ce and T2) and a label with BraTS's
+    values: 1 the anterior hippocampus, 2 the posterior, 4 the brighter half of the posterior (above its median)."""
+    from scipy import ndimage
+
+    for case in cases:
+        image_file = nib.load(Path(source) / "imagesTr" / f"hippocampus_{case}.nii.gz")
+        image = np.asarray(image_file.dataobj, np.float32)
+        label = np.asarray(nib.load(Path(source) / "labelsTr" / f"hippocampus_{case}.nii.gz").dataobj).astype(np.uint8)
+        posterior = label == 2
+        label[posterior & (image > np.median(image[posterior]))] = 4
+        channels = {
+            "flair": image,
+            "t1": np.sqrt(image - image.min()),
+            "t1ce": ndimage.gaussian_filter(image, 1.0),
+            "t2": image.max() - image,
+            "seg": label,
+        }
+        folder = root / f"BraTS20_Training_{case}"
+        folder.mkdir(parents=True)
+        for suffix, array in channels.items():
+            nib.save(nib.Nifti1Image(array, image_file.affine), str(folder / f"{folder.name}_{suffix}.nii.gz"))
+    return root
 
 
 def make_nnunet(root, source, cases=("001", "011", "020"), test_cases=("034",), channels=1, labels=None):

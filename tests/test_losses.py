@@ -125,6 +125,21 @@ def test_cross_entropy_and_focal_by_hand():
     assert loss_value("focal", y_true, uniform, gamma=0.0) == pytest.approx(math.log(3), rel=1e-6)
 
 
+@pytest.mark.parametrize(("name", "overlap"), [("gdl_ce", "gdl"), ("dice_ce", "dice")])
+def test_dice_ce_losses_weigh_their_cross_entropy_term_by_class(name, overlap):
+    y_true = one_hot([[0, 1, 2, 1]], 3)[None]
+    uniform = np.full(y_true.shape, 1 / 3, dtype="float32")
+    weighted_ce = (1 + 5 + 2 + 5) / 4 * math.log(3)  # the weights of the four voxels' classes, averaged over voxels
+    dice_term = loss_value(overlap, y_true, uniform)
+    value = loss_value(name, y_true, uniform, class_weights=[1.0, 5.0, 2.0], lambda_ce=0.5)
+    assert value == pytest.approx(dice_term + 0.5 * weighted_ce, rel=1e-6)
+    assert loss_value(name, y_true, uniform, class_weights=[1.0, 1.0, 1.0]) == pytest.approx(
+        loss_value(name, y_true, uniform), rel=1e-6
+    )
+    restored = keras.losses.deserialize(keras.losses.serialize(losses.get_loss(name, class_weights=[1, 5, 2])))
+    assert restored.get_config()["class_weights"] == [1.0, 5.0, 2.0]
+
+
 def test_single_sigmoid_channel_by_hand():
     y_true = np.array([1, 0, 1, 0], dtype="float32").reshape(1, 2, 2, 1)
     y_pred = np.array([0.8, 0.3, 0.6, 0.1], dtype="float32").reshape(1, 2, 2, 1)

@@ -355,3 +355,90 @@ def test_streaming_dice_takes_label_maps():
     expected = np.mean(numpy_epoch_dice([np.eye(3)[labels]], [y_pred], 3)[1:])
     assert float(ops.convert_to_numpy(from_labels.result())) == pytest.approx(expected, rel=1e-6)
     assert float(ops.convert_to_numpy(from_one_hot.result())) == pytest.approx(expected, rel=1e-6)
+
+
+# truth [0, 1, 1, 2, 2] against argmax [1, 1, 0, 2, 0]: class 1 TP 1, |P| 2, |T| 2; class 2 TP 1, |P| 1, |T| 2.
+HAND_TRUTH, HAND_PRED = np.array([0, 1, 1, 2, 2]), np.array([1, 1, 0, 2, 0])
+HAND_SCORES = {  # per class 1, 2
+    "dice": (1 / 2, 2 / 3),
+    "iou": (1 / 3, 1 / 2),
+    "fscore": (1 / 2, 2 / 3),  # F1
+    "f2": (5 / (4 * 2 + 2), 5 / (4 * 2 + 1)),  # (1 + 4) TP / (4 |T| + |P|)
+}
+
+
+def soft(labels, num_classes=3):
+    """Probabilities whose argmax is ``labels``."""
+    return (0.1 + 0.7 * np.eye(num_classes)[labels]).astype("float32")
+
+
+def test_streaming_iou_and_fscore_by_hand_over_two_batches():
+    metric_list = metrics.training_metrics(3, ["iou", "fscore"]) + [metrics.MeanForegroundFScore(3, beta=2.0)]
+    assert [m.name for m in metric_list] == ["fg_dice", "fg_iou", "fg_fscore", "fg_fscore"]
+    for part in (slice(0, 3), slice(3, 5)):  # counts add up across the batches of an epoch
+        truth = HAND_TRUTH[None, None, part].astype("uint8")  # a label map (B, H, W), as the samplers yield
+        for metric in metric_list:
+            metric.update_state(ops.convert_to_tensor(truth), ops.convert_to_tensor(soft(HAND_PRED[None, None, part])))
+    results = [float(ops.convert_to_numpy(m.result())) for m in metric_list]
+    expected = [np.mean(HAND_SCORES[name]) for name in ("dice", "iou", "fscore", "f2")]
+    assert results == pytest.approx(expected, rel=1e-6)
+    counts = metrics.confusion_counts(HAND_PRED, HAND_TRUTH, 3)
+    assert counts[:, 1:].tolist() == [[1, 1], [1, 0], [1, 1]]  # TP, FP, FN of classes 1 and 2
+    for name, beta in (("dice", 1.0), ("iou", 1.0), ("fscore", 1.0), ("fscore", 2.0)):
+        reference = HAND_SCORES["f2" if beta == 2.0 else name]
+        assert metrics.score_from_counts(name, counts[:, 1:], beta=beta) == pytest.approx(reference, rel=1e-12)
+
+
+def test_streaming_iou_and_fscore_follow_the_empty_class_rule():
+    iou, fscore = metrics.MeanForegroundIoU(4), metrics.MeanForegroundFScore(4)
+    truth = np.array([[[0, 1, 1, 0]]], dtype="uint8")  # class 2 in neither map, class 3 predicted only
+    pred = soft(np.array([[[3, 1, 0, 0]]]), 4)
+    for metric in (iou, fscore):
+        metric.update_state(ops.convert_to_tensor(truth), ops.convert_to_tensor(pred))
+    # class 1: IoU 1/2, F1 2/3; class 2 left out; class 3: 0
+    assert float(ops.convert_to_numpy(iou.result())) == pytest.approx((1 / 2 + 0) / 2, rel=1e-6)
+    assert float(ops.convert_to_numpy(fscore.result())) == pytest.approx((2 / 3 + 0) / 2, rel=1e-6)
+    counts = metrics.confusion_counts(np.array([3, 1, 0, 0]), truth.ravel(), 4)
+    assert np.isnan(metrics.score_from_counts("iou", counts)[2])
+    iou.reset_state()
+    assert math.isnan(float(ops.convert_to_numpy(iou.result())))
+    sigmoid = metrics.MeanForegroundIoU(1)  # one sigmoid channel, thresholded at 0.5
+    sigmoid.update_state(
+        ops.convert_to_tensor(np.array([1, 1, 0, 0], "float32").reshape(1, 2, 2, 1)),
+        ops.convert_to_tensor(np.array([0.9, 0.2, 0.7, 0.1], "float32").reshape(1, 2, 2, 1)),
+    )
+    assert float(ops.convert_to_numpy(sigmoid.result())) == pytest.approx(1 / 3)
+
+
+def test_training_metrics_refuse_unknown_names_and_bad_beta():
+    with pytest.raises(ValueError, match=r"Unknown training metric\(s\) \['hd95'\]; valid names: iou, fscore"):
+        metrics.training_metrics(3, ["hd95"])
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        metrics.MeanForegroundFScore(3, beta=0.0)
+    with pytest.raises(ValueError, match="Unknown overlap score 'hd95'"):
+        metrics.score_from_counts("hd95", np.zeros((3, 2)))
+    from utils.settings import TRAINING_METRIC_NAMES
+
+    assert tuple(metrics.TRAINING_METRICS) == TRAINING_METRIC_NAMES
+
+
+def test_iou_and_fscore_in_fit_history_and_saved_model(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.Conv2D(3, 3, padding="same", activation="softmax")(inputs)
+    model = keras.Model(inputs, outputs)
+    chosen = [*metrics.training_metrics(3, ["iou", "fscore"]), metrics.MeanForegroundFScore(3, beta=2.0, name="f2")]
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=chosen)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(4, 8, 8, 1)).astype("float32")
+    labels = rng.integers(0, 3, size=(4, 8, 8)).astype("uint8")
+    history = model.fit(images, labels, batch_size=2, epochs=1, verbose=0)
+    assert {"fg_dice", "fg_iou", "fg_fscore", "f2"} <= set(history.history)
+    scores = model.evaluate(images, labels, batch_size=2, verbose=0, return_dict=True)
+    counts = metrics.confusion_counts(np.argmax(model.predict(images, verbose=0), -1), labels, 3)[:, 1:]
+    assert scores["fg_iou"] == pytest.approx(np.nanmean(metrics.score_from_counts("iou", counts)), rel=1e-5)
+    assert scores["f2"] == pytest.approx(np.nanmean(metrics.score_from_counts("fscore", counts, 2.0)), rel=1e-5)
+    assert scores["fg_fscore"] == pytest.approx(scores["fg_dice"], rel=1e-6)
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    again = restored.evaluate(images, labels, batch_size=2, verbose=0, return_dict=True)
+    assert {k: again[k] for k in ("fg_iou", "f2")} == pytest.approx({k: scores[k] for k in ("fg_iou", "f2")})

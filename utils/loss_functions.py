@@ -284,17 +284,18 @@ def dice_ce_loss(
     smooth_dr: float = 1e-5,
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
+    class_weights: Sequence[float] | None = None,
 ):
     """`lambda_dice * dice_loss + lambda_ce * cross_entropy_loss`, as MONAI's `DiceCELoss`.
 
     The cross-entropy always includes the background channel (as in MONAI); the dice options apply to the
-    dice term.
+    dice term, `class_weights` (one per channel) to the cross-entropy term (MONAI's `weight`).
 
     Returns:
         The loss per sample, shape `(B,)`.
     """
     dice = dice_loss(y_true, y_pred, include_background, batch, squared_pred, smooth_nr, smooth_dr)
-    return lambda_dice * dice + lambda_ce * cross_entropy_loss(y_true, y_pred)
+    return lambda_dice * dice + lambda_ce * cross_entropy_loss(y_true, y_pred, class_weights)
 
 
 def generalized_dice_ce_loss(
@@ -307,14 +308,16 @@ def generalized_dice_ce_loss(
     smooth_dr: float = 1e-5,
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
+    class_weights: Sequence[float] | None = None,
 ):
-    """`lambda_dice * generalized_dice_loss + lambda_ce * cross_entropy_loss`.
+    """`lambda_dice * generalized_dice_loss + lambda_ce * cross_entropy_loss`; `class_weights` (one per channel,
+    background included) weigh the cross-entropy term: generalized dice plus weighted cross-entropy (BraTS seed).
 
     Returns:
         The loss per sample, shape `(B,)`.
     """
     gdl = generalized_dice_loss(y_true, y_pred, include_background, batch, w_type, smooth_nr, smooth_dr)
-    return lambda_dice * gdl + lambda_ce * cross_entropy_loss(y_true, y_pred)
+    return lambda_dice * gdl + lambda_ce * cross_entropy_loss(y_true, y_pred, class_weights)
 
 
 def dice_focal_loss(

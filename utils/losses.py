@@ -128,6 +128,7 @@ class DiceCELoss(_OptionsLoss):
         smooth_dr: float = 1e-5,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        class_weights: Sequence[float] | None = None,
         reduction: str = "sum_over_batch_size",
         name: str = "dice_ce",
         dtype=None,
@@ -140,6 +141,7 @@ class DiceCELoss(_OptionsLoss):
             smooth_dr=smooth_dr,
             lambda_dice=lambda_dice,
             lambda_ce=lambda_ce,
+            class_weights=_weights_list(class_weights),
         )
         super().__init__(dice_ce_loss, options, reduction, name, dtype)
 
@@ -157,6 +159,7 @@ class GeneralizedDiceCELoss(_OptionsLoss):
         smooth_dr: float = 1e-5,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        class_weights: Sequence[float] | None = None,
         reduction: str = "sum_over_batch_size",
         name: str = "gdl_ce",
         dtype=None,
@@ -171,6 +174,7 @@ class GeneralizedDiceCELoss(_OptionsLoss):
             smooth_dr=smooth_dr,
             lambda_dice=lambda_dice,
             lambda_ce=lambda_ce,
+            class_weights=_weights_list(class_weights),
         )
         super().__init__(generalized_dice_ce_loss, options, reduction, name, dtype)
 

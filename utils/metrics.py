@@ -32,9 +32,11 @@ distances over the cases where both masks exist, and the missed or spurious case
 `finite_mean` is that rule for averages (a case's mean over classes, a class's mean over cases): the values not
 scored are left out, and the mean is NaN when none is left.
 
-Training: `ClassDice` and `MeanForegroundDice` are streaming `keras.metrics.Metric` objects (argmax of the
-prediction against argmax of the one-hot truth, counts accumulated over the epoch, as nnU-Net's pseudo dice),
-registered so that a saved model loads without `custom_objects`.
+Training: `ClassDice`, `MeanForegroundDice`, `MeanForegroundIoU` and `MeanForegroundFScore` are streaming
+`keras.metrics.Metric` objects (argmax of the prediction against the label map or the argmax of the one-hot truth,
+counts accumulated over the epoch, as nnU-Net's pseudo dice), registered so that a saved model loads without
+`custom_objects`; `training_metrics` gives the ones `train.py --metrics` selects. Validation scores whole cases with
+`confusion_counts` and `score_from_counts` (the same formulas in NumPy).
 """
 
 from __future__ import annotations
@@ -255,8 +257,46 @@ def mean_foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) 
     return finite_mean(per_class), per_class
 
 
-class _DiceCounts(keras.metrics.Metric):
-    """Accumulates per-class intersection and voxel counts of argmax predictions over an epoch."""
+def confusion_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """True positives, false positives and false negatives of every class, in voxels.
+
+    Args:
+        pred, truth: integer label maps of classes ``0..num_classes-1``, same shape.
+        num_classes: ``K``, background included.
+
+    Returns:
+        ``(3, K)`` counts: rows TP, FP, FN; column ``k`` for class ``k``.
+    """
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    both = np.bincount(truth[truth == pred].astype(np.intp), minlength=num_classes)[:num_classes]
+    pred_count = np.bincount(pred.astype(np.intp), minlength=num_classes)[:num_classes]
+    truth_count = np.bincount(truth.astype(np.intp), minlength=num_classes)[:num_classes]
+    return np.stack([both, pred_count - both, truth_count - both]).astype(np.float64)
+
+
+def score_from_counts(name: str, counts: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """``dice``, ``iou`` or ``fscore`` (F-beta) per class from :func:`confusion_counts`; NaN where truth and
+    prediction are both empty (the empty-class rule), 0 where only one is.
+
+    ``dice = 2 TP / (2 TP + FP + FN)``, ``iou = TP / (TP + FP + FN)``,
+    ``fscore = (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP)`` (the dice at ``beta=1``).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    true_pos, false_pos, false_neg = np.asarray(counts, dtype=np.float64)
+    weights = {"dice": (2.0, 1.0, 1.0), "iou": (1.0, 1.0, 1.0), "fscore": (1.0 + beta**2, 1.0, beta**2)}
+    if name not in weights:
+        raise ValueError(f"Unknown overlap score {name!r}; valid names: {', '.join(weights)}.")
+    tp_weight, fp_weight, fn_weight = weights[name]
+    denominator = tp_weight * true_pos + fp_weight * false_pos + fn_weight * false_neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, tp_weight * true_pos / denominator, NAN)
+
+
+class _OverlapCounts(keras.metrics.Metric):
+    """Accumulates per-class intersection and voxel counts of argmax predictions over an epoch; the dice, IoU and
+    F-score of each class follow from them."""
 
     def __init__(self, num_classes: int, name: str, dtype=None):
         super().__init__(name=name, dtype=dtype)
@@ -296,12 +336,33 @@ class _DiceCounts(keras.metrics.Metric):
         safe_total = ops.where(total > 0, total, ops.ones_like(total))
         return ops.where(total > 0, 2.0 * self.intersection / safe_total, ops.full_like(total, NAN))
 
+    def per_class_iou(self):
+        """IoU ``|P & T| / |P | T|`` per class over everything seen since the last reset; NaN as the dice."""
+        union = self.pred_count + self.truth_count - self.intersection
+        safe_union = ops.where(union > 0, union, ops.ones_like(union))
+        return ops.where(union > 0, self.intersection / safe_union, ops.full_like(union, NAN))
+
+    def per_class_fscore(self, beta: float = 1.0):
+        """F-beta ``(1 + b^2) TP / (b^2 |T| + |P|)`` per class (recall weighed ``beta`` times as much as precision;
+        the dice at ``beta=1``); NaN as the dice."""
+        total = beta**2 * self.truth_count + self.pred_count
+        safe_total = ops.where(total > 0, total, ops.ones_like(total))
+        return ops.where(total > 0, (1.0 + beta**2) * self.intersection / safe_total, ops.full_like(total, NAN))
+
+    def foreground_mean(self, per_class):
+        """Mean over the foreground classes seen (not NaN); NaN if none is."""
+        scores = per_class[1:]
+        seen = ops.logical_not(ops.isnan(scores))
+        count = ops.sum(ops.cast(seen, self.dtype))
+        total = ops.sum(ops.where(seen, scores, ops.zeros_like(scores)))
+        return ops.where(count > 0, total / ops.maximum(count, 1.0), NAN)
+
     def get_config(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "num_classes": self.num_classes}
 
 
 @keras.saving.register_keras_serializable(package="medseg")
-class ClassDice(_DiceCounts):
+class ClassDice(_OverlapCounts):
     """Streaming dice of one class over an epoch, e.g. `ClassDice(1, num_classes=3)` logged as `dice_1`.
 
     NaN when the class appears in neither truth nor prediction in the whole epoch (the evaluation's empty rule).
@@ -326,7 +387,7 @@ class ClassDice(_DiceCounts):
 
 
 @keras.saving.register_keras_serializable(package="medseg")
-class MeanForegroundDice(_DiceCounts):
+class MeanForegroundDice(_OverlapCounts):
     """Streaming mean dice of the foreground classes over an epoch, logged as `fg_dice` (`val_fg_dice`).
 
     Counts are summed over all batches of the epoch before dividing (nnU-Net's pseudo dice). Classes that appear
@@ -341,8 +402,62 @@ class MeanForegroundDice(_DiceCounts):
         super().__init__(num_classes, name, dtype)
 
     def result(self):
-        dice = self.per_class_dice()[1:]
-        seen = ops.logical_not(ops.isnan(dice))
-        count = ops.sum(ops.cast(seen, self.dtype))
-        total = ops.sum(ops.where(seen, dice, ops.zeros_like(dice)))
-        return ops.where(count > 0, total / ops.maximum(count, 1.0), NAN)
+        return self.foreground_mean(self.per_class_dice())
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class MeanForegroundIoU(_OverlapCounts):
+    """Streaming mean IoU (Jaccard) of the foreground classes over an epoch, logged as `fg_iou` (`--metrics iou`).
+
+    Counts are summed over the epoch as for `MeanForegroundDice`; the same classes are left out of the mean.
+
+    Args:
+        num_classes: the number of channels of `y_pred`, background included (1 for a single sigmoid channel).
+        name: the name in the training history.
+    """
+
+    def __init__(self, num_classes: int, name: str = "fg_iou", dtype=None):
+        super().__init__(num_classes, name, dtype)
+
+    def result(self):
+        return self.foreground_mean(self.per_class_iou())
+
+
+@keras.saving.register_keras_serializable(package="medseg")
+class MeanForegroundFScore(_OverlapCounts):
+    """Streaming mean F-beta score of the foreground classes over an epoch, logged as `fg_fscore` (`--metrics
+    fscore`); at `beta=1` (F1) it equals `MeanForegroundDice`, the score the PNG workflow logged as F-score.
+
+    Args:
+        num_classes: the number of channels of `y_pred`, background included (1 for a single sigmoid channel).
+        beta: weight of recall against precision (2: the F2 score).
+        name: the name in the training history.
+    """
+
+    def __init__(self, num_classes: int, beta: float = 1.0, name: str = "fg_fscore", dtype=None):
+        super().__init__(num_classes, name, dtype)
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}.")
+        self.beta = float(beta)
+
+    def result(self):
+        return self.foreground_mean(self.per_class_fscore(self.beta))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "beta": self.beta}
+
+
+# The --metrics of train.py (utils.settings.TRAINING_METRIC_NAMES); the dice is always logged.
+TRAINING_METRICS = {"iou": MeanForegroundIoU, "fscore": MeanForegroundFScore}
+
+
+def training_metrics(num_classes: int, names: Sequence[str] = ()) -> list[keras.metrics.Metric]:
+    """The metrics training compiles: `MeanForegroundDice` (it picks the best model), then one per name.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    unknown = [name for name in names if name not in TRAINING_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown training metric(s) {unknown}; valid names: {', '.join(TRAINING_METRICS)}.")
+    return [MeanForegroundDice(num_classes), *(TRAINING_METRICS[name](num_classes) for name in dict.fromkeys(names))]

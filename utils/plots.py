@@ -29,7 +29,8 @@ def _save(figure, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> Path:
-    """Loss (training and validation, if any) and dice per epoch, side by side."""
+    """Loss (training and validation, if any) and the scores per epoch, side by side: the dice, and IoU and F-score
+    when training logged them (``train.py --metrics``); per-class columns (``val_dice_1``) are left out."""
     epochs = [int(row.get("epoch", i)) + 1 for i, row in enumerate(history)]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("loss", "val_loss"):
@@ -37,15 +38,21 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike)
         if any(v is not None and np.isfinite(v) for v in values):
             left.plot(epochs, values, marker=".", label=key)
     left.set(xlabel="epoch", ylabel="loss", title="loss")
-    dice_keys = sorted({k for row in history for k in row if "dice" in k and not k.startswith("val_dice_")})
-    for key in dice_keys:
+    score_keys = sorted({k for row in history for k in row if _is_score_column(k)})
+    for key in score_keys:
         right.plot(epochs, [row.get(key) for row in history], marker=".", label=key)
-    right.set(xlabel="epoch", ylabel="dice", title="dice", ylim=(0, 1))
+    shown = "dice" if all("dice" in key for key in score_keys) else "score"
+    right.set(xlabel="epoch", ylabel=shown, title=shown, ylim=(0, 1))
     for axis in (left, right):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     return _save(figure, path)
+
+
+def _is_score_column(key: str) -> bool:
+    """``fg_dice``, ``val_dice``, ``fg_iou``, ``val_fscore``, ...: a mean score, not a per-class column."""
+    return any(name in key for name in ("dice", "iou", "fscore")) and not key.rstrip("0123456789").endswith("_")
 
 
 def plot_dice_boxplot(values: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str = "") -> Path:

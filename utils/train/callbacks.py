@@ -17,7 +17,7 @@ import numpy as np
 
 from utils import fileio
 from utils.inference import model_predictor, predict_volume
-from utils.metrics import finite_mean, mean_foreground_dice
+from utils.metrics import confusion_counts, finite_mean, mean_foreground_dice, score_from_counts
 from utils.plots import plot_curves, side_by_side
 from utils.prepared import PreparedDataset
 from utils.runs import TrainingConfig, save_model
@@ -54,7 +54,7 @@ def validation_mode(config: TrainingConfig, dataset: PreparedDataset, case_ids: 
 
 class Validation(keras.callbacks.Callback):
     """After each epoch, score the validation cases and log ``val_dice`` (mean foreground dice) and ``val_dice_<k>``
-    per class.
+    per class, and ``val_iou`` / ``val_fscore`` (foreground means, as the dice) when ``metrics`` names them.
 
     ``volumes``: every validation volume is predicted whole (:func:`utils.inference.predict_volume`) and the dice is
     averaged over cases. ``patches`` (large datasets, as nnU-Net does during training): the same seeded patches of the
@@ -111,11 +111,15 @@ class Validation(keras.callbacks.Callback):
             dice = np.where(denominator > 0, 2 * counts[0] / denominator, np.nan)[1:]
         logs = {"val_dice": finite_mean(dice)}
         logs.update({f"val_dice_{k}": float(value) for k, value in enumerate(dice, start=1)})
+        logs.update(
+            {f"val_{name}": finite_mean(score_from_counts(name, counts[:, 1:])) for name in self.config.metrics}
+        )
         return logs
 
     def evaluate_volumes(self) -> dict:
         num_classes = self.config.num_classes
         means, per_class = [], []
+        extra = {name: [] for name in self.config.metrics}  # --metrics: each case's mean over its classes
         for i, case_id in enumerate(self.case_ids):
             image, truth = self.dataset.image(case_id), np.asarray(self.dataset.label(case_id))
             probabilities = predict_volume(
@@ -131,12 +135,16 @@ class Validation(keras.callbacks.Callback):
             mean, classes = mean_foreground_dice(pred, truth, num_classes)
             means.append(mean)
             per_class.append(classes)
+            counts = confusion_counts(pred, truth, num_classes)[:, 1:]
+            for name, values in extra.items():
+                values.append(finite_mean(score_from_counts(name, counts)))
             if i < self.num_examples:
                 z = int(np.argmax((truth > 0).reshape(truth.shape[0], -1).sum(axis=1)))
                 self.examples[case_id] = (np.asarray(image[z]), truth[z], pred[z])
         logs = {"val_dice": float(np.nanmean(means)) if np.isfinite(means).any() else float("nan")}
         for k, values in enumerate(np.array(per_class, dtype=float).T, start=1):
             logs[f"val_dice_{k}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        logs.update({f"val_{name}": finite_mean(values) for name, values in extra.items()})
         return logs
 
     def on_epoch_end(self, epoch, logs=None):
