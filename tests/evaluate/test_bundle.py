@@ -120,6 +120,10 @@ def test_onnx_needs_a_bundle_and_a_bundle_is_not_exported_again(synthetic, tmp_p
     with pytest.raises(SystemExit):
         evaluation.main(["--run", str(run), "--export", str(tmp_path / "b"), "--output", str(tmp_path / "r")])
     assert "--export writes a bundle from --run alone" in capsys.readouterr().err
+    (tmp_path / "cv" / "fold_0").mkdir(parents=True)
+    shutil.copy(run / "config.json", tmp_path / "cv" / "fold_0" / "config.json")
+    assert evaluation.main(["--run", str(tmp_path / "cv"), "--export", str(tmp_path / "cv_bundle")]) == 2
+    assert "a run of 1 folds; a bundle holds one network: export one fold" in capsys.readouterr().err
 
 
 def test_bundle_records_of_another_version_or_incomplete_are_refused_in_one_line(tmp_path):

@@ -35,7 +35,7 @@ from utils.evaluate.options import Options
 from utils.evaluate.predict import TrainingPreparation
 from utils.geometry import TARGET_AXCODES
 from utils.inference import onnx_predictor
-from utils.runs import DATASET_RECORD, TrainingConfig, load_run, model_path
+from utils.runs import DATASET_RECORD, TrainingConfig, fold_folders, load_run, model_path
 from utils.settings import WHOLE_SLICE_MODELS
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,12 @@ def export_bundle(
     options = options or Options()
     if is_bundle(run_dir):
         raise ValueError(f"{run_dir}: is a bundle already; export from the run folder it came from")
+    folds = fold_folders(run_dir)
+    if folds:
+        raise ValueError(
+            f"{run_dir}: a run of {len(folds)} folds; a bundle holds one network: export one fold "
+            f"(--run {next(iter(folds.values()))})"
+        )
     summary = _read_summary(results)
     config, network = load_run(run_dir)
     training = TrainingPreparation.of_run(config, data, run_dir)
