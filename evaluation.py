@@ -19,7 +19,7 @@ the run's training data was (settings from the run's copy of the training datase
 fingerprint.json, runs/NAME/dataset/), predicted, and scored when they have labels. --source-root says where the
 prepared dataset's raw files are now; cases whose raw files are gone are scored against the prepared labels.
 
-With --predictions DIR [DIR ...] --truth DIR, no model: masks another tool wrote (NIfTI, NRRD, MHA) are matched to
+With --predictions DIR [DIR ...] --truth DIR, no model: masks another tool wrote (NIfTI, NRRD, MHA, PNG) match
 the true label maps by case id and scored; two or more folders are also compared case by case (comparison.csv,
 comparison.json with a paired Wilcoxon test per class and metric, one box plot with a box per method).
 

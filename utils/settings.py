@@ -549,9 +549,9 @@ EVALUATE: dict[str, Setting] = {
     ),
     "predictions": Setting(
         None,
-        "score masks another tool wrote, no model: folders of masks (NIfTI, NRRD, MHA; a results folder's masks/), "
-        "matched to --truth by case id (the file name without its suffix and a trailing _seg, _label, _mask or "
-        "_pred); two or more folders are compared case by case (paired Wilcoxon test per class)",
+        "score masks another tool wrote, no model: folders of masks (NIfTI, NRRD, MHA, 2D PNG; a results folder's "
+        "masks/), matched to --truth by case id (the file name without its suffix and a trailing _seg, _label, _mask "
+        "or _pred); two or more folders are compared case by case (paired Wilcoxon test per class)",
         type=list,
         metavar="DIR",
         default_text="none",

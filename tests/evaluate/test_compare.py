@@ -158,3 +158,19 @@ def test_paired_test_edge_cases():
         "statistic": None,
         "p_value": None,
     }
+
+
+def test_2d_png_masks_are_one_slice_cases(tmp_path):
+    from PIL import Image
+
+    truth, predictions = tmp_path / "truth", tmp_path / "predictions"
+    truth.mkdir()
+    predictions.mkdir()
+    label = np.zeros((6, 8), np.uint8)
+    label[1:5, 2:6] = 1  # 16 pixels
+    Image.fromarray(label).save(truth / "slice_7.png")
+    label[1:5, 5] = 0  # 12 of them predicted: dice 2 * 12 / (16 + 12)
+    Image.fromarray(label).save(predictions / "slice_7_pred.png")
+    summary = score_masks([predictions], truth, tmp_path / "out", QUIET)
+    assert summary["failures"] == [] and summary["classes"]["1"]["name"] == "label 1"
+    assert summary["classes"]["1"]["dice"]["mean"] == pytest.approx(6 / 7)

@@ -2,12 +2,12 @@
 
 ``evaluation.py --predictions DIR [DIR ...] --truth DIR --output results/NAME`` lands in :func:`score_masks`.
 
-Finding the masks (:func:`mask_files`): every NIfTI, NRRD or MHA/MHD file under a folder is one case; a results
-folder of this toolkit is read from its ``masks/``, a dataset folder (MSD, nnU-Net raw) from its ``labelsTr/``. A
-case's id is its file name without the suffix and without one trailing ``_seg``, ``_label``, ``_labels``, ``_mask``,
-``_pred`` or ``_prediction`` (MONAI writes ``<name>_seg.nii.gz``, nnU-Net ``<name>.nii.gz``); predictions and truth
-are matched by it. Where one id has a NIfTI and another copy (a results folder's ``.nrrd`` beside its ``.nii.gz``),
-the NIfTI is read.
+Finding the masks (:func:`mask_files`): every NIfTI, NRRD or MHA/MHD file (or 2D PNG, TIFF, BMP mask, one slice)
+under a folder is one case; a results folder of this toolkit is read from its ``masks/``, a dataset folder (MSD,
+nnU-Net raw) from its ``labelsTr/``. A case's id is its file name without the suffix and without one trailing
+``_seg``, ``_label``, ``_labels``, ``_mask``, ``_pred`` or ``_prediction`` (MONAI writes ``<name>_seg.nii.gz``, nnU-Net
+``<name>.nii.gz``); predictions and truth are matched by it. Where one id has a NIfTI and another copy (a results
+folder's ``.nrrd`` beside its ``.nii.gz``), the NIfTI is read.
 
 Labels: the truth folder's ``dataset.json`` (beside it or one folder up, MSD ``{"1": "name"}`` or nnU-Net v2
 ``{"name": 1}``) names the classes and gives the label values; without one, the values found in the truth files are
@@ -56,6 +56,7 @@ from utils.plots import plot_dice_boxplot
 
 log = logging.getLogger(__name__)
 ID_ENDINGS = re.compile(r"_(seg|label|labels|mask|pred|prediction)$", re.IGNORECASE)
+MASK_SUFFIXES = (*SITK_SUFFIXES, ".png", ".tif", ".tiff", ".bmp")  # 2D masks: one-slice volumes (no JPEG: lossy)
 PAIRED_METRICS = ("dice", "iou", "hd95", "assd", "nsd", "precision", "sensitivity")  # not the volumes
 
 
@@ -82,7 +83,7 @@ def mask_folder(folder: str | os.PathLike) -> Path:
 
 
 def _is_mask(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(SITK_SUFFIXES)
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(MASK_SUFFIXES)
 
 
 def mask_files(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
@@ -100,7 +101,7 @@ def mask_files(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, st
     for path in sorted(p for p in root.rglob("*") if _is_mask(p)):
         found.setdefault(case_id_of(path), []).append(path)
     if not found:
-        raise ValueError(f"{root}: no mask file (NIfTI, NRRD, MHA) found")
+        raise ValueError(f"{root}: no mask file (NIfTI, NRRD, MHA, PNG, TIFF) found")
     files, problems = {}, {}
     for case_id, paths in found.items():
         nifti = [p for p in paths if p.name.lower().endswith(NIFTI_SUFFIXES)]
@@ -113,7 +114,8 @@ def mask_files(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, st
 
 
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A label map ``(Z, Y, X)`` and its affine (NIfTI with nibabel, the others with SimpleITK).
+    """A label map ``(Z, Y, X)`` and its affine (NIfTI with nibabel, the others with SimpleITK; a 2D mask is one
+    slice).
 
     Raises:
         CaseError: an unreadable file, or one that does not hold integer label values, naming it.
