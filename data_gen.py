@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting(parser, "folds", PREPARE["folds"])
     add_setting(parser, "seed", PREPARE["seed"])
     add_setting(parser, "workers", PREPARE["workers"])
+    add_setting(parser, "source_root", PREPARE["source_root"])
     return parser
 
 
@@ -146,7 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with folder_lock(args.output, command_line("data_gen.py", argv)):
             manifest = prepare_dataset(
-                source, args.output, settings, args.split, args.seed, args.workers, exports, args.folds, args.splits
+                source,
+                args.output,
+                settings,
+                args.split,
+                args.seed,
+                args.workers,
+                exports,
+                args.folds,
+                args.splits,
+                source_root=args.source_root,
             )
     except PreparationError as error:
         print(f"data_gen.py: {error}", file=sys.stderr)

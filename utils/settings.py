@@ -498,6 +498,13 @@ PREPARE: dict[str, Setting] = {
     ),
     "seed": Setting(0, "seed of the split", type=int),
     "workers": Setting(1, "processes over cases", type=int, minimum=1),
+    "source_root": Setting(
+        None,
+        "the folder manifest.json stores the source files' paths relative to (files outside it stay absolute), so "
+        "that dataset and raw files can move; evaluation.py --source-root says where it went",
+        metavar="DIR",
+        default_text="the --input folder (or an input file's folder), widened to hold a --label folder beside it",
+    ),
 }
 
 EVALUATE: dict[str, Setting] = {

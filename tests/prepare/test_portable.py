@@ -101,3 +101,18 @@ def test_the_input_root_widens_to_hold_a_label_folder_beside_the_input(tmp_path)
     assert input_root(images, [str(images / "a.nii.gz")]) == images.resolve()
     (images / "a.nii.gz").write_bytes(b"")
     assert input_root(images / "a.nii.gz") == images.resolve()  # an input file: its folder
+
+
+def test_source_root_chooses_the_folder_paths_are_relative_to(tmp_path, capsys):
+    raw = builders.write_msd(tmp_path / "project" / "raw", cases=2)
+    dataset = tmp_path / "project" / "data"
+    argv = ["--input", str(raw), "--output", str(dataset), *FLAGS[:-4]]
+    assert data_gen.main([*argv, "--source-root", str(tmp_path / "project")]) == 0
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["source"]["root"] == str((tmp_path / "project").resolve())
+    assert manifest["source"]["root_from_dataset"] == ".."
+    assert manifest["cases"][0]["source"]["label"] == "raw/labelsTr/case_000.nii.gz"
+    assert PreparedDataset(dataset).missing_sources("case_000") == []
+    capsys.readouterr()
+    assert data_gen.main([*argv, "--source-root", str(tmp_path / "gone")]) == 2
+    assert capsys.readouterr().err.strip() == f"data_gen.py: error: {tmp_path / 'gone'}: --source-root folder not found"

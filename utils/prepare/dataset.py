@@ -207,8 +207,12 @@ def prepare_dataset(
     exports: ExportSettings | None = None,
     folds: int | None = None,
     splits_file: str | os.PathLike | None = None,
+    source_root: str | os.PathLike | None = None,
 ) -> dict:
     """Fingerprint, preprocess and write every case of ``source`` into ``output``; return the manifest.
+
+    ``manifest.json`` stores the source files' paths relative to ``source_root`` (default
+    :func:`utils.prepared.input_root`), so that the dataset and its raw files can move.
 
     ``exports`` adds the slice and patch exports of :mod:`utils.prepare.exports` once the manifest is written.
     ``folds`` (K-fold cross-validation) or ``splits_file`` (the user's split) replace the split drawn from ``split``
@@ -219,6 +223,8 @@ def prepare_dataset(
         PreparationError: after writing every case that worked and the dataset files, when some cases failed.
     """
     planned_splits = plan_splits(source.cases, split, seed, folds, splits_file)
+    if source_root is not None and not Path(source_root).is_dir():
+        raise FileNotFoundError(f"{source_root}: --source-root folder not found")
     out = fileio.check_writable(output)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     fileio.remove_stale_temporaries(out)
@@ -259,7 +265,8 @@ def prepare_dataset(
     # unreadable (or readable again) never moves the others between train, val and test.
     splits = keep_prepared(planned_splits, {e["id"] for e in entries})
     readable = [spec for spec in source.cases if not spec.error]  # a refused case's files may lie anywhere
-    root = input_root(source.path, [f for spec in readable for f in spec.source_files()])  # paths relative to it
+    files = [f for spec in readable for f in spec.source_files()]
+    root = Path(source_root).resolve() if source_root else input_root(source.path, files)  # paths relative to it
     manifest = {
         "version": MANIFEST_VERSION,
         "name": source.name,
