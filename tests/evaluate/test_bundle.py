@@ -6,12 +6,15 @@ model's probabilities; bundle.json reads back; the errors are one line each."""
 import csv
 import json
 import shutil
+import subprocess
+import sys
 
 import keras
 import nibabel as nib
 import numpy as np
 import pytest
 from builders import LABELS, write_msd
+from conftest import ROOT
 
 import evaluation
 import model as model_zoo
@@ -188,3 +191,50 @@ def test_the_model_card_quotes_the_test_scores_of_an_evaluation():
         "  - posterior (value 2): 0.8250",
     ]
     assert score_lines(config, {"best": float("-inf")}, None)[0] == "- Validation dice: not recorded"
+
+
+USER_BUILDER = """
+import keras
+from keras import layers
+
+
+@keras.saving.register_keras_serializable(package="bundle_test")
+class Shift(layers.Layer):
+    def __init__(self, offset=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.offset = offset
+
+    def call(self, x):
+        return x + self.offset
+
+    def get_config(self):
+        return {**super().get_config(), "offset": self.offset}
+
+
+def build_net(name, input_shape, num_classes, **kwargs):
+    inputs = keras.Input(input_shape)
+    x = layers.Conv3D(4, 3, padding="same", activation="relu")(Shift(0.5)(inputs))
+    return keras.Model(inputs, layers.Conv3D(num_classes, 1, activation="softmax")(x), name=name)
+"""
+
+
+@pytest.mark.slow
+def test_a_users_builder_travels_with_the_bundle(synthetic, tmp_path):
+    _, _, template = synthetic
+    source = tmp_path / "mine" / "my_net.py"
+    source.parent.mkdir()
+    source.write_text(USER_BUILDER)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((template / "config.json").read_text())
+    config.update(model="my_net.py:build_net", model_source=str(source), patch_size=PATCH)
+    (run / "config.json").write_text(json.dumps(config))
+    model_zoo.build_model("my_net.py:build_net", (*PATCH, 1), 3, source=str(source)).save(run / "model.keras")
+    bundle = tmp_path / "bundle"
+    assert evaluation.main(["--run", str(run), "--export", str(bundle)]) == 0
+    assert read_bundle(bundle).files["builder"] == "builder/my_net.py"
+    shutil.rmtree(source.parent)
+    probe = f"from utils.bundle import open_run; print(open_run({str(bundle)!r})[1].output_shape)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"(None, {', '.join(map(str, PATCH))}, 3)"
