@@ -167,6 +167,8 @@ def test_pancreas_recipe_trains_on_windowed_equalised_patches(tmp_path, monkeypa
     assert manifest["preprocessing"]["equalize"] == "hist"
     patches = np.load(data / "patches" / "train_images.npy", mmap_mode="r")
     assert patches.shape[1:] == (32, 96, 96, 1) and 0.0 <= patches.min() and patches.max() <= 1.0
+    labels = np.load(data / "patches" / "train_labels.npy")  # one training slab, 4 patches: 1 : 1.5 puts
+    assert len(labels) == 4 and sum(bool((patch > 0).any()) for patch in labels) >= 2  # round(4 / 2.5) on pancreas
     events = read_events(outputs["train.py"] / "tensorboard")
     assert any(tag.startswith("val_slices/") and plugin == "images" for tag, plugin, _ in events), events
 
