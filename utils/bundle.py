@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -265,12 +266,22 @@ def export_onnx(network, path: Path) -> Path:
     quiet = logging.getLogger("tf2onnx")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():  # Keras's numpy-2 patch of tf2onnx probes np.object, which numpy warns about
+            warnings.simplefilter("ignore", FutureWarning)
+            network.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
+
     try:
-        fileio.write_with(
-            path, lambda tmp: network.export(str(tmp), format="onnx", verbose=False, input_signature=[spec]), ".onnx"
-        )
+        fileio.write_with(path, write, ".onnx")
     except ImportError as error:
         raise ValueError(f"{path}: ONNX export needs tf2onnx and onnx (pip install -r requirements.txt)") from error
+    except OSError:
+        raise
+    except Exception as error:  # tf2onnx raises many types for operations it cannot convert
+        raise ValueError(
+            f"{path}: tf2onnx cannot convert {network.name} ({type(error).__name__}: {str(error)[:300]})"
+        ) from error
     finally:
         quiet.setLevel(level)
     return path
