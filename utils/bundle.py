@@ -77,7 +77,8 @@ class BundleRecord:
             label remapping).
         resolved: the values those settings resolved to on the training data (median spacing, CT statistics).
         fingerprint: the training dataset's ``fingerprint.json`` (dataset-level statistics some settings need).
-        inference: the settings the run was evaluated with (overlap, blend, batch size, mirroring axes).
+        inference: the sliding-window settings to predict with (overlap, blend, batch size, mirroring axes:
+            ``evaluation.py``'s defaults for this run, or the flags given with ``--export``).
         files: ``{kind: relative path}`` of what the bundle holds (:data:`FILES`, plus ``builder``).
         source: where and when it was exported: the run folder, toolkit version, backend and library versions.
         checks: what the export verified (``onnx_max_difference``: the largest difference between the ONNX and the
