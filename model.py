@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from utils import backbones
 from utils.settings import USER_MODEL_PATTERN
 
 NORMS = ("batch", "instance", "group", "none")
@@ -376,6 +377,66 @@ def _unet_graph(
     return keras.Model(inputs, outputs, name=model_name)
 
 
+def _backbone_unet_graph(
+    input_shape,
+    num_classes,
+    *,
+    model_name,
+    backbone,
+    encoder_weights,
+    filters,
+    filter_growth,
+    max_filters,
+    convs_per_level,
+    norm,
+    norm_groups,
+    activation,
+    dropout,
+    upsample,
+    deep_supervision,
+    output_activation,
+):
+    """U-Net decoder on a pretrained encoder (see ``unet``'s ``backbone``; segmentation_models' Unet layout).
+
+    ``(B, H, W, C)`` → ``input_adapter`` → ``encoder`` (features at its strides, finest first) → five decoder levels
+    ``dec4`` (stride 16) … ``dec0`` (full resolution), each up-sampling, concatenating the encoder's feature at its
+    stride when there is one, and applying a conv block. Deep supervision heads ``ds1_out`` … ``ds3_out`` sit at
+    strides 2, 4 and 8.
+    """
+    if backbone is None:
+        raise ValueError(f"{model_name}: encoder_weights={encoder_weights!r} needs a backbone")
+    _check_output_activation(output_activation, num_classes)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("upsample", upsample, UPSAMPLES)
+    backbones.check_backbone(backbone, input_shape, model_name)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    encoder = backbones.build_encoder(backbone, tuple(input_shape)[:2], encoder_weights)
+    features = encoder(backbones.add_input_adapter(inputs, backbone))
+    skips = dict(zip(backbones.BACKBONES[backbone].strides, features, strict=True))
+    x = skips.pop(backbones.ENCODER_STRIDE)
+    common = dict(convs=convs_per_level, norm=norm, activation=activation, norm_groups=norm_groups)
+    outputs = []
+    for level in range(4, -1, -1):
+        name = f"dec{level}"
+        channels = _level_filters(level + 1, filters, filter_growth, max_filters)
+        x = _upsample(
+            x, 2, channels, f"{name}_up", mode=upsample, norm=norm, activation=activation, norm_groups=norm_groups,
+            plain=False,
+        )  # fmt: skip
+        if 2**level in skips:
+            x = layers.Concatenate(name=f"{name}_concat")([skips[2**level], x])
+        x = _conv_block(x, 2, channels, name, strides=1, **common)
+        if dropout > 0:
+            x = layers.Dropout(dropout, name=f"{name}_drop")(x)
+        if deep_supervision and 1 <= level <= 3:
+            outputs.append(_output_head(x, 2, num_classes, output_activation, name=f"ds{level}_out"))
+    main = _output_head(x, 2, num_classes, output_activation, name="out")
+    outputs = [main, *outputs[::-1]] if deep_supervision else main
+    return keras.Model(inputs, outputs, name=model_name)
+
+
 def unet(
     input_shape: Sequence[int | None],
     num_classes: int,
@@ -395,6 +456,8 @@ def unet(
     deep_supervision: bool = False,
     output_activation: str = "softmax",
     stem_stride: int = 1,
+    backbone: str | None = None,
+    encoder_weights: str | None = None,
     name: str | None = None,
 ) -> keras.Model:
     """U-Net for 2D or 3D images (Ronneberger et al. 2015; 3D: Çiçek et al. 2016; options as in nnU-Net,
@@ -434,6 +497,13 @@ def unet(
             ``dec0_up`` back to full resolution before the 1×1 output convolution. The total down-sampling
             factor becomes ``2 ** depth``. Training steps are 3-4× faster on CPU (unet3d, depth 3, a
             (40, 56, 40) patch).
+        backbone: 2D only: a pretrained encoder from ``keras.applications`` (``utils.settings.BACKBONE_NAMES``,
+            see ``utils/backbones.py``) instead of the U-Net's own. A learned 1×1 convolution ``input_adapter`` maps
+            the ``C`` channels to the encoder's 3, the nested model ``encoder`` gives features at strides 2 to 32,
+            and the decoder (``dec{l}_up``, ``dec{l}_concat``, ``dec{l}_conv{i}`` at stride ``2**l``, ``filters *
+            filter_growth**l`` channels) returns to full resolution. ``depth``, ``downsample``, ``residual`` and
+            ``stem_stride`` do not apply; spatial sizes must be multiples of 32.
+        encoder_weights: with ``backbone``: ``None`` (random), ``"imagenet"`` (Keras's cache) or a weights file.
         name: model name (default ``unet2d`` / ``unet3d``).
 
     Returns:
@@ -442,9 +512,18 @@ def unet(
 
     Raises:
         ValueError: for an unknown option value, or when a fixed spatial size is not divisible by the total
-            down-sampling factor ``stem_stride * 2 ** (depth - 1)``.
+            down-sampling factor ``stem_stride * 2 ** (depth - 1)`` (32 with a ``backbone``).
+        FileNotFoundError: ``encoder_weights`` names a file that does not exist.
     """
     ndim = _spatial_ndim(input_shape)
+    if backbone is not None or encoder_weights is not None:
+        return _backbone_unet_graph(
+            input_shape, num_classes, model_name=name or f"unet{ndim}d", backbone=backbone,
+            encoder_weights=encoder_weights, filters=filters, filter_growth=filter_growth, max_filters=max_filters,
+            convs_per_level=convs_per_level, norm=norm, norm_groups=norm_groups, activation=activation,
+            dropout=dropout, upsample=upsample, deep_supervision=deep_supervision,
+            output_activation=output_activation,
+        )  # fmt: skip
     return _unet_graph(
         input_shape,
         num_classes,

@@ -5,6 +5,7 @@ the time limit and early stopping.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 
 from utils import fileio
+from utils.backbones import encoder_of
 from utils.inference import model_predictor, predict_volume
 from utils.metrics import confusion_counts, finite_mean, mean_foreground_dice, score_from_counts
 from utils.plots import plot_curves, side_by_side
@@ -226,6 +228,39 @@ class LearningRate(keras.callbacks.Callback):
                 if self.state["wait"] >= self.config.plateau_patience:
                     self.state.update(scale=self.state["scale"] * self.config.plateau_factor, wait=0)
                     log.info("plateau: learning rate now %.3g", self.base_lr * self.state["scale"])
+
+
+class EncoderFreeze(keras.callbacks.Callback):
+    """Keeps a pretrained encoder (the model's nested ``encoder``, utils/backbones.py) fixed for the first ``epochs``
+    epochs, then trains it with the rest.
+
+    At the start of each epoch the encoder is made trainable exactly when ``epoch >= epochs``. When that changes, the
+    model is recompiled from its own compile config (the same loss, metrics and optimizer settings), as Keras requires
+    after a change of ``trainable``: the new optimizer's slots cover exactly the weights that now train, and its
+    learning rate is the schedule's (:class:`LearningRate` sets it every step). A frozen encoder's batch normalisation
+    runs in inference mode, so none of its weights or statistics change. The encoder's ``trainable`` is saved in the
+    ``.keras`` files with an optimizer built for it, so ``--resume`` continues frozen (and with its optimizer state)
+    in an epoch below ``epochs`` and unfreezes on time.
+
+    Args:
+        epochs: epochs with a frozen encoder.
+        scope: the distribution strategy's scope, in which the optimizer is made.
+    """
+
+    def __init__(self, epochs: int, scope: Callable = contextlib.nullcontext):
+        super().__init__()
+        self.epochs, self.scope = int(epochs), scope
+
+    def on_epoch_begin(self, epoch, logs=None):
+        encoder = encoder_of(self.model)
+        trainable = epoch >= self.epochs
+        if encoder is None or encoder.trainable == trainable:
+            return
+        encoder.trainable = trainable
+        with self.scope():
+            self.model.compile_from_config(self.model.get_compile_config())
+        self.model.make_train_function(force=True)
+        log.info("encoder %s from epoch %d", "trains" if trainable else "frozen", epoch + 1)
 
 
 class TensorBoard(keras.callbacks.Callback):

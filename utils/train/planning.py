@@ -5,7 +5,8 @@ memory budget, in the spirit of nnU-Net's experiment planning (Isensee et al. 20
    capped at 128 voxels per axis in 3D and 256 in 2D.
 2. Depth (architectures with a ``depth`` option that is not set): as many resolution levels as keep the coarsest
    feature map at least 4 voxels along the shortest patch axis (nnU-Net's rule), at most 6; at least 3 for ``fcn``.
-3. The patch is rounded up to a multiple of the network's total down-sampling factor.
+3. The patch is rounded up to a multiple of the network's total down-sampling factor (32 for a U-Net on a
+   pretrained encoder, ``backbone``, whose depth is its own; its layers count with the model's in 4. and 6.).
 4. Memory: the model is built once for the patch and the float32 training memory per sample is estimated as
    ``2 x`` the sum of every layer's output size (activations kept for the backward pass, plus their gradients)
    plus ``16`` bytes per parameter (weights, gradients, two Adam moments). While two samples do not fit in the
@@ -41,6 +42,7 @@ import numpy as np
 
 import model as model_zoo
 from utils import device
+from utils.backbones import ENCODER_STRIDE
 from utils.settings import CPU_GFLOPS_PER_CORE, DEFAULT_MEMORY_GB, STEP_SECONDS, WHOLE_SLICE_MODELS
 
 MAX_PATCH = {2: 256, 3: 128}
@@ -63,6 +65,8 @@ def downsampling_factor(name: str, model_args: dict) -> int:
     """How many times the network halves the resolution in total: patch sizes must be multiples of it."""
     options = {**builder_options(name), **model_args}
     family = name[:-2]
+    if options.get("backbone"):
+        return ENCODER_STRIDE
     if family in ("unet", "resunet", "attention_unet"):
         return int(options["stem_stride"]) * 2 ** (int(options["depth"]) - 1)
     if family == "fcn":
@@ -101,7 +105,7 @@ def estimate_memory(name: str, model_args: dict, patch: Sequence[int], num_chann
 
     built = model_zoo.build_model(name, (*patch, num_channels), num_classes, **model_args)
     elements = 0
-    for layer in built.layers:
+    for layer in leaf_layers(built):
         outputs = layer.output if isinstance(layer.output, list | tuple) else [layer.output]
         for output in outputs:
             elements += int(np.prod([d for d in output.shape[1:] if d is not None]))
@@ -122,7 +126,7 @@ def count_multiply_adds(built) -> int:
     import keras
 
     total = 0
-    for layer in built.layers:
+    for layer in leaf_layers(built):
         kernel = getattr(layer, "kernel", None)
         if kernel is None or isinstance(layer.output, list | tuple):
             continue
@@ -131,6 +135,16 @@ def count_multiply_adds(built) -> int:
             positions //= int(np.prod(layer.strides))
         total += int(np.prod(kernel.shape)) * positions
     return total
+
+
+def leaf_layers(built) -> list:
+    """The layers of a model with those of nested models (a pretrained ``encoder``) in their place."""
+    import keras
+
+    found = []
+    for layer in built.layers:
+        found += leaf_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return found
 
 
 def device_gflops(cpu: dict) -> float:
@@ -227,7 +241,7 @@ def plan(
         return _patch_trained_plan(
             name, num_channels, num_classes, model_args, patch_size, batch_size, budget, target, speed, memory_gb
         )
-    depth_planned = "depth" in builder_options(name) and "depth" not in model_args
+    depth_planned = "depth" in builder_options(name) and "depth" not in model_args and not model_args.get("backbone")
     patch = list(patch_size) if patch_size is not None else None
     rates: dict[str, dict] = {}
     while True:
