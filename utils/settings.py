@@ -543,7 +543,8 @@ EVALUATE: dict[str, Setting] = {
     "save_probabilities": Setting(
         False,
         "also write each case's class probabilities on the source grid (before post-processing): "
-        "probabilities/<id>.npz (key 'probabilities', float16, shape (Z, Y, X, K), the mask's axis order) and, "
+        "probabilities/<id>.npz (key 'probabilities', float16, shape (K, Z, Y, X): classes, then the mask's array as "
+        "SimpleITK reads it, nnU-Net's layout) and, "
         "for NIfTI, NRRD and MHA sources, probabilities/<id>.nii.gz (float32, 4D, classes last)",
         type=bool,
     ),
