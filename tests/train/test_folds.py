@@ -3,6 +3,7 @@ evaluates on its own; folds that do not exist are refused before any work; two t
 cross-validated through evaluation.py (slow)."""
 
 import json
+import shutil
 
 import builders
 import numpy as np
@@ -84,3 +85,9 @@ def test_two_trained_folds_ensemble_and_cross_validate_from_the_command_line(fol
         assert (tmp_path / "cv" / "probabilities" / f"{case_id}.nii.gz").is_file()
     assert evaluation.main([*flags, "--split", "all", "--output", str(tmp_path / "all"), "--no-tta"]) == 0
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["num_cases"] == 4
+    record = run / "fold_1" / "dataset" / "splits.json"  # the run's record of what it trained on
+    assert json.loads(record.read_text())["train"] == folds[1]["train"]
+    shutil.rmtree(record.parent)  # a resumed run without the record writes it again, from the split it resumes with
+    resume = ["--data", str(folded), "--output", str(run / "fold_1"), "--resume", "--epochs", "2"]
+    assert train.main(resume) == 0  # the fold folder itself, without --fold: its config.json names the fold
+    assert json.loads(record.read_text())["train"] == folds[1]["train"] and load_config(run / "fold_1").fold == 1
