@@ -121,8 +121,8 @@ def test_float16_output_agrees_with_float32():
 
 
 def test_output_dtype_switches_to_float16_for_large_outputs():
-    assert output_dtype((300, 512, 512, 3)) == np.float32  # 0.94 GB
-    assert output_dtype((300, 512, 512, 8)) == np.float16  # 2.5 GB in float32
+    assert output_dtype((128, 512, 512, 3)) == np.float32  # 0.40 GB
+    assert output_dtype((300, 512, 512, 3)) == np.float16  # 0.94 GB in float32, 0.47 GB in float16
     with pytest.raises(ValueError, match="float32 or float16"):
         output_dtype((2, 2), "int8")
 
