@@ -5,6 +5,7 @@ import json
 
 import builders
 import pytest
+from conftest import SHARED_DATA
 
 import data_gen
 from utils.formats import CaseSpec
@@ -118,3 +119,16 @@ def test_data_gen_writes_folds_and_takes_a_split_file(tmp_path, capsys):
     assert not (tmp_path / "bad" / "manifest.json").exists()  # refused before any case was prepared
     assert data_gen.main([*flags, "--output", str(tmp_path / "both"), "--folds", "2", "--splits", str(own)]) == 2
     assert "give either --folds" in capsys.readouterr().err
+
+
+def test_an_nnunet_raw_folder_prepares_with_nnunet_s_own_folds(tmp_path):
+    raw = builders.make_nnunet(tmp_path / "Dataset004_Hippocampus", SHARED_DATA / "msd_hippocampus")
+    folds = [
+        {"train": ["hippocampus_001", "hippocampus_011"], "val": ["hippocampus_020"]},
+        {"train": ["hippocampus_020"], "val": ["hippocampus_001", "hippocampus_011"]},
+    ]
+    (tmp_path / "splits_final.json").write_text(json.dumps(folds))
+    args = ["--input", str(raw), "--output", str(tmp_path / "data"), "--splits", str(tmp_path / "splits_final.json")]
+    assert data_gen.main(args) == 0
+    splits = json.loads((tmp_path / "data" / "splits.json").read_text())
+    assert splits == {"train": folds[0]["train"], "val": folds[0]["val"], "test": ["hippocampus_034"], "folds": folds}
