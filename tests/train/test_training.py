@@ -232,6 +232,8 @@ def test_resume_continues_where_the_run_stopped_and_tensorboard_has_images(prepa
     config = json.loads((run / "config.json").read_text())
     assert config["patch_size"] == [16, 16, 16] and config["epochs"] == 3
     assert config["backend"] in ("tensorflow", "jax", "torch")
+    state = json.loads((run / "state.json").read_text())  # the record ends with the run's outcome
+    assert config["epochs_done"] == 3 and config["best_val_dice"] == pytest.approx(state["best"])
     events = read_events(run / "tensorboard")
     images = {(tag, step) for tag, plugin, step in events if plugin == "images"}
     assert len({tag for tag, _ in images}) == 3 and {step for _, step in images} == {0, 1, 2}

@@ -266,6 +266,8 @@ def _train(
             )
     config.best_val_dice = recorder.best
     config.epochs_done = int(recorder.state["epoch"])
+    if distribution.is_chief:  # the record written at the start, now with its outcome
+        fileio.write_json(run_dir / "config.json", config.to_json())
     return config
 
 
