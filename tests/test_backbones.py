@@ -84,11 +84,13 @@ def test_the_input_adapter_starts_as_the_imagenet_input_of_each_backbone():
     expected[0, 2], expected[1, 1], expected[2, 0] = 58.395, 57.12, 57.375
     np.testing.assert_allclose(kernel[0, 0], expected, rtol=1e-6)
     np.testing.assert_array_equal(bias, np.zeros(3))
-    kernel, bias = backbones.adapter_weights("efficientnetb0", 4)  # raw 0-255: four channels averaged
-    np.testing.assert_allclose(kernel[0, 0], np.tile([58.395, 57.12, 57.375], (4, 1)) / 4, rtol=1e-6)
-    np.testing.assert_allclose(bias, [123.675, 116.28, 103.53], rtol=1e-6)
-    net = build("efficientnetb0", shape=(64, 64, 4))  # the built model holds the same numbers
-    np.testing.assert_allclose(net.get_layer("input_adapter").get_weights()[0], kernel)
+    kernel, bias = backbones.adapter_weights("resnet50", 4)  # four channels averaged into each of B, G, R
+    np.testing.assert_allclose(kernel[0, 0], np.tile([57.375, 57.12, 58.395], (4, 1)) / 4, rtol=1e-6)
+    kernel, bias = backbones.adapter_weights("efficientnetb0", 2)  # torch convention: the two averaged
+    np.testing.assert_array_equal(kernel[0, 0], np.full((2, 3), 0.5))
+    net = build("efficientnetb0", shape=(64, 64, 2))  # the built model holds the same numbers
+    np.testing.assert_array_equal(net.get_layer("input_adapter").get_weights()[0], kernel)
+    assert not any(isinstance(layer, keras.layers.Normalization) for layer in backbones.encoder_of(net).layers)
 
 
 @pytest.mark.parametrize(
@@ -214,3 +216,18 @@ def test_train_refuses_encoder_flags_without_a_backbone_or_with_another_model(pr
     assert "pretrained encoders serve unet2d only, not unet3d" in capsys.readouterr().err
     assert train.main([*base, "--model", "unet2d", "--backbone", "resnet50", "--encoder-weights", "none.h5"]) == 2
     assert "none.h5: --encoder-weights file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_on_a_backbone_exports_to_onnx_with_the_same_probabilities(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    from utils.bundle import export_onnx
+
+    net = build("efficientnetb0")  # its own rescaling and normalisation constants are not in the encoder
+    export_onnx(net, tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    images, _ = batch()
+    (probabilities,) = session.run(None, {session.get_inputs()[0].name: images})
+    np.testing.assert_allclose(probabilities, predict(net, images), atol=1e-4)

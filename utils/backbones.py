@@ -11,16 +11,17 @@ Channels: ImageNet weights expect 3 channels. Every model with a backbone starts
 ``input_adapter`` from the image's channels to 3, initialised so that an image normalised to mean 0 and standard
 deviation 1 per channel (this toolkit's z-scores) arrives in the range and channel order the backbone's ImageNet
 weights were trained on: one channel is repeated to the three, three channels are passed one to one, other counts are
-averaged into each of the three; then scaled and shifted by ImageNet's statistics (``caffe``: BGR, 0-255 minus the
-mean, ResNet; ``raw``: RGB 0-255, EfficientNet, whose own first layers normalise; ``torch``: already mean 0 and
-standard deviation 1, DenseNet and ConvNeXt without its preprocessing layer). Training then adapts it. Channel
-repetition alone would fix the mapping; the learned convolution starts from it and can weigh the channels of a
-four-channel MRI.
+averaged into each of the three; then scaled by ImageNet's statistics where the backbone needs it (``caffe``: BGR,
+0-255 minus the mean, ResNet; ``torch``: ImageNet-standardised, mean 0 and standard deviation 1, DenseNet, and
+EfficientNet and ConvNeXt without their own rescaling and normalisation layers, which the encoder leaves out: their
+constants would not export to ONNX). Training then adapts it. Channel repetition alone would fix the mapping; the
+learned convolution starts from it and can weigh the channels of a four-channel MRI.
 
 Weights: ``None`` (random), ``"imagenet"`` (Keras's own download cache, ``~/.keras/models``; fetched by Keras on first
-use, never by this toolkit's tests), or the path of a weights file of the application without its top: Keras's
-``*_notop.h5`` files, or ``encoder.weights.h5`` saved from a model of this toolkit as above. The weights live in the
-``.keras`` file afterwards: a saved model reloads without them.
+use, never by this toolkit's tests), or the path of a weights file: Keras's ``*_notop.h5`` files (loaded into the
+application without its top), or a ``.weights.h5`` / ``.keras`` file of the encoder, such as ``encoder.weights.h5``
+saved from a model of this toolkit as above (loaded into the encoder by layer name). The weights live in the ``.keras``
+file afterwards: a saved model reloads without them.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from utils.settings import BACKBONE_NAMES
 ENCODER_STRIDE = 32  # every backbone halves the resolution five times: patch sizes must be multiples of 32
 # U-Net options that do not apply on a backbone: the encoder fixes its depth and how it down-samples
 FIXED_BY_ENCODER = ("depth", "stem_stride", "downsample", "residual")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, of pixel values in [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB, of pixel values in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Backbone:
     strides: tuple[int, ...]
     convention: str
     options: tuple[tuple[str, object], ...] = ()
+    start: str | None = None  # the layer whose input is the encoder's: the application's own preprocessing is left out
 
 
 _EFFICIENTNET_TAPS = (
@@ -69,7 +70,12 @@ BACKBONES: dict[str, Backbone] = {
         _ALL_STRIDES,
         "caffe",
     ),
-    **{f"efficientnetb{i}": Backbone(f"EfficientNetB{i}", _EFFICIENTNET_TAPS, _ALL_STRIDES, "raw") for i in range(4)},
+    **{
+        f"efficientnetb{i}": Backbone(
+            f"EfficientNetB{i}", _EFFICIENTNET_TAPS, _ALL_STRIDES, "torch", start="stem_conv_pad"
+        )
+        for i in range(4)
+    },
     "convnext_tiny": Backbone(
         "ConvNeXtTiny",
         (
@@ -125,10 +131,17 @@ def build_encoder(backbone: str, spatial_shape: Sequence[int | None], weights: s
     spec = BACKBONES[backbone]
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise FileNotFoundError(f"{weights}: encoder weights file of backbone {backbone!r} not found")
+    own_file = weights is not None and str(weights).endswith((".weights.h5", ".keras"))
     constructor = getattr(keras.applications, spec.application)
     shape = (*tuple(spatial_shape), 3)
     try:
-        base = constructor(include_top=False, weights=weights, input_shape=shape, **dict(spec.options))
+        base = constructor(
+            include_top=False, weights=None if own_file else weights, input_shape=shape, **dict(spec.options)
+        )
+        start = base.get_layer(spec.start).input if spec.start else base.inputs
+        encoder = keras.Model(start, [_tap(base, name) for name in spec.taps], name="encoder")
+        if own_file:
+            encoder.load_weights(weights)
     except Exception as error:  # Keras raises many types for a failed download or a foreign file
         why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         if weights == "imagenet":
@@ -137,8 +150,7 @@ def build_encoder(backbone: str, spatial_shape: Sequence[int | None], weights: s
                 "Keras caches them in ~/.keras/models, or give --encoder-weights FILE"
             ) from error
         raise ValueError(f"{weights}: not a weights file of {spec.application} without its top ({why})") from error
-    taps = [_tap(base, name) for name in spec.taps]
-    return keras.Model(base.inputs, taps, name="encoder")
+    return encoder
 
 
 def _tap(base: keras.Model, name: str):
@@ -152,11 +164,9 @@ def _tap(base: keras.Model, name: str):
 def adapter_weights(backbone: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """The initial kernel ``(1, 1, channels, 3)`` and bias ``(3,)`` of ``input_adapter`` (module docstring)."""
     convention = BACKBONES[backbone].convention
-    mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    std = np.asarray(IMAGENET_STD)
     if convention == "torch":
         scale, offset = np.ones(3), np.zeros(3)
-    elif convention == "raw":
-        scale, offset = 255 * std, 255 * mean
     else:  # caffe: BGR, the mean subtracted, not divided by the standard deviation
         scale, offset = 255 * std[::-1], np.zeros(3)
     if channels == 3:
