@@ -218,6 +218,31 @@ def test_train_refuses_encoder_flags_without_a_backbone_or_with_another_model(pr
     assert "none.h5: --encoder-weights file not found" in capsys.readouterr().err
 
 
+def mixed_precision_model(backbone):
+    """A bfloat16 model with deep supervision (the GPU recipe's shape) and its exported float32 inference network."""
+    from utils.bundle import inference_network
+    from utils.runs import TrainingConfig
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        net = build(backbone, deep_supervision=True)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    config = TrainingConfig(model="unet2d", num_channels=SHAPE[-1], num_classes=2)
+    return net, inference_network(net, config)
+
+
+def test_the_exported_network_of_a_mixed_precision_backbone_model_is_float32_throughout():
+    net, network = mixed_precision_model("convnext_tiny")  # nested models, and operations (x + y) in the encoder
+    encoder = backbones.encoder_of(network)
+    assert {layer.dtype_policy.name for layer in encoder.layers if isinstance(layer, keras.layers.Layer)} == {"float32"}
+    images, _ = batch()
+    probabilities = predict(network, images)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (2, 64, 64, 2)
+    mixed = keras.ops.convert_to_numpy(net(images, training=False)[0])  # the main output, from bfloat16 layers
+    np.testing.assert_allclose(probabilities, mixed, atol=0.1)
+
+
 @pytest.mark.slow
 def test_a_model_on_a_backbone_exports_to_onnx_with_the_same_probabilities(tmp_path):
     pytest.importorskip("onnxruntime")
@@ -225,9 +250,9 @@ def test_a_model_on_a_backbone_exports_to_onnx_with_the_same_probabilities(tmp_p
 
     from utils.bundle import export_onnx
 
-    net = build("efficientnetb0")  # its own rescaling and normalisation constants are not in the encoder
-    export_onnx(net, tmp_path / "model.onnx")
+    net, network = mixed_precision_model("efficientnetb0")  # its own rescaling constants are not in the encoder
+    export_onnx(network, tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     images, _ = batch()
     (probabilities,) = session.run(None, {session.get_inputs()[0].name: images})
-    np.testing.assert_allclose(probabilities, predict(net, images), atol=1e-4)
+    np.testing.assert_allclose(probabilities, predict(network, images), atol=1e-4)

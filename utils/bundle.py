@@ -229,6 +229,11 @@ def inference_network(network, config: TrainingConfig):
     if any(layer.dtype_policy.name != "float32" for layer in network.layers):
 
         def float32_layer(layer):
+            if isinstance(layer, keras.Model):  # a nested model (a pretrained encoder): float32 in and throughout
+                inputs = keras.tree.map_structure(lambda x: keras.Input(x.shape[1:], dtype="float32"), layer.input)
+                return keras.models.clone_model(layer, clone_function=float32_layer, input_tensors=inputs)
+            if not isinstance(layer, keras.layers.Layer):  # an operation such as ConvNeXt's x + y: no dtype policy
+                return layer.__class__.from_config(layer.get_config())
             return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
 
         weights = network.get_weights()
