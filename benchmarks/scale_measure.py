@@ -12,8 +12,8 @@ of the process and the children it waited for):
   Orientation, Spacing to the spacing ``data_gen.py`` chose, normalisation, saving) on the same two; per case.
 - ``train``: ``train.py`` for two epochs of 10 steps with the default plan for that dataset; the second epoch's
   steps and the first epoch's end (validation and checkpoints, from ``state.json``) separately.
-- ``evaluate``: ``evaluation.py`` on the validation case: prediction with the run's model, mask written back on the
-  source grid, scored.
+- ``evaluate``: ``evaluation.py --no-tta`` on the validation case: prediction with the run's model, mask written back
+  on the source grid, scored (test-time mirroring, the default, multiplies the prediction's cost by 8 for 3D).
 - ``inference``: the same U-Net on both sides (``infer_once.py``: ours ``utils.inference.predict_volume``, MONAI
   ``sliding_window_inference``, windows 40x56x40, overlap 0.5, 3 classes) on the prepared validation volume.
 
@@ -68,7 +68,11 @@ def per_case(seconds: float, cpu: float, peak: float, cases: int) -> dict:
 
 
 def make_dataset(folder: Path, depth: int, count: int, sources) -> list[dict]:
-    """``count`` generated cases of depth ``depth`` in an MSD folder; their ids, shapes and spacings."""
+    """``count`` generated cases of depth ``depth`` in an MSD folder; their ids, shapes and spacings. Only the lung1
+    source is used, so that the cases of one size share their axial spacing and the spacing ``data_gen.py`` chooses
+    keeps them near 512 x 512 x ``depth`` (TotalSegmentator's 90 mm stretched over the same slices would make the
+    median spacing, and so the prepared shapes, a mix of the two)."""
+    sources = [s for s in sources if s.name == "lung1"] or sources
     shutil.rmtree(folder, ignore_errors=True)
     cases = []
     for number in range(count):
@@ -145,7 +149,7 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path) -> dict:
     shutil.rmtree(results, ignore_errors=True)
     seconds, cpu, peak = timed(
         [sys.executable, "evaluation.py", "--run", str(run), "--data", str(data), "--split", "val", "--output",
-         str(results), "--metrics", "dice", "--pictures", "none", "--quiet"],
+         str(results), "--metrics", "dice", "--pictures", "none", "--quiet", "--no-tta"],
         logs / f"evaluate_{depth}.log",
     )  # fmt: skip
     result["evaluate"] = per_case(seconds, cpu, peak, 1)
