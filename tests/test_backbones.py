@@ -114,6 +114,22 @@ def test_a_3d_unet_refuses_a_backbone():
         model_zoo.build_model("unet3d", (32, 32, 32, 1), 2, backbone="resnet50")
 
 
+def test_convnext_runs_its_grouped_convolutions_as_depthwise_ones_with_the_same_outputs():
+    keras.utils.set_random_seed(0)
+    encoder = backbones.build_encoder("convnext_tiny", (32, 32))
+    layers = backbones.leaf_layers(encoder)
+    assert sum(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in layers) == 18  # 3 + 3 + 9 + 3 blocks
+    assert not any(isinstance(layer, keras.layers.Conv2D) and layer.groups > 1 for layer in layers)
+    reference = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                                include_preprocessing=False)  # fmt: skip
+    with_weights = [[layer for layer in backbones.leaf_layers(m) if layer.weights] for m in (encoder, reference)]
+    for ours, theirs in zip(*with_weights, strict=True):  # the same layers in order; 18 kernels reshaped
+        theirs.set_weights([w.reshape(v.shape) for w, v in zip(ours.get_weights(), theirs.get_weights(), strict=True)])
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(reference(images))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(encoder(images)[-1]), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_encoder_weights_from_a_file_are_loaded_and_change_the_output(tmp_path):
     donor = build("efficientnetb0", seed=1)
     path = tmp_path / "encoder.weights.h5"

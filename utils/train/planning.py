@@ -42,7 +42,7 @@ import numpy as np
 
 import model as model_zoo
 from utils import device
-from utils.backbones import ENCODER_STRIDE
+from utils.backbones import ENCODER_STRIDE, leaf_layers
 from utils.settings import CPU_GFLOPS_PER_CORE, DEFAULT_MEMORY_GB, STEP_SECONDS, WHOLE_SLICE_MODELS
 
 MAX_PATCH = {2: 256, 3: 128}
@@ -135,16 +135,6 @@ def count_multiply_adds(built) -> int:
             positions //= int(np.prod(layer.strides))
         total += int(np.prod(kernel.shape)) * positions
     return total
-
-
-def leaf_layers(built) -> list:
-    """The layers of a model with those of nested models (a pretrained ``encoder``) in their place."""
-    import keras
-
-    found = []
-    for layer in built.layers:
-        found += leaf_layers(layer) if isinstance(layer, keras.Model) else [layer]
-    return found
 
 
 def device_gflops(cpu: dict) -> float:
