@@ -2,6 +2,7 @@
 
     python benchmarks/scale_measure.py --workdir /tmp/scale                  # sizes 64 128 256 512, then the epoch
     python benchmarks/scale_measure.py --workdir /tmp/scale --sizes 64 128 --no-epoch
+    python benchmarks/scale_measure.py --workdir /tmp/scale --replot /tmp/scale/scale.json  # refit, redraw only
     python benchmarks/report.py --scale /tmp/scale/scale.json               # the tables of RESULTS.md
 
 Per size ``N`` (cases of 512 x 512 x N made by ``scale.py`` from the real CTs of ``../shared/data``; two per size, one
@@ -205,22 +206,30 @@ def auto_mode(run: Path, data: Path) -> str:
     return validation_mode(load_config(run), dataset, [val[i % len(val)] for i in range(HUNDRED // 5)])
 
 
-def slopes(sizes: list[dict]) -> dict:
-    """Least-squares slope of log(cost) against log(voxels) for each measured cost: CPU seconds (all threads), which a
-    busy machine changes far less than wall-clock seconds, for the stages run as a whole."""
-    voxels = np.log([s["voxels_per_case"] for s in sizes])
-    series = {
-        "prepare (ours)": [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes],
-        "prepare (MONAI)": [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes],
-        "evaluate (ours)": [s["evaluate"]["cpu_seconds_per_case"] for s in sizes],
-        "inference (ours)": [s["inference"]["ours"]["cpu_seconds"] for s in sizes],
-        "inference (MONAI)": [s["inference"]["monai"]["cpu_seconds"] for s in sizes],
-        "train step (ours)": [s["train"]["step_s"] for s in sizes],
-        "epoch end, validation (ours)": [s["train"]["epoch_end_s"] for s in sizes],
+def stage_costs(sizes: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{stage: (voxels, cost)}`` per size. Preparation is per raw case (512 x 512 x N voxels); evaluation and
+    inference per prepared validation case (its voxels after resampling to the dataset's spacing). Costs are CPU
+    seconds (all threads), which a busy machine changes far less than wall-clock seconds; the train step and the
+    epoch end are wall-clock seconds, as training reports them."""
+    raw = [s["voxels_per_case"] for s in sizes]
+    prepared = [int(np.prod(s["inference"]["ours"]["shape"][:3])) for s in sizes]
+    return {
+        "prepare (ours)": (raw, [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes]),
+        "prepare (MONAI)": (raw, [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes]),
+        "evaluate (ours)": (prepared, [s["evaluate"]["cpu_seconds_per_case"] for s in sizes]),
+        "inference (ours)": (prepared, [s["inference"]["ours"]["cpu_seconds"] for s in sizes]),
+        "inference (MONAI)": (prepared, [s["inference"]["monai"]["cpu_seconds"] for s in sizes]),
+        "train step (ours)": (raw, [s["train"]["step_s"] for s in sizes]),
+        "epoch end, validation (ours)": (raw, [s["train"]["epoch_end_s"] for s in sizes]),
     }
+
+
+def slopes(sizes: list[dict]) -> dict:
+    """Least-squares slope of log(cost) against log(voxels) for each stage of :func:`stage_costs`."""
     if len(sizes) < 2:
         return {}
-    return {name: round(float(np.polyfit(voxels, np.log(values), 1)[0]), 3) for name, values in series.items()}
+    fits = {name: np.polyfit(np.log(v), np.log(c), 1)[0] for name, (v, c) in stage_costs(sizes).items()}
+    return {name: round(float(slope), 3) for name, slope in fits.items()}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -230,31 +239,23 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = report["sizes"]
-    voxels = [s["voxels_per_case"] for s in sizes]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    lines = {
-        "prepare (ours)": [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes],
-        "prepare (MONAI)": [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes],
-        "evaluate (ours)": [s["evaluate"]["cpu_seconds_per_case"] for s in sizes],
-        "inference (ours)": [s["inference"]["ours"]["cpu_seconds"] for s in sizes],
-        "inference (MONAI)": [s["inference"]["monai"]["cpu_seconds"] for s in sizes],
-        "train: 10 steps (ours)": [s["train"]["step_s"] * TRAIN_STEPS for s in sizes],
-        "train: epoch end (ours)": [s["train"]["epoch_end_s"] for s in sizes],
-    }
-    for name, values in lines.items():
-        axes[0].loglog(voxels, values, "o-", label=f"{name} ({report['slopes'].get(name.split(':')[0], '')})")
-    axes[0].loglog(voxels, [lines["inference (ours)"][0] * v / voxels[0] for v in voxels], "k:", label="slope 1")
+    for name, (voxels, costs) in stage_costs(sizes).items():
+        axes[0].loglog(voxels, costs, "o-", label=f"{name} (slope {report['slopes'].get(name, '')})")
+    voxels, costs = stage_costs(sizes)["prepare (ours)"]
+    axes[0].loglog(voxels, [costs[0] * v / voxels[0] for v in voxels], "k:", label="slope 1")
     axes[0].set(xlabel="voxels per case", ylabel="seconds (CPU; train: wall)", title="cost per case")
     memory = {
-        "prepare (ours)": [s["prepare"]["ours"]["peak_rss_mib"] for s in sizes],
-        "prepare (MONAI)": [s["prepare"]["monai"]["peak_rss_mib"] for s in sizes],
-        "evaluate (ours)": [s["evaluate"]["peak_rss_mib"] for s in sizes],
-        "inference (ours)": [s["inference"]["ours"]["peak_rss_mib"] for s in sizes],
-        "inference (MONAI)": [s["inference"]["monai"]["peak_rss_mib"] for s in sizes],
+        "prepare (ours)": ("prepare", "ours"),
+        "prepare (MONAI)": ("prepare", "monai"),
+        "inference (ours)": ("inference", "ours"),
+        "inference (MONAI)": ("inference", "monai"),
     }
-    for name, values in memory.items():
-        axes[1].loglog(voxels, values, "o-", label=name)
-    axes[1].set(xlabel="voxels per case", ylabel="peak RSS (MiB)", title="peak memory")
+    raw = [s["voxels_per_case"] for s in sizes]
+    for name, (stage, side) in memory.items():
+        axes[1].loglog(raw, [s[stage][side]["peak_rss_mib"] for s in sizes], "o-", label=name)
+    axes[1].loglog(raw, [s["evaluate"]["peak_rss_mib"] for s in sizes], "o-", label="evaluate (ours)")
+    axes[1].set(xlabel="voxels per raw case", ylabel="peak RSS (MiB)", title="peak memory")
     for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
@@ -271,7 +272,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-epoch", action="store_true", help="skip the 512 x 512 x 200 epoch measurement")
     parser.add_argument("--json", type=Path, help="where to write the figures (default: WORKDIR/scale.json)")
     parser.add_argument("--plot", type=Path, help="where to draw the plot (default: WORKDIR/scale.png)")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only refit the slopes and redraw from a results file"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        report["slopes"] = slopes(report["sizes"])
+        args.replot.write_text(json.dumps(report, indent=1))
+        plot(report, args.plot or args.replot.with_suffix(".png"))
+        print(json.dumps(report["slopes"], indent=1))
+        return 0
     workdir = args.workdir.resolve()
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
