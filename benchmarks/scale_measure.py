@@ -268,7 +268,13 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="generated cases, runs and logs (deleted cases)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="depths N (default: %(default)s)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=list(SIZES),
+        help="depths N (default: %(default)s; none: the epoch only)",
+    )
     parser.add_argument("--no-epoch", action="store_true", help="skip the 512 x 512 x 200 epoch measurement")
     parser.add_argument("--json", type=Path, help="where to write the figures (default: WORKDIR/scale.json)")
     parser.add_argument("--plot", type=Path, help="where to draw the plot (default: WORKDIR/scale.png)")
