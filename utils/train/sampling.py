@@ -260,16 +260,22 @@ class PatchSampler(keras.utils.PyDataset):
         return np.asarray(x, dtype=np.float32), np.asarray(y)
 
 
+def _covering_window(image, label, points: np.ndarray):
+    """The window of ``image`` (as float32) and ``label`` that covers ``points`` (``(ndim, n)`` voxel positions) with
+    one voxel to spare for interpolation, zero outside the volume; and its lowest corner."""
+    low = np.floor(points.min(axis=1)).astype(int) - 1
+    high = np.ceil(points.max(axis=1)).astype(int) + 2
+    window_x = extract_patch(image, low, high - low).astype(np.float32, copy=False)
+    return window_x, extract_patch(label, low, high - low), low
+
+
 def read_transformed(image, label, start, size, coordinates: np.ndarray, image_order: int):
     """Resample the patch at ``start`` of ``size`` through ``coordinates`` (relative to its centre), reading only the
     window those coordinates cover (zero outside the volume)."""
     ndim = len(size)
     centre = np.array([s + (p - 1) / 2 for s, p in zip(start, size, strict=True)]).reshape(-1, *([1] * ndim))
     absolute = coordinates + centre
-    low = np.floor(absolute.reshape(ndim, -1).min(axis=1)).astype(int) - 1
-    high = np.ceil(absolute.reshape(ndim, -1).max(axis=1)).astype(int) + 2
-    window_x = extract_patch(image, low, high - low).astype(np.float32, copy=False)
-    window_y = extract_patch(label, low, high - low)
+    window_x, window_y, low = _covering_window(image, label, absolute.reshape(ndim, -1))
     local = absolute - low.reshape(-1, *([1] * ndim))
     return resample(window_x, local, image_order, True), resample(window_y, local, 0, False)
 
@@ -281,11 +287,7 @@ def read_affine(image, label, start, size, matrix: np.ndarray, image_order: int)
     half = np.array([(p - 1) / 2 for p in size])
     centre = np.asarray(start, dtype=float) + half
     corners = np.array(np.meshgrid(*[(-h, h) for h in half], indexing="ij")).reshape(ndim, -1)
-    absolute = matrix @ corners + centre[:, None]
-    low = np.floor(absolute.min(axis=1)).astype(int) - 1
-    high = np.ceil(absolute.max(axis=1)).astype(int) + 2
-    window_x = extract_patch(image, low, high - low).astype(np.float32, copy=False)
-    window_y = extract_patch(label, low, high - low)
+    window_x, window_y, low = _covering_window(image, label, matrix @ corners + centre[:, None])
     offset = centre - low - matrix @ half
     return (
         resample_affine(window_x, matrix, offset, size, image_order, True),
