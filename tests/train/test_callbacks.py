@@ -1,4 +1,5 @@
-"""Validation after each epoch logs the IoU and F-score that ``--metrics`` asks for, with the dice's rules.
+"""Validation after each epoch logs the IoU and F-score that ``--metrics`` asks for, with the dice's rules; a caller's
+own callbacks given to ``train()`` see the validation scores and add columns to ``history.csv``.
 
 A constant network (class 1 everywhere) on the synthetic dataset makes every count follow from the labels: class 1
 has no false negatives and class 2 no prediction, so the scores can be written down by hand.
@@ -54,3 +55,35 @@ def test_validation_patches_sum_the_counts_before_the_ratio(synthetic):
     # with the counts summed, IoU = dice / (2 - dice) holds exactly for every class
     assert logs["val_iou"] == pytest.approx(finite_mean([d / (2 - d) for d in per_class]), rel=1e-9)
     assert logs["val_fscore"] == pytest.approx(logs["val_dice"], rel=1e-12)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """A caller's callback: keeps the logs it sees, adds its own column and saves the weights of every epoch."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder, self.seen = folder, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(dict(logs))
+        logs["val_dice_twice"] = 2 * logs["val_dice"]
+        self.model.save_weights(self.folder / f"epoch_{epoch + 1}.weights.h5")
+
+
+def test_a_callers_callbacks_see_validation_and_write_to_the_history(prepared_sample, tmp_path):
+    from utils.runs import load_model
+    from utils.train.callbacks import read_history
+    from utils.train.loop import train
+
+    run, recorder = tmp_path / "run", EpochRecorder(tmp_path)
+    settings = {"data": str(prepared_sample), "output": str(run), "patch_size": [16, 16, 16], "batch_size": 2}
+    settings.update(steps_per_epoch=2, epochs=2, tensorboard=False)
+    train(settings, callbacks=[recorder])
+    history = read_history(run / "history.csv")
+    assert [row["val_dice"] for row in history] == pytest.approx([logs["val_dice"] for logs in recorder.seen])
+    assert [row["val_dice_twice"] for row in history] == pytest.approx([2 * row["val_dice"] for row in history])
+    last = load_model(run / "last.keras")
+    saved = keras.models.clone_model(last)
+    saved.load_weights(tmp_path / "epoch_2.weights.h5")
+    for mine, theirs in zip(saved.get_weights(), last.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)

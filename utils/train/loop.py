@@ -136,7 +136,9 @@ def make_sampler(
     )
 
 
-def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
+def train(
+    config_overrides: dict, command: str = "train.py", callbacks: Sequence[keras.callbacks.Callback] = ()
+) -> TrainingConfig:
     """Train a model as configured and write the run folder; returns the resolved config with the best score.
 
     Args:
@@ -144,6 +146,9 @@ def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
             and ``output`` are required, ``resume`` continues the run in ``output``.
         command: how the run was started, recorded in the run folder's lock (:func:`utils.fileio.folder_lock`),
             which the chief holds while it trains.
+        callbacks: the caller's own Keras callbacks (Python use; ``train.py`` passes none). Each epoch they run
+            after validation, so ``logs`` already holds ``val_dice``, and before the checkpoints, so what they add to
+            ``logs`` is written to ``history.csv``; the best model is still chosen by ``val_dice``.
 
     Raises:
         FileNotFoundError: the prepared dataset is missing; or ``resume`` without a previous run.
@@ -168,7 +173,7 @@ def train(config_overrides: dict, command: str = "train.py") -> TrainingConfig:
     )
     try:
         with lock, log_file:
-            return _train(config_overrides, dataset, run_dir, saved, distribution, machine)
+            return _train(config_overrides, dataset, run_dir, saved, distribution, machine, callbacks)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if keras.backend.backend() == "jax" and distribution.name != "default":
@@ -199,6 +204,7 @@ def _train(
     saved: TrainingConfig | None,
     distribution: Distribution,
     machine: dict,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> TrainingConfig:
     accelerators = [name for name in machine["devices"] if name != "cpu"]
     config = saved or resolve_config(overrides, dataset, distribution.num_replicas, accelerators)
@@ -245,7 +251,7 @@ def _train(
     if validation.case_ids:
         log.info("Validation after each epoch: %s of %d cases", validation.mode, len(validation.case_ids))
     recorder = RunRecorder(run_dir, history, state, clock, config, schedule, distribution)
-    callbacks = [schedule, validation]
+    callbacks = [schedule, validation, *extra_callbacks]
     if config.freeze_encoder_epochs:
         callbacks.insert(0, EncoderFreeze(config.freeze_encoder_epochs, distribution.scope))
     writer = summary_writer(run_dir / "tensorboard") if config.tensorboard and distribution.is_chief else None
