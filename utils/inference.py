@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,103 @@ def output_dtype(shape: Sequence[int], dtype: str | None = None) -> np.dtype:
     return np.dtype(dtype)
 
 
+def sliding_window_slabs(
+    images: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    patch_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    progress: bool = False,
+    margin: int = 0,
+    along_inputs: bool | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`sliding_window`, handing over its output in finished slabs instead of one array.
+
+    Windows are taken in order along the *streaming axis*: the inputs (the slices of a 2D model's volume, or a batch)
+    when ``along_inputs`` is true, else the first spatial axis (``None``: the inputs when there are several, the first
+    spatial axis of a single input such as a 3D volume). Once every window that reaches a plane
+    is in, the plane is final: it is yielded and its memory reused. Only the planes under the current row of
+    windows are ever held, as float32, so the memory does not grow with the length of the streaming axis.
+
+    Yields:
+        ``(start, block)`` in order, the blocks covering the streaming axis once: along the inputs, ``block`` is inputs
+        ``start:start + len(block)`` of the output ``(N, *spatial, K)``; along the first spatial axis (one input), it
+        is planes ``start: ...`` of the output ``(*spatial, K)``. ``block`` is a view, valid until the next one is
+        requested.
+
+    Raises:
+        ValueError: see :func:`sliding_window`.
+    """
+    spatial = images.shape[1:-1]
+    if len(spatial) != len(patch_size):
+        raise ValueError(f"patch size {tuple(patch_size)} does not match the input's spatial shape {spatial}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    tile = [int(p) - 2 * int(margin) for p in patch_size]
+    if min(tile) < 1:
+        raise ValueError(f"a margin of {margin} leaves no output in a window of {tuple(patch_size)}")
+    overlap = 0.0 if margin else overlap
+    pad = [max(0, t - s) for s, t in zip(spatial, tile, strict=True)]
+    padding = [(d // 2, d - d // 2) for d in pad]
+    if any(pad) or margin:
+        images = np.pad(images, [(0, 0), *((lo + margin, hi + margin) for lo, hi in padding), (0, 0)])
+    padded = [s + d for s, d in zip(spatial, pad, strict=True)]
+    starts = [window_starts(s, t, overlap) for s, t in zip(padded, tile, strict=True)]
+    weights = [
+        dict(zip(axis_starts, _normalised_weights(size, t, axis_starts, importance_profile(t, blend)), strict=True))
+        for size, t, axis_starts in zip(padded, tile, starts, strict=True)
+    ]
+    jobs = [(n, s) for n in range(images.shape[0]) for s in itertools.product(*starts)]
+    planes = images.shape[0] == 1 if along_inputs is None else not along_inputs  # stream along spatial axis 0
+    if planes and images.shape[0] != 1:
+        raise ValueError(f"streaming along the first spatial axis needs one input, got {images.shape[0]}")
+    if planes:  # a batch never spans two rows of windows, so a row's planes are all the buffer holds
+        rows = [list(group) for _, group in itertools.groupby(jobs, key=lambda job: job[1][0])]
+        batches = [row[i : i + batch_size] for row in rows for i in range(0, len(row), batch_size)]
+        length, rest, extent, (lo, _), real = padded[0], padded[1:], tile[0], padding[0], spatial[0]
+        crop = tuple(slice(a, a + s) for (a, _), s in zip(padding[1:], spatial[1:], strict=True))
+    else:
+        batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+        length, rest, extent, lo, real = images.shape[0], padded, 1, 0, images.shape[0]
+        crop = tuple(slice(a, a + s) for (a, _), s in zip(padding, spatial, strict=True))
+    buffer = np.zeros((min(length, extent + (batch_size if not planes else 0)), *rest, num_classes), np.float32)
+    base = 0  # the streaming-axis position of buffer[0]
+    bar = tqdm(total=len(jobs), desc="windows", unit="win", leave=False, disable=not progress, dynamic_ncols=True)
+    for number, chunk in enumerate(batches):
+        batch = np.stack([np.asarray(images[(n, *_window(s, patch_size))], dtype=np.float32) for n, s in chunk])
+        probabilities = np.asarray(predict(batch), dtype=np.float32)
+        if probabilities.shape != (len(chunk), *tile, num_classes):
+            raise ValueError(
+                f"predict returned shape {probabilities.shape}, expected {(len(chunk), *tile, num_classes)}"
+            )
+        for (n, s), prob in zip(chunk, probabilities, strict=True):
+            weighted = prob * _outer([weights[axis][a] for axis, a in enumerate(s)]).astype(np.float32)[..., None]
+            first, inner = (s[0], _window(s[1:], tile[1:])) if planes else (n, _window(s, tile))
+            if first + extent - base > len(buffer):  # only with several inputs: a batch longer than expected
+                buffer = np.concatenate(
+                    [buffer, np.zeros((first + extent - base - len(buffer), *buffer.shape[1:]), np.float32)]
+                )
+            target = buffer[(slice(first - base, first - base + extent), *inner)]
+            target += weighted if planes else weighted[None]
+        bar.update(len(chunk))
+        following = batches[number + 1][0] if number + 1 < len(batches) else None
+        done = length if following is None else (following[1][0] if planes else following[0])
+        if done > base:  # planes base:done are final
+            a, b = max(base, lo) - lo, min(done, lo + real) - lo
+            if b > a:
+                yield a, buffer[(slice(a + lo - base, b + lo - base), *crop)]
+            shift = done - base
+            if shift < len(buffer):
+                buffer[: len(buffer) - shift] = buffer[shift:]
+                buffer[len(buffer) - shift :] = 0
+            else:
+                buffer[:] = 0
+            base = done
+    bar.close()
+
+
 def sliding_window(
     images: np.ndarray,
     predict: Callable[[np.ndarray], np.ndarray],
@@ -145,50 +242,23 @@ def sliding_window(
             valid convolutions); the image is padded by it and the output tiles do not overlap.
 
     Returns:
-        Probabilities ``(N, *spatial, K)`` of ``dtype``.
+        Probabilities ``(N, *spatial, K)`` of ``dtype``, assembled from :func:`sliding_window_slabs`.
 
     Raises:
         ValueError: a patch size whose length differs from the number of spatial axes, or a bad option.
     """
-    spatial = images.shape[1:-1]
-    if len(spatial) != len(patch_size):
-        raise ValueError(f"patch size {tuple(patch_size)} does not match the input's spatial shape {spatial}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    tile = [int(p) - 2 * int(margin) for p in patch_size]
-    if min(tile) < 1:
-        raise ValueError(f"a margin of {margin} leaves no output in a window of {tuple(patch_size)}")
-    overlap = 0.0 if margin else overlap
-    pad = [max(0, t - s) for s, t in zip(spatial, tile, strict=True)]
-    padding = [(d // 2, d - d // 2) for d in pad]
-    if any(pad) or margin:
-        images = np.pad(images, [(0, 0), *((lo + margin, hi + margin) for lo, hi in padding), (0, 0)])
-    padded = [s + d for s, d in zip(spatial, pad, strict=True)]
-    starts = [window_starts(s, t, overlap) for s, t in zip(padded, tile, strict=True)]
-    weights = [
-        dict(zip(axis_starts, _normalised_weights(size, t, axis_starts, importance_profile(t, blend)), strict=True))
-        for size, t, axis_starts in zip(padded, tile, starts, strict=True)
-    ]
-    output = np.zeros(
-        (images.shape[0], *padded, num_classes), dtype=output_dtype((images.shape[0], *padded, num_classes), dtype)
-    )
-    jobs = [(n, s) for n in range(images.shape[0]) for s in itertools.product(*starts)]
-    bar = tqdm(total=len(jobs), desc="windows", unit="win", leave=False, disable=not progress, dynamic_ncols=True)
-    for begin in range(0, len(jobs), batch_size):
-        chunk = jobs[begin : begin + batch_size]
-        batch = np.stack([np.asarray(images[(n, *_window(s, patch_size))], dtype=np.float32) for n, s in chunk])
-        probabilities = np.asarray(predict(batch), dtype=np.float32)
-        if probabilities.shape != (len(chunk), *tile, num_classes):
-            raise ValueError(
-                f"predict returned shape {probabilities.shape}, expected {(len(chunk), *tile, num_classes)}"
-            )
-        for (n, s), prob in zip(chunk, probabilities, strict=True):
-            weight = _outer([weights[axis][a] for axis, a in enumerate(s)]).astype(np.float32)
-            output[(n, *_window(s, tile))] += prob * weight[..., None]
-        bar.update(len(chunk))
-    bar.close()
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, spatial, strict=True))
-    return output[(slice(None), *crop)] if any(pad) else output
+    slabs = sliding_window_slabs(images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, margin)
+    return _assemble(slabs, (*images.shape[:-1], num_classes), dtype, planes=images.shape[0] == 1)
+
+
+def _assemble(slabs: Iterator[tuple[int, np.ndarray]], shape: Sequence[int], dtype: str | None, planes: bool):
+    """One array ``(N, *spatial, K)`` of :func:`output_dtype` from the ``(start, block)`` slabs of
+    :func:`sliding_window_slabs`, which are planes of the one input when ``planes``, else inputs."""
+    output = np.zeros(shape, dtype=output_dtype(shape, dtype))
+    stream = output[0] if planes else output
+    for start, block in slabs:
+        stream[start : start + len(block)] = block
+    return output
 
 
 def _window(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
@@ -324,6 +394,35 @@ def predict_volume(
     Raises:
         ValueError: a patch size of other than 2 or 3 entries, or an image that is not ``(Z, Y, X, C)``.
     """
+    slabs = predict_volume_slabs(
+        model, image, patch_size, num_classes, overlap, blend, batch_size, tta, progress, predict, distributed, margin
+    )
+    three_d = len(patch_size) == 3
+    shape = (1, *image.shape[:3], num_classes) if three_d else (*image.shape[:3], num_classes)
+    probabilities = _assemble(slabs, shape, dtype, planes=three_d)
+    return probabilities[0] if three_d else probabilities
+
+
+def predict_volume_slabs(
+    model,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    tta: bool | Sequence[int] = False,
+    progress: bool = False,
+    predict: Callable[[np.ndarray], np.ndarray] | None = None,
+    distributed: bool = False,
+    margin: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`predict_volume` handed over in finished slabs ``(start, probabilities[start : start + n])`` along Z,
+    in order (:func:`sliding_window_slabs`): float32 views, valid until the next slab is requested.
+
+    Raises:
+        ValueError: as :func:`predict_volume`, when called (not when the first slab is requested).
+    """
     ndim = len(patch_size)
     if ndim not in (2, 3):
         raise ValueError(f"patch size must have 2 or 3 entries, got {tuple(patch_size)}")
@@ -338,34 +437,115 @@ def predict_volume(
     if axes:
         predict = mirrored(predict, tuple(int(a) + 1 for a in axes))
     images = image if ndim == 2 else image[None]
-    probabilities = sliding_window(
-        images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, dtype, margin
+    return sliding_window_slabs(
+        images, predict, patch_size, num_classes, overlap, blend, batch_size, progress, margin, along_inputs=ndim == 2
     )
-    return probabilities if ndim == 2 else probabilities[0]
 
 
-def probabilities_to_labels(probabilities: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+class LabelSlabs:
+    """Arg-max labels of ``shape`` from probabilities on a grid of ``source_shape`` (same field of view), fed one slab
+    of finished planes at a time in order along Z (:meth:`add`), so that neither grid's probabilities are ever held
+    whole.
+
+    The resampling is linear with voxel edges aligned and edge values repeated (that of
+    :func:`utils.geometry.resize_volume`): linear interpolation is separable, so each slab is resampled in-plane
+    when it comes, and each output plane is then interpolated from the two in-plane-resampled source planes around
+    it; only those not yet used are kept. The labels equal those of resampling the whole array, then taking the
+    arg-max (up to float rounding at exact ties).
+    """
+
+    def __init__(self, source_shape: Sequence[int], shape: Sequence[int], num_classes: int):
+        self.source_shape = tuple(int(n) for n in source_shape[:3])
+        self.shape = tuple(int(n) for n in shape)
+        self.labels = np.zeros(self.shape, dtype=np.uint8 if num_classes < 256 else np.uint16)
+        depth, target = self.source_shape[0], self.shape[0]
+        position = np.clip((np.arange(target) + 0.5) * depth / target - 0.5, 0, depth - 1)
+        self.below = np.floor(position).astype(np.int64)
+        self.above = np.minimum(self.below + 1, depth - 1)
+        self.weight = position - self.below
+        self.planes: dict[int, np.ndarray] = {}
+        self.received = 0
+        self.done = 0
+
+    def add(self, start: int, block: np.ndarray) -> None:
+        """Source planes ``start : start + len(block)`` ``(n, Y, X, K)``, given in order.
+
+        Raises:
+            ValueError: a slab out of order or of another in-plane shape.
+        """
+        if start != self.received or tuple(block.shape[1:3]) != self.source_shape[1:]:
+            raise ValueError(
+                f"slab at plane {start} of shape {tuple(block.shape)}: expected plane {self.received} of "
+                f"{self.source_shape[1:]} planes"
+            )
+        self.received += len(block)
+        if self.source_shape == self.shape:
+            self.labels[start : self.received] = np.argmax(block, axis=-1)
+            self.done = self.received
+            return
+        from utils.geometry import resize_volume
+
+        in_plane = (len(block), *self.shape[1:])
+        for index, plane in enumerate(self._in_plane(block, in_plane, resize_volume), start=start):
+            self.planes[index] = plane
+        while self.done < self.shape[0] and self.above[self.done] < self.received:
+            z, w = self.done, float(self.weight[self.done])
+            plane = self.planes[self.below[z]]
+            if w > 0:
+                plane = (1 - w) * plane + w * self.planes[self.above[z]]
+            self.labels[z] = np.argmax(plane, axis=-1)
+            self.done += 1
+        keep_from = self.below[self.done] if self.done < self.shape[0] else self.received
+        for index in [i for i in self.planes if i < keep_from]:
+            del self.planes[index]
+
+    @staticmethod
+    def _in_plane(block: np.ndarray, shape: tuple[int, ...], resize) -> np.ndarray:
+        """``block`` ``(n, Y, X, K)`` resampled to ``shape`` ``(n, Y', X')`` one class at a time."""
+        out = np.empty((*shape, block.shape[-1]), dtype=np.float32)
+        for k in range(block.shape[-1]):
+            out[..., k] = resize(np.asarray(block[..., k], dtype=np.float32), shape, 1)
+        return out
+
+    def result(self) -> np.ndarray:
+        """The label map, once every source plane was added.
+
+        Raises:
+            ValueError: planes are missing.
+        """
+        if self.received != self.source_shape[0]:
+            raise ValueError(f"only {self.received} of {self.source_shape[0]} planes were added")
+        return self.labels
+
+
+def probabilities_to_labels(probabilities: np.ndarray, shape: Sequence[int], slab: int = 16) -> np.ndarray:
     """Arg-max class map ``shape`` of probabilities ``(Z, Y, X, K)`` resampled linearly onto ``shape`` (same field of
-    view), one class at a time: memory holds one resampled class, the running maximum and the labels, never all
-    ``K`` resampled classes. Gives the same labels as resampling the whole array, then taking the arg-max.
+    view), ``slab`` planes at a time (:class:`LabelSlabs`): memory holds the labels and a few resampled planes, never
+    a resampled volume. Gives the same labels as resampling the whole array, then taking the arg-max.
 
     Returns:
         ``shape`` uint8 (uint16 above 255 classes) label map.
     """
-    from utils.geometry import resize_volume
+    labels = LabelSlabs(probabilities.shape, shape, probabilities.shape[-1])
+    for start in range(0, probabilities.shape[0], slab):
+        labels.add(start, probabilities[start : start + slab])
+    return labels.result()
 
-    shape = tuple(int(n) for n in shape)
-    num_classes = probabilities.shape[-1]
-    labels = np.zeros(shape, dtype=np.uint8 if num_classes < 256 else np.uint16)
-    if tuple(probabilities.shape[:3]) == shape:
-        return np.argmax(probabilities, axis=-1).astype(labels.dtype)
-    best = None
-    for k in range(num_classes):
-        channel = resize_volume(np.asarray(probabilities[..., k], dtype=np.float32), shape, 1)
-        if best is None:
-            best = channel
-            continue
-        better = channel > best
-        labels[better] = k
-        np.maximum(best, channel, out=best)
-    return labels
+
+def predict_labels(
+    model, image: np.ndarray, patch_size: Sequence[int], num_classes: int, shape: Sequence[int], **options
+) -> np.ndarray:
+    """:func:`probabilities_to_labels` of :func:`predict_volume` without ever holding the probabilities whole: the
+    windows' output is arg-maxed (and resampled to ``shape``) one finished slab at a time (:class:`LabelSlabs`,
+    :func:`sliding_window_slabs`). For a 512 x 512 x 512 CT with 3 classes that keeps the planes of one row of
+    windows (about 120 MB for windows 40 deep) instead of 768 MB of float16 probabilities.
+
+    Args:
+        model, image, patch_size, num_classes: see :func:`predict_volume`.
+        shape: ``(Z, Y, X)`` of the labels (the image's own for no resampling).
+        options: the keyword arguments of :func:`predict_volume` but ``dtype``.
+    """
+    labels = LabelSlabs(image.shape[:3], shape, num_classes)
+    for start, block in predict_volume_slabs(model, image, patch_size, num_classes, **options):
+        labels.add(start, block)
+    return labels.result()
