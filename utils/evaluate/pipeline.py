@@ -6,9 +6,9 @@ Two entries share everything below them:
   each case's source files give the truth and the image for the pictures.
 - :func:`utils.evaluate.predict.predict_images` takes raw images of any supported format and prepares them first.
 
-Per case (:func:`segment`): whole-volume inference (:func:`utils.inference.predict_volume`), probabilities resampled
-to the source resolution one class at a time and arg-maxed (:func:`utils.inference.probabilities_to_labels`), every
-other preprocessing step inverted (:func:`utils.preprocessing.restore_label`), then post-processing
+Per case (:func:`segment`): whole-volume inference (:func:`utils.inference.predict_labels`), probabilities resampled
+to the source resolution and arg-maxed one finished slab of planes at a time (:class:`utils.inference.LabelSlabs`),
+every other preprocessing step inverted (:func:`utils.preprocessing.restore_label`), then post-processing
 (:mod:`utils.evaluate.postprocess`). The mask is written as ``masks/<id>.nii.gz`` on the source grid plus the
 format's own copy
 (:func:`utils.formats.write_mask`); a labelled case is scored on the source grid with every metric of
@@ -44,7 +44,7 @@ from utils.evaluate.results import write_results
 from utils.evaluate.sources import missing_note, read_source
 from utils.formats import source_values, write_mask
 from utils.geometry import GeometryRecord
-from utils.inference import predict_volume, probabilities_to_labels, whole_slice_network
+from utils.inference import predict_labels, predict_volume, probabilities_to_labels, whole_slice_network
 from utils.metrics import compute_case_metrics
 from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
 from utils.prepared import PreparedDataset
@@ -98,21 +98,29 @@ class Predictor:
     _whole_slices: object = field(default=None, init=False, repr=False)
 
     def probabilities(self, image: np.ndarray, options: Options) -> np.ndarray:
+        """Probabilities ``(Z, Y, X, K)`` of a prepared image (:func:`utils.inference.predict_volume`)."""
+        model, patch, settings = self._inference(image, options)
+        return predict_volume(model, image, patch, self.config.num_classes, **settings)
+
+    def labels(self, image: np.ndarray, options: Options, shape) -> np.ndarray:
+        """Arg-max labels of ``shape`` (the probabilities resampled linearly onto it) without ever holding the
+        probabilities whole (:func:`utils.inference.predict_labels`)."""
+        model, patch, settings = self._inference(image, options)
+        return predict_labels(model, image, patch, self.config.num_classes, shape, **settings)
+
+    def _inference(self, image: np.ndarray, options: Options) -> tuple[object, list[int], dict]:
         model, patch = self.model, self.config.patch_size
         if self.config.model in WHOLE_SLICE_MODELS:
             model, patch = (self.whole_slice_model() if self.predict is None else None), list(image.shape[1:3])
-        return predict_volume(
-            model,
-            image,
-            patch,
-            self.config.num_classes,
-            overlap=options.overlap,
-            blend=options.blend,
-            batch_size=options.batch_size or self.config.batch_size or 2,
-            tta=options.tta,
-            progress=options.progress,
-            predict=self.predict,
-        )
+        settings = {
+            "overlap": options.overlap,
+            "blend": options.blend,
+            "batch_size": options.batch_size or self.config.batch_size or 2,
+            "tta": options.tta,
+            "progress": options.progress,
+            "predict": self.predict,
+        }
+        return model, patch, settings
 
     def whole_slice_model(self):
         """The run's network built for ``(None, None, C)`` slices with same padding (its valid convolutions padded by
@@ -135,16 +143,21 @@ def segment(
 ) -> np.ndarray:
     """Classes ``(Z, Y, X)`` uint8 on the source grid for a prepared image and its geometry record.
 
-    The probabilities are resampled to the cropped source resolution one class at a time and arg-maxed; cropping and
-    reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last. ``predictor``
-    may be an :class:`utils.evaluate.ensemble.Ensemble`; ``keep`` receives the probabilities ``(Z, Y, X, K)`` on the
-    prepared grid (``--save-probabilities``: :class:`utils.evaluate.probabilities.ProbabilityWriter`).
+    The probabilities are resampled to the cropped source resolution and arg-maxed one slab of planes at a time;
+    cropping and reorientation are undone by :func:`utils.preprocessing.restore_label`; ``plan`` is applied last.
+    A single model's probabilities are never held whole (:meth:`Predictor.labels`): they are arg-maxed as the
+    sliding window finishes them. ``predictor`` may be an :class:`utils.evaluate.ensemble.Ensemble`, which averages
+    whole volumes; ``keep`` receives the probabilities ``(Z, Y, X, K)`` on the prepared grid
+    (``--save-probabilities``: :class:`utils.evaluate.probabilities.ProbabilityWriter`), which are then held whole.
     """
-    probabilities = predictor.probabilities(image, options)
-    if keep is not None:
-        keep(probabilities)
-    labels = probabilities_to_labels(probabilities, record.cropped_shape)
-    del probabilities
+    if keep is None and isinstance(predictor, Predictor):
+        labels = predictor.labels(image, options, record.cropped_shape)
+    else:
+        probabilities = predictor.probabilities(image, options)
+        if keep is not None:
+            keep(probabilities)
+        labels = probabilities_to_labels(probabilities, record.cropped_shape)
+        del probabilities
     classes = restore_label(labels, record)
     return apply_plan(classes, plan, record.source_spacing)
 
@@ -459,12 +472,14 @@ def evaluate(
         spec = dataset.spec(case_id)
         source, rebuilt = read_source(dataset, case_id)
         image, geometry = prepared_without_label(dataset, case_id, source)
+        display = source.image if options.pictures != "none" else None
+        source.image = None  # the source image serves only the pictures: not held through inference without them
         model = predictor.member(assignment[case_id]) if assignment is not None else predictor
         keep = ProbabilityWriter(output, case_id, geometry, source.writer) if options.save_probabilities else None
         classes = segment(model, image, geometry, options, plan, keep)
         truth = source.label if spec.label else None
         entry = {"id": case_id, "geometry": dataset.geometry(case_id), "writer": source.writer}
-        record = finish_case(output, entry, classes, truth, source.image, source.affine, values, names, options)
+        record = finish_case(output, entry, classes, truth, display, source.affine, values, names, options)
         record = {**record, "probabilities": keep.written} if keep is not None else record
         return {**record, "truth": "prepared"} if rebuilt else record
 
@@ -513,7 +528,7 @@ def finish_case(
     case: dict,
     classes: np.ndarray,
     truth: np.ndarray | None,
-    image: np.ndarray,
+    image: np.ndarray | None,
     affine: np.ndarray,
     values: Sequence[int],
     names: Mapping[str, str],
@@ -525,7 +540,7 @@ def finish_case(
         case: ``{"id", "geometry", "writer"}`` as in the manifest, the geometry as a
             :class:`~utils.geometry.GeometryRecord`.
         classes, truth: class maps on the source grid (truth ``None`` when unlabelled), classes of the run.
-        image, affine: the source image ``(Z, Y, X, C)`` and its affine, for the pictures.
+        image, affine: the source image ``(Z, Y, X, C)`` (``None`` without pictures) and its affine, for the pictures.
         values: label value of each class (``label_values``).
     """
     spacing = case["geometry"].source_spacing

@@ -187,15 +187,16 @@ def predict_images(
         truth = None
         if case.label is not None:
             truth = class_indices(source_values(case.label, source.label_values or None), [int(v) for v in values])
-        image, _, record = prepare_case(
-            dataclasses.replace(case, label=None), training.settings, training.fingerprint, training.channel_names
-        )
+            case.label = None
+        image, _, record = prepare_case(case, training.settings, training.fingerprint, training.channel_names)
+        display = case.image if options.pictures != "none" else None
+        case.image = None  # the source image serves only the pictures: not held through inference without them
         keep = ProbabilityWriter(output, case_id, record, case.writer) if options.save_probabilities else None
         classes = segment(predictor, image, record, options, plan, keep)
         del image
         writer = {**case.writer, "label_values": [int(v) for v in values], "labels": training.manifest["labels"]}
         entry = {"id": case_id, "geometry": record, "writer": writer}
-        result = finish_case(output, entry, classes, truth, case.image, case.affine, values, names, options)
+        result = finish_case(output, entry, classes, truth, display, case.affine, values, names, options)
         return {**result, "probabilities": keep.written} if keep is not None else result
 
     def inputs(case_id: str) -> str:
