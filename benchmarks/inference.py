@@ -79,6 +79,16 @@ class Ours:
             predict=predict,
         )  # fmt: skip
 
+    def labels(self, image: np.ndarray) -> np.ndarray:
+        """The arg-max label map, as ``evaluation.py`` makes it: finished slabs arg-maxed as they come
+        (``utils.inference.predict_labels``), the probabilities never whole."""
+        from utils.inference import predict_labels
+
+        return predict_labels(
+            self.model, image, PATCH, NUM_CLASSES, image.shape[:3], overlap=OVERLAP, blend="gaussian",
+            batch_size=WINDOWS_PER_CALL,
+        )  # fmt: skip
+
     def run(self) -> dict:
         return _time_volumes(self.predict, self.volumes)
 
@@ -116,6 +126,10 @@ class Monai:
                 sigma_scale=0.125,
             )
             return np.moveaxis(out[0].numpy(), 0, -1)
+
+    def labels(self, image: np.ndarray) -> np.ndarray:
+        """The arg-max label map of :meth:`predict` (MONAI's sliding window returns whole probabilities)."""
+        return np.argmax(self.predict(image), axis=-1).astype(np.uint8)
 
     def run(self) -> dict:
         return _time_volumes(self.predict, self.volumes)
