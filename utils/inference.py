@@ -19,11 +19,17 @@ callers that want an output of the input's size.
 Memory: the importance map is separable and the windows form a grid, so the summed weight at every voxel is a product
 of one-dimensional sums. Each window's prediction is therefore multiplied by its *normalised* weight (its weight
 divided by that sum, a value in [0, 1]) and added straight into the output, which holds the finished probabilities
-when the last window is in: no second volume of summed weights, no final division. The output is float32, or float16
-when float32 would exceed :data:`FLOAT16_ABOVE_BYTES` (a 512 x 512 x 300 CT with 3 classes then needs 0.47 GB instead
-of 0.94 GB; each voxel sums at most 8 weighted windows at overlap 0.5, so float16 keeps the probabilities within
-about 2e-3, which moves an arg-max only at near-ties). The input may be a memory-mapped array; windows are read from
-it one batch at a time.
+when the last window is in: no volume of summed weights, no final division. Windows are taken row by row along Z
+(:func:`sliding_window_slabs`), so a plane is final once the row of windows over it is in: the finished planes are
+handed over as slabs and only the float32 planes of the current row are held. :func:`predict_labels` arg-maxes
+(and resamples, :class:`LabelSlabs`) each slab as it comes, so ``evaluation.py`` never holds the probabilities of a
+volume (a 512 x 512 x 512 CT, 3 classes: 1.7 GB peak with TensorFlow and a one-layer network; see
+``benchmarks/RESULTS.md``).
+Callers that want the whole probabilities (:func:`predict_volume`: validation, ``--save-probabilities``, fold
+ensembles) get float32, or float16 when float32 would exceed :data:`FLOAT16_ABOVE_BYTES` (a 512 x 512 x 300 CT with
+3 classes then needs 0.47 GB instead of 0.94 GB; each voxel sums at most 8 weighted windows at overlap 0.5, so
+float16 keeps the probabilities within about 2e-3, which moves an arg-max only at near-ties). The input may be a
+memory-mapped array; windows are read from it one batch at a time.
 """
 
 from __future__ import annotations

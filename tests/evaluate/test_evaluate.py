@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -240,3 +241,31 @@ def test_a_dataset_of_another_manifest_version_is_refused_in_one_line(synthetic,
     with pytest.raises(ValueError) as error:
         predict_images(run, raw, tmp_path / "out", data=old, options=options, predict=label_reader)
     assert str(error.value) == expected
+
+
+def test_a_single_model_is_evaluated_slab_by_slab_with_the_masks_of_whole_probabilities(
+    synthetic, tmp_path, monkeypatch
+):
+    """Without ``--save-probabilities`` a case's probabilities are arg-maxed slab by slab as the sliding window
+    finishes them (``Predictor.probabilities`` is never called); the masks and scores are those of the whole
+    probabilities, which ``--save-probabilities`` still makes."""
+    raw, dataset, run = synthetic
+
+    def soft(batch):  # the synthetic labels, blurred by a smooth function of the intensity (no exact ties)
+        logits = np.stack([0.01 * batch[..., 0], -0.003 * batch[..., 0], np.sin(batch[..., 0])], axis=-1)
+        return 0.8 * label_reader(batch) + 0.2 * np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+    options = Options(progress=False, pictures="none", postprocess="none")
+    whole = evaluate(run, dataset, tmp_path / "whole", split="all", options=replace(options, save_probabilities=True),
+                     predict=soft)  # fmt: skip
+    monkeypatch.setattr(utils.evaluate.pipeline.Predictor, "probabilities", lambda *a: pytest.fail("made whole"))
+    streamed = evaluate(run, dataset, tmp_path / "streamed", split="all", options=options, predict=soft)
+    assert whole["failures"] == streamed["failures"] == []
+    masks = sorted((tmp_path / "whole" / "masks").glob("*.nii.gz"))
+    assert len(masks) == 8
+    for path in masks:
+        expected = np.asarray(nib.load(path).dataobj)
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(tmp_path / "streamed" / "masks" / path.name).dataobj), expected
+        )
+    assert whole["classes"]["1"]["dice"]["mean"] == streamed["classes"]["1"]["dice"]["mean"]
