@@ -14,9 +14,9 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from utils.formats.base import (
     NOT_DICOM_SUFFIXES,
@@ -32,6 +32,9 @@ from utils.formats.base import (
     safe_id,
 )
 from utils.formats.itk import _itk_reason, _sitk_label_reader, read_sitk, sitk_geometry, sitk_to_array
+
+if TYPE_CHECKING:  # imported where used: reading another format never loads it
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +331,8 @@ def read_dicom_series(files: Sequence[str], where: str, unreadable: Sequence[str
     Raises:
         CaseError: a damaged or unreadable slice (named), or slices unevenly spaced or repeated.
     """
+    import SimpleITK as sitk
+
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise CaseError(f"{where}: DICOM file {missing[0]} not found")
@@ -373,6 +378,8 @@ def read_dicom_series(files: Sequence[str], where: str, unreadable: Sequence[str
 
 def _unreadable_slice(files: Sequence[str]) -> str | None:
     """The first file of a series that SimpleITK cannot read on its own (after the series failed to read)."""
+    import SimpleITK as sitk
+
     for file in files:
         try:
             sitk.ReadImage(file)
@@ -406,6 +413,8 @@ def resample_label_onto(label: sitk.Image, reference: sitk.Image, path: str | os
     Raises:
         CaseError: the label is not a scalar image or does not overlap the reference in physical space.
     """
+    import SimpleITK as sitk
+
     if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() != 3:
         raise CaseError(f"{path}: a label must be a scalar 3D image")
     if not _overlaps(label, reference):
@@ -427,6 +436,7 @@ def _overlaps(first: sitk.Image, second: sitk.Image) -> bool:
 
 def _read_dicom_seg(path: str, reference: sitk.Image, frame: str) -> np.ndarray:
     import highdicom as hd
+    import SimpleITK as sitk
 
     try:
         seg = hd.seg.segread(path)

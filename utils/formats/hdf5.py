@@ -13,8 +13,8 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from utils import fileio
@@ -38,6 +38,9 @@ from utils.formats.base import (
     unreadable_spec,
 )
 
+if TYPE_CHECKING:  # imported where used: reading another format never loads it
+    import h5py
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +54,8 @@ def _hdf5_files(path: Path) -> list[Path]:
 
 
 def _open_hdf5(path: str | os.PathLike) -> h5py.File:
+    import h5py
+
     path = Path(path)
     if not path.is_file():
         raise CaseError(f"{path}: file not found")
@@ -65,6 +70,8 @@ def _open_hdf5(path: str | os.PathLike) -> h5py.File:
 
 
 def _hdf5_default_keys(handle: h5py.File, path: Path) -> tuple[list[str], str | None]:
+    import h5py
+
     keys = list(handle.keys())
     modality_groups = [k for k in ("ct_data", "pet_data") if k in handle and isinstance(handle[k], h5py.Group)]
     if modality_groups:
@@ -83,6 +90,8 @@ def _hdf5_default_keys(handle: h5py.File, path: Path) -> tuple[list[str], str | 
 def _hdf5_layout(handle: h5py.File, key: str, path: Path) -> tuple[str, list[str]]:
     """How ``key`` stores cases: ``("by_modality", patients)`` for ``key/<patient>`` datasets, ``("by_patient",
     patients)`` for ``<patient>/key`` and ``("stacked", [])`` for one dataset holding every sample."""
+    import h5py
+
     if key in handle:
         node = handle[key]
         if isinstance(node, h5py.Group):
@@ -246,6 +255,8 @@ def _hdf5_label_reader(spec: CaseSpec) -> Callable[[], np.ndarray]:
 
 def _hdf5_volume(handle: h5py.File, key: str, index: int | None, path: str) -> tuple[np.ndarray, list[int]]:
     """``(Z, Y, X)`` array of dataset ``key`` (sample ``index`` when stacked) and the shape it was stored in."""
+    import h5py
+
     if key not in handle:
         raise CaseError(f"{path}: dataset {key!r} not found")
     node = handle[key]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from utils import fileio, geometry
 from utils.formats.base import (
@@ -36,6 +36,9 @@ from utils.formats.base import (
 )
 from utils.formats.channels import PairedCase, channel_names, pair_channel_files
 
+if TYPE_CHECKING:  # imported where used: reading another format never loads it
+    import SimpleITK as sitk
+
 
 def read_sitk(path: str | os.PathLike) -> sitk.Image:
     """Read any image file SimpleITK knows (NRRD, MHA/MHD, NIfTI, ...).
@@ -43,6 +46,8 @@ def read_sitk(path: str | os.PathLike) -> sitk.Image:
     Raises:
         CaseError: the file is missing or unreadable.
     """
+    import SimpleITK as sitk
+
     path = Path(path)
     if not path.is_file():
         raise CaseError(f"{path}: file not found")
@@ -81,6 +86,8 @@ def sitk_to_array(image: sitk.Image, path: str | os.PathLike) -> tuple[np.ndarra
     Raises:
         CaseError: the image has a dimension other than 2, 3 or 4.
     """
+    import SimpleITK as sitk
+
     dim = image.GetDimension()
     if dim not in (2, 3, 4):
         raise CaseError(f"{path}: expected a 2D, 3D or 4D image, found {dim} dimensions")
