@@ -73,15 +73,18 @@ def scale(report: dict) -> str:
     """The scale benchmark (``scale_measure.py``): per size, each stage's seconds and peak memory, then the slopes."""
     rows = []
     for s in report["sizes"]:
-        prepare, infer = s["prepare"], s["inference"]
+        prepare, infer, train, evaluate = (s.get(k, {}) for k in ("prepare", "inference", "train", "evaluate"))
+
+        def pair(stage: dict, key: str, form: str) -> str:
+            sides = [stage.get(side, {}).get(key) for side in ("ours", "monai")]
+            return " / ".join("–" if v is None else format(v, form) for v in sides)
+
         rows.append(
             [f"512x512x{s['depth']}", f"{s['voxels_per_case'] / 1e6:.0f}M", s["float32_case_mib"],
-             f"{prepare['ours']['cpu_seconds_per_case']:.1f} / {prepare['monai']['cpu_seconds_per_case']:.1f}",
-             f"{prepare['ours']['peak_rss_mib']} / {prepare['monai']['peak_rss_mib']}",
-             f"{s['train']['step_s'] * 1000:.0f}", f"{s['train']['epoch_end_s']:.1f}",
-             f"{s['evaluate']['cpu_seconds_per_case']:.1f}", s["evaluate"]["peak_rss_mib"],
-             f"{infer['ours']['cpu_seconds']:.1f} / {infer['monai']['cpu_seconds']:.1f}",
-             f"{infer['ours']['peak_rss_mib']:.0f} / {infer['monai']['peak_rss_mib']:.0f}", loads(s["loadavg"])]
+             pair(prepare, "cpu_seconds_per_case", ".1f"), pair(prepare, "peak_rss_mib", ".0f"),
+             f"{train['step_s'] * 1000:.0f}" if train else "–", f"{train['epoch_end_s']:.1f}" if train else "–",
+             f"{evaluate['cpu_seconds_per_case']:.1f}" if evaluate else "–", evaluate.get("peak_rss_mib", "–"),
+             pair(infer, "cpu_seconds", ".1f"), pair(infer, "peak_rss_mib", ".0f"), loads(s["loadavg"])]
         )  # fmt: skip
     header = ["case", "voxels", "float32 MiB", "prepare CPU s (ours / MONAI)", "prepare peak MiB", "train step ms",
               "epoch end s", "evaluate CPU s", "evaluate peak MiB", "inference CPU s (ours / MONAI)",

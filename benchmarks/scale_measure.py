@@ -15,8 +15,12 @@ of the process and the children it waited for):
   steps and the first epoch's end (validation and checkpoints, from ``state.json``) separately.
 - ``evaluate``: ``evaluation.py --no-tta`` on the validation case: prediction with the run's model, mask written back
   on the source grid, scored (test-time mirroring, the default, multiplies the prediction's cost by 8 for 3D).
-- ``inference``: the same U-Net on both sides (``infer_once.py``: ours ``utils.inference.predict_volume``, MONAI
-  ``sliding_window_inference``, windows 40x56x40, overlap 0.5, 3 classes) on the prepared validation volume.
+- ``inference``: the same U-Net on both sides (``infer_once.py --labels``: ours ``utils.inference.predict_labels``,
+  MONAI ``sliding_window_inference`` and the arg-max, windows 40x56x40, overlap 0.5, 3 classes) on the prepared
+  validation volume; ``--tiny`` swaps the U-Net for a 1x1x1 network (the sliding window's own memory).
+
+``--stages`` measures some of the stages (``evaluate`` trains first); ``data_gen.py`` always runs, MONAI's
+preprocessing only with ``prepare``. The fit and the plot leave out a stage that some size lacks.
 
 Then ``epoch``: a dataset of four 512 x 512 x 200 cases trained with every default (100 steps per epoch, ``--validation
 auto``) for two epochs, the share of an epoch that validation takes, and the validation mode ``auto`` chooses for a
@@ -41,6 +45,7 @@ import scale
 from common import REPO, bench_env, loadavg, machine
 
 SIZES = scale.SIZES
+STAGES = ("prepare", "train", "evaluate", "inference")
 TRAIN_STEPS = 10
 EPOCH_DEPTH, EPOCH_CASES, HUNDRED = 200, 4, 100
 
@@ -111,10 +116,13 @@ def prepared_voxels(data: Path) -> dict:
     return {p.name[: -len("_image.npy")]: list(np.load(p, mmap_mode="r").shape) for p in paths}
 
 
-def measure_size(depth: int, workdir: Path, sources, logs: Path) -> dict:
+def measure_size(depth: int, workdir: Path, sources, logs: Path, stages=STAGES, tiny: bool = False) -> dict:
+    """Every stage of ``stages`` at depth ``depth`` (``evaluate`` trains first even without ``train``); ``tiny``: the
+    inference stage with ``infer_once.py --tiny``."""
     raw, data, run = workdir / f"raw_{depth}", workdir / f"prepared_{depth}", workdir / f"run_{depth}"
     cases = make_dataset(raw, depth, 2, sources)
     result = {"depth": depth, "cases": cases, "voxels_per_case": 512 * 512 * depth, "loadavg": [loadavg()[0]]}
+    result["float32_case_mib"] = round(4 * 512 * 512 * depth / 2**20)
     shutil.rmtree(data, ignore_errors=True)
     seconds, cpu, peak = timed(
         [sys.executable, "data_gen.py", "--input", str(raw), "--output", str(data), "--workers", "1", "--split",
@@ -125,43 +133,50 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path) -> dict:
     spacing = manifest["resolved"]["median_spacing"]  # (z, y, x) mm
     result["prepare"] = {"ours": per_case(seconds, cpu, peak, 2)}
     result["prepared_shapes"] = prepared_voxels(data)
-    peer_out = workdir / f"monai_{depth}"
-    shutil.rmtree(peer_out, ignore_errors=True)
-    zyx = [float(s) for s in spacing]
-    seconds, cpu, peak = timed(
-        [sys.executable, "benchmarks/monai_preprocess.py", "--input", str(raw), "--output", str(peer_out),
-         "--workers", "0", "--spacing", *map(str, zyx[::-1])],
-        logs / f"prepare_monai_{depth}.log",
-    )  # fmt: skip
-    shutil.rmtree(peer_out, ignore_errors=True)
-    result["prepare"]["monai"] = per_case(seconds, cpu, peak, 2)
-    result["float32_case_mib"] = round(4 * 512 * 512 * depth / 2**20)
-
-    shutil.rmtree(run, ignore_errors=True)
-    seconds, cpu, peak = timed(
-        [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2", "--steps-per-epoch",
-         str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0"],
-        logs / f"train_{depth}.log",
-    )  # fmt: skip
-    result["train"] = {**train_figures(run), "process_seconds": round(seconds, 1), "process_cpu_seconds": round(cpu, 1)}
-    result["train"]["peak_rss_mib"] = round(peak)
-
-    results = workdir / f"results_{depth}"
-    shutil.rmtree(results, ignore_errors=True)
-    seconds, cpu, peak = timed(
-        [sys.executable, "evaluation.py", "--run", str(run), "--data", str(data), "--split", "val", "--output",
-         str(results), "--metrics", "dice", "--pictures", "none", "--quiet", "--no-tta"],
-        logs / f"evaluate_{depth}.log",
-    )  # fmt: skip
-    result["evaluate"] = per_case(seconds, cpu, peak, 1)
-
     val_case = json.loads((data / "splits.json").read_text())["val"][0]
+    result["val_voxels"] = int(np.prod(result["prepared_shapes"][val_case][:3]))
+    if "prepare" in stages:
+        peer_out = workdir / f"monai_{depth}"
+        shutil.rmtree(peer_out, ignore_errors=True)
+        zyx = [float(s) for s in spacing]
+        seconds, cpu, peak = timed(
+            [sys.executable, "benchmarks/monai_preprocess.py", "--input", str(raw), "--output", str(peer_out),
+             "--workers", "0", "--spacing", *map(str, zyx[::-1])],
+            logs / f"prepare_monai_{depth}.log",
+        )  # fmt: skip
+        shutil.rmtree(peer_out, ignore_errors=True)
+        result["prepare"]["monai"] = per_case(seconds, cpu, peak, 2)
+
+    if "train" in stages or "evaluate" in stages:
+        shutil.rmtree(run, ignore_errors=True)
+        seconds, cpu, peak = timed(
+            [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2",
+             "--steps-per-epoch", str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0"],
+            logs / f"train_{depth}.log",
+        )  # fmt: skip
+        figures = {**train_figures(run), "process_seconds": round(seconds, 1), "process_cpu_seconds": round(cpu, 1)}
+        result["train"] = {**figures, "peak_rss_mib": round(peak)}
+
+    if "evaluate" in stages:
+        results = workdir / f"results_{depth}"
+        shutil.rmtree(results, ignore_errors=True)
+        seconds, cpu, peak = timed(
+            [sys.executable, "evaluation.py", "--run", str(run), "--data", str(data), "--split", "val", "--output",
+             str(results), "--metrics", "dice", "--pictures", "none", "--quiet", "--no-tta"],
+            logs / f"evaluate_{depth}.log",
+        )  # fmt: skip
+        result["evaluate"] = per_case(seconds, cpu, peak, 1)
+
+    if "inference" not in stages:
+        result["loadavg"].append(loadavg()[0])
+        shutil.rmtree(raw, ignore_errors=True)
+        return result
     image = data / "volumes" / f"{val_case}_image.npy"
     result["inference"] = {}
     for side in ("ours", "monai"):
         out = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "infer_once.py"), side, str(image)], cwd=REPO / "benchmarks",
-            env=bench_env(), capture_output=True, text=True,
+            [sys.executable, str(REPO / "benchmarks" / "infer_once.py"), side, str(image), "--labels",
+             *(["--tiny"] if tiny else [])], cwd=REPO / "benchmarks", env=bench_env(), capture_output=True, text=True,
         )  # fmt: skip
         (logs / f"inference_{side}_{depth}.log").write_text(out.stdout + out.stderr)
         if out.returncode != 0:
@@ -212,16 +227,21 @@ def stage_costs(sizes: list[dict]) -> dict[str, tuple[list[float], list[float]]]
     seconds (all threads), which a busy machine changes far less than wall-clock seconds; the train step and the
     epoch end are wall-clock seconds, as training reports them."""
     raw = [s["voxels_per_case"] for s in sizes]
-    prepared = [int(np.prod(s["inference"]["ours"]["shape"][:3])) for s in sizes]
-    return {
-        "prepare (ours)": (raw, [s["prepare"]["ours"]["cpu_seconds_per_case"] for s in sizes]),
-        "prepare (MONAI)": (raw, [s["prepare"]["monai"]["cpu_seconds_per_case"] for s in sizes]),
-        "evaluate (ours)": (prepared, [s["evaluate"]["cpu_seconds_per_case"] for s in sizes]),
-        "inference (ours)": (prepared, [s["inference"]["ours"]["cpu_seconds"] for s in sizes]),
-        "inference (MONAI)": (prepared, [s["inference"]["monai"]["cpu_seconds"] for s in sizes]),
-        "train step (ours)": (raw, [s["train"]["step_s"] for s in sizes]),
-        "epoch end, validation (ours)": (raw, [s["train"]["epoch_end_s"] for s in sizes]),
+    prepared = [s.get("val_voxels") or int(np.prod(s["inference"]["ours"]["shape"][:3])) for s in sizes]
+    stages = {
+        "prepare (ours)": (raw, "prepare", "ours", "cpu_seconds_per_case"),
+        "prepare (MONAI)": (raw, "prepare", "monai", "cpu_seconds_per_case"),
+        "evaluate (ours)": (prepared, "evaluate", None, "cpu_seconds_per_case"),
+        "inference (ours)": (prepared, "inference", "ours", "cpu_seconds"),
+        "inference (MONAI)": (prepared, "inference", "monai", "cpu_seconds"),
+        "train step (ours)": (raw, "train", None, "step_s"),
+        "epoch end, validation (ours)": (raw, "train", None, "epoch_end_s"),
     }
+    costs = {}
+    for name, (voxels, stage, side, key) in stages.items():
+        if all(side in s.get(stage, {}) if side else stage in s for s in sizes):  # a stage left out is not fitted
+            costs[name] = (voxels, [(s[stage][side] if side else s[stage])[key] for s in sizes])
+    return costs
 
 
 def slopes(sizes: list[dict]) -> dict:
@@ -242,7 +262,7 @@ def plot(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, (voxels, costs) in stage_costs(sizes).items():
         axes[0].loglog(voxels, costs, "o-", label=f"{name} (slope {report['slopes'].get(name, '')})")
-    voxels, costs = stage_costs(sizes)["prepare (ours)"]
+    voxels, costs = next(iter(stage_costs(sizes).values()))
     axes[0].loglog(voxels, [costs[0] * v / voxels[0] for v in voxels], "k:", label="slope 1")
     axes[0].set(xlabel="voxels per case", ylabel="seconds (CPU; train: wall)", title="cost per case")
     memory = {
@@ -253,8 +273,11 @@ def plot(report: dict, path: Path) -> None:
     }
     raw = [s["voxels_per_case"] for s in sizes]
     for name, (stage, side) in memory.items():
-        axes[1].loglog(raw, [s[stage][side]["peak_rss_mib"] for s in sizes], "o-", label=name)
-    axes[1].loglog(raw, [s["evaluate"]["peak_rss_mib"] for s in sizes], "o-", label="evaluate (ours)")
+        if all(side in s.get(stage, {}) for s in sizes):
+            axes[1].loglog(raw, [s[stage][side]["peak_rss_mib"] for s in sizes], "o-", label=name)
+    if all("evaluate" in s for s in sizes):
+        axes[1].loglog(raw, [s["evaluate"]["peak_rss_mib"] for s in sizes], "o-", label="evaluate (ours)")
+    axes[1].loglog(raw, [4 * s["float32_case_mib"] for s in sizes], "k:", label="4x the float32 case")
     axes[1].set(xlabel="voxels per raw case", ylabel="peak RSS (MiB)", title="peak memory")
     for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
@@ -276,6 +299,10 @@ def main(argv=None) -> int:
         help="depths N (default: %(default)s; none: the epoch only)",
     )
     parser.add_argument("--no-epoch", action="store_true", help="skip the 512 x 512 x 200 epoch measurement")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to measure per size (default: all)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="the inference stage with a 1x1x1 network (its memory)")
     parser.add_argument("--json", type=Path, help="where to write the figures (default: WORKDIR/scale.json)")
     parser.add_argument("--plot", type=Path, help="where to draw the plot (default: WORKDIR/scale.png)")
     parser.add_argument(
@@ -298,7 +325,7 @@ def main(argv=None) -> int:
     for depth in args.sizes:
         begin = time.perf_counter()
         try:
-            report["sizes"].append(measure_size(depth, workdir, sources, logs))
+            report["sizes"].append(measure_size(depth, workdir, sources, logs, args.stages, args.tiny))
         except (RuntimeError, OSError, ValueError) as error:  # keep the sizes already measured
             print(f"error at 512x512x{depth}: {error}", file=sys.stderr)
             report.setdefault("errors", []).append(f"{depth}: {error}")
