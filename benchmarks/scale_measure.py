@@ -11,8 +11,9 @@ of the process and the children it waited for):
 
 - ``prepare``: ``data_gen.py`` on the two cases (``--workers 1``) against ``monai_preprocess.py`` (LoadImage,
   Orientation, Spacing to the spacing ``data_gen.py`` chose, normalisation, saving) on the same two; per case.
-- ``train``: ``train.py`` for two epochs of 10 steps with the default plan for that dataset; the second epoch's
-  steps and the first epoch's end (validation and checkpoints, from ``state.json``) separately.
+- ``train``: ``train.py`` for two epochs of 10 steps, the same network at every size (patch 64 x 128 x 128, depth 4:
+  the plan of the smallest size; the default plan of a large dataset is the ``epoch`` measurement's); the second
+  epoch's steps and the first epoch's end (validation and checkpoints, from ``state.json``) separately.
 - ``evaluate``: ``evaluation.py --no-tta`` on the validation case: prediction with the run's model, mask written back
   on the source grid, scored (test-time mirroring, the default, multiplies the prediction's cost by 8 for 3D).
 - ``inference``: the same U-Net on both sides (``infer_once.py --labels``: ours ``utils.inference.predict_labels``,
@@ -47,6 +48,9 @@ from common import REPO, bench_env, loadavg, machine
 SIZES = scale.SIZES
 STAGES = ("prepare", "train", "evaluate", "inference")
 TRAIN_STEPS = 10
+# The same network at every size (the plan the planner makes for 512 x 512 x 64), so that the slopes of training and
+# evaluation compare like with like; the default plan of a large dataset is measured by the epoch (``measure_epoch``).
+FIXED_PLAN = ["--patch-size", "64", "128", "128", "--model-args", '{"depth": 4}']
 EPOCH_DEPTH, EPOCH_CASES, HUNDRED = 200, 4, 100
 
 
@@ -151,7 +155,7 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path, stages=STAGES, 
         shutil.rmtree(run, ignore_errors=True)
         seconds, cpu, peak = timed(
             [sys.executable, "train.py", "--data", str(data), "--output", str(run), "--epochs", "2",
-             "--steps-per-epoch", str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0"],
+             "--steps-per-epoch", str(TRAIN_STEPS), "--no-tensorboard", "--seed", "0", *FIXED_PLAN],
             logs / f"train_{depth}.log",
         )  # fmt: skip
         figures = {**train_figures(run), "process_seconds": round(seconds, 1), "process_cpu_seconds": round(cpu, 1)}
