@@ -21,7 +21,6 @@ from dataclasses import dataclass, fields
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
-from skimage.transform import resize
 
 TARGET_AXCODES = ("S", "A", "R")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -78,22 +77,42 @@ def _orientation_transform(source_codes: Sequence[str], target_codes: Sequence[s
     )
 
 
-def reorient(array: np.ndarray, affine: np.ndarray, target: Sequence[str] = TARGET_AXCODES):
+def reorient(array: np.ndarray, affine: np.ndarray, target: Sequence[str] = TARGET_AXCODES, *, overwrite: bool = False):
     """Permute and flip the first three axes of ``array`` so they point to ``target`` (exact, no interpolation).
 
     Args:
         array: ``(Z, Y, X, ...)``; trailing axes (channels) are carried along.
         affine: the array's affine.
         target: axis codes to reach, one letter per axis.
+        overwrite: when the axes only need flipping (no permutation) and ``array`` is C-contiguous, flip ``array``
+            itself (one plane at a time) instead of copying it: the caller gives the array up.
 
     Returns:
         ``(reoriented_array, new_affine, source_codes)``; ``source_codes`` is what :func:`undo_reorient` needs.
     """
     source_codes = axcodes(affine)
     transform = _orientation_transform(source_codes, target)
-    out = orientations.apply_orientation(array, transform)
     new_affine = np.asarray(affine) @ orientations.inv_ornt_aff(transform, array.shape[:3])
+    flips = [axis for axis in range(3) if transform[axis, 1] < 0]
+    if overwrite and array.flags.c_contiguous and array.flags.writeable and list(transform[:, 0]) == [0, 1, 2]:
+        return flip_in_place(array, flips), new_affine, list(source_codes)
+    out = orientations.apply_orientation(array, transform)
     return np.ascontiguousarray(out), new_affine, list(source_codes)
+
+
+def flip_in_place(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Reverse ``array`` along ``axes`` (among its first three) in place, with a copy of one plane at a time."""
+    if 0 in axes:
+        count = array.shape[0]
+        for first in range(count // 2):
+            plane = array[first].copy()
+            array[first] = array[count - 1 - first]
+            array[count - 1 - first] = plane
+    inplane = tuple(slice(None, None, -1) if axis in axes else slice(None) for axis in (1, 2))
+    if 1 in axes or 2 in axes:
+        for plane in array:
+            plane[...] = plane[inplane].copy()
+    return array
 
 
 def undo_reorient(array: np.ndarray, source_codes: Sequence[str], target: Sequence[str] = TARGET_AXCODES):
@@ -121,6 +140,10 @@ def resize_volume(array: np.ndarray, shape: Sequence[int], order: int) -> np.nda
     out_shape = shape + tuple(array.shape[3:])
     if order == 0:
         return resize_nearest(array, shape)
+    if np.issubdtype(array.dtype, np.integer):
+        return _resize_integers(array, out_shape, order)
+    from skimage.transform import resize  # here: loading it costs 13 MiB that data_gen.py on CT never needs
+
     out = resize(
         array.astype(np.float32, copy=False),
         out_shape,
@@ -130,6 +153,18 @@ def resize_volume(array: np.ndarray, shape: Sequence[int], order: int) -> np.nda
         preserve_range=True,
     )
     return out.astype(np.float32, copy=False)
+
+
+def _resize_integers(array: np.ndarray, out_shape: tuple, order: int) -> np.ndarray:
+    """What :func:`resize_volume` gives for ``array.astype(np.float32)``, without that copy of an integer volume (a CT
+    in HU): skimage's ``resize`` (no anti-aliasing, edges repeated) is scipy's ``zoom`` on the voxel grid followed by a
+    clip to the input's range, and scipy interpolates in float64 whether the voxels come as integers or float32."""
+    from scipy import ndimage
+
+    out = np.empty(out_shape, dtype=np.float32)
+    zoom = [1 / factor for factor in np.divide(array.shape, out_shape)]
+    ndimage.zoom(array, zoom, output=out, order=order, mode="nearest", grid_mode=True)
+    return np.clip(out, float(array.min()), float(array.max()), out=out)
 
 
 def resize_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:

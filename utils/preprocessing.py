@@ -114,7 +114,12 @@ def target_spacing(settings: PreprocessSettings, fingerprint: dict | None, case_
 
 
 def prepare_case(
-    case: CaseData, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
+    case: CaseData,
+    settings: PreprocessSettings,
+    fingerprint: dict | None,
+    channel_names: Sequence[str],
+    *,
+    release: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, GeometryRecord]:
     """Reorient, crop, resample and normalise one case.
 
@@ -123,13 +128,19 @@ def prepare_case(
         settings: the preprocessing choices.
         fingerprint: dataset fingerprint (median spacing, CT statistics), see :func:`aggregate_fingerprint`.
         channel_names: one modality name per image channel (``"CT"`` selects CT normalisation under ``auto``).
+        release: take over the case's arrays (``case.image`` and ``case.label`` become ``None``): they are flipped,
+            normalised in place and freed as soon as their resampled copies exist, so that a full-size CT needs one
+            copy of its image at a time plus the one being resampled (``data_gen.py``). The results are the same.
 
     Returns:
         ``(image, label, record)``: image ``(Z, Y, X, C)`` float32, label ``(Z, Y, X)`` uint8 or ``None``, and the
         geometry record that :func:`restore_label` inverts.
     """
-    image, affine, source_codes = geometry.reorient(case.image, case.affine)
-    label = None if case.label is None else geometry.reorient(case.label, case.affine)[0]
+    image, label, source_shape = case.image, case.label, list(case.image.shape[:3])
+    if release:
+        case.image = case.label = None
+    image, affine, source_codes = geometry.reorient(image, case.affine, overwrite=release)
+    label = None if label is None else geometry.reorient(label, case.affine, overwrite=release)[0]
     oriented_shape = list(image.shape[:3])
     box = _crop_box(image, label, settings)
     image, label = geometry.crop(image, box), None if label is None else geometry.crop(label, box)
@@ -140,13 +151,18 @@ def prepare_case(
     new_spacing = target_spacing(settings, fingerprint, spacing)
     new_spacing = [new_spacing[0], new_spacing[1] * settings.downsample, new_spacing[2] * settings.downsample]
     new_shape = geometry.resampled_shape(cropped_shape, spacing, new_spacing)
-    image = geometry.resize_volume(image, new_shape, settings.image_order)
-    if label is not None:
+    if label is not None:  # first, while only the source image is held
         label = resample_label(label, new_shape)
-    image = normalize_image(image, settings, fingerprint, channel_names)
+    resized = geometry.resize_volume(image, new_shape, settings.image_order)  # float32 (nearest: the source's dtype)
+    owned = release or resized is not image
+    if resized.dtype != np.float32:  # an integer source (load_case(integers=True)), not resampled or nearest
+        resized, owned = resized.astype(np.float32), True
+    image = None  # the source image is freed here when released
+    image = normalize_image(resized, settings, fingerprint, channel_names, in_place=owned)
+    del resized
     new_affine = geometry.resampled_affine(crop_affine, cropped_shape, new_shape)
     record = GeometryRecord(
-        source_shape=list(case.image.shape[:3]),
+        source_shape=source_shape,
         source_affine=np.asarray(case.affine).tolist(),
         source_spacing=list(case.spacing),
         source_axcodes=source_codes,
@@ -179,8 +195,8 @@ def resample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     if tuple(label.shape) == shape:
         return out
     scale = float(np.prod(shape)) / float(np.prod(label.shape))
-    counts = np.bincount(label.ravel().astype(np.int64))
-    new_counts = np.bincount(out.ravel().astype(np.int64), minlength=len(counts))
+    counts = count_values(label)
+    new_counts = count_values(out, len(counts))
     for value in np.flatnonzero(counts)[1:] if counts.size > 1 else []:
         target = max(1, int(round(counts[value] * scale)))
         if new_counts[value] != target:
@@ -188,25 +204,78 @@ def resample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out
 
 
+def count_values(label: np.ndarray, minlength: int = 0, block: int = 2**20) -> np.ndarray:
+    """``np.bincount(label.ravel(), minlength=minlength)`` of a non-negative integer array, counted ``block`` voxels at
+    a time: no int64 copy of the whole array (8 bytes per voxel)."""
+    flat = label.reshape(-1)
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, flat.size, block):
+        part = np.bincount(flat[start : start + block].astype(np.int64), minlength=counts.size)
+        if part.size > counts.size:
+            part[: counts.size] += counts
+            counts = part
+        else:
+            counts += part
+    return counts
+
+
 def _adjust_class(out: np.ndarray, label: np.ndarray, value: int, change: int) -> None:
-    """Add (``change > 0``) or remove voxels of class ``value`` in ``out``, ranked by its interpolated fraction."""
-    box = geometry.bounding_box(label == value)
+    """Add (``change > 0``) or remove voxels of class ``value`` in ``out``, ranked by its interpolated fraction.
+
+    Removal takes the voxels of the class with the lowest fractions, addition the background voxels with the highest
+    (ties in array order). Only the candidates are kept, not the fraction of the whole box: removal first looks among
+    the class's border voxels (fraction below :data:`_INTERIOR`), which rank before every interior voxel.
+    """
+    mask = label == value
+    box = geometry.bounding_box(mask)
     target_box = []
     for (start, stop), old, new in zip(box, label.shape, out.shape, strict=True):
         ratio = new / old
         target_box.append([max(0, int(np.floor(start * ratio)) - 1), min(new, int(np.ceil(stop * ratio)) + 1)])
-    fraction = _linear_fraction(label == value, out.shape, target_box)
-    region = np.array(geometry.crop(out, target_box))
+    region = out[tuple(slice(a, b) for a, b in target_box)]  # a view: the choice is written into out
     if change < 0:
-        candidates = np.flatnonzero(region == value)
-        chosen = candidates[np.argsort(fraction.ravel()[candidates], kind="stable")[:-change]]
+        candidates, fractions = _candidates(mask, out.shape, region, target_box, value, below=_INTERIOR)
+        if candidates.size < -change:  # more to remove than the border holds: rank every voxel of the class
+            candidates, fractions = _candidates(mask, out.shape, region, target_box, value, below=None)
+        chosen = candidates[np.argsort(fractions, kind="stable")[:-change]]
         fill = 0
     else:
-        candidates = np.flatnonzero((region == 0) & (fraction > 0))
-        chosen = candidates[np.argsort(-fraction.ravel()[candidates], kind="stable")[:change]]
+        candidates, fractions = _candidates(mask, out.shape, region, target_box, 0, below=None, positive=True)
+        chosen = candidates[np.argsort(-fractions, kind="stable")[:change]]
         fill = value
-    region.reshape(-1)[chosen] = fill
-    out[tuple(slice(a, b) for a, b in target_box)] = region
+    region[np.unravel_index(chosen, region.shape)] = fill
+
+
+_INTERIOR = 0.999  # a fraction at or above it: the voxel's whole neighbourhood is of the class
+_FRACTION_VOXELS = 2**21  # voxels of the box whose fractions are interpolated at once (8 MiB of float32)
+
+
+def _candidates(
+    mask: np.ndarray,
+    shape: Sequence[int],
+    region: np.ndarray,
+    box: Sequence[Sequence[int]],
+    value: int,
+    below: float | None,
+    positive: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into ``region`` (the resampled grid of ``shape`` inside ``box``) of its voxels equal to ``value``
+    whose fraction of ``mask`` is below ``below`` (``None``: any) and, with ``positive``, above 0; and those
+    fractions. Computed a slab of ``box`` at a time, in array order."""
+    rows = max(1, _FRACTION_VOXELS // max(1, region.shape[1] * region.shape[2]))
+    indices, values = [], []
+    for first in range(0, region.shape[0], rows):
+        last = min(first + rows, region.shape[0])
+        slab = [[box[0][0] + first, box[0][0] + last], box[1], box[2]]
+        fraction = _linear_fraction(mask, shape, slab)
+        chosen = region[first:last] == value
+        if below is not None:
+            chosen &= fraction < below
+        if positive:
+            chosen &= fraction > 0
+        indices.append(np.flatnonzero(chosen) + first * region.shape[1] * region.shape[2])
+        values.append(fraction[chosen])
+    return np.concatenate(indices), np.concatenate(values)
 
 
 def _linear_fraction(mask: np.ndarray, shape: Sequence[int], box: Sequence[Sequence[int]]) -> np.ndarray:
@@ -236,28 +305,40 @@ def _crop_box(image: np.ndarray, label: np.ndarray | None, settings: PreprocessS
 
 
 def normalize_image(
-    image: np.ndarray, settings: PreprocessSettings, fingerprint: dict | None, channel_names: Sequence[str]
+    image: np.ndarray,
+    settings: PreprocessSettings,
+    fingerprint: dict | None,
+    channel_names: Sequence[str],
+    *,
+    in_place: bool = False,
 ) -> np.ndarray:
     """Window, clip, equalise and normalise each channel of a ``(Z, Y, X, C)`` image as ``settings`` say.
+
+    With ``in_place`` (and a float32 ``image``) the result is written into ``image`` itself, channel by channel, with
+    the same arithmetic: no second copy of the volume.
 
     Raises:
         ValueError: a dataset-level normalisation without the fingerprint statistics it needs.
     """
-    out = np.empty(image.shape, dtype=np.float32)
-    nonzero = np.any(image != 0, axis=-1)
-    for c in range(image.shape[-1]):
-        channel = image[..., c].astype(np.float32)
+    in_place = in_place and image.dtype == np.float32 and image.flags.writeable
+    out = image if in_place else np.empty(image.shape, dtype=np.float32)
+    names = [channel_names[c] if c < len(channel_names) else "" for c in range(image.shape[-1])]
+    methods = [channel_normalization(settings, name) for name in names]
+    nonzero = np.any(image != 0, axis=-1) if "zscore_nonzero" in methods else None
+    for c, method in enumerate(methods):
+        channel = image[..., c] if in_place else image[..., c].astype(np.float32)  # owned: changed in place below
         if settings.window is not None:
-            channel = np.clip(channel, *settings.window)
+            np.clip(channel, *settings.window, out=channel)
         if settings.clip_percentiles is not None:
             channel = np.clip(channel, *np.percentile(channel, settings.clip_percentiles))
         channel = equalize_channel(channel, settings.equalize)
-        method = channel_normalization(settings, channel_names[c] if c < len(channel_names) else "")
         stats = (fingerprint or {}).get("intensity", {}).get(str(c))
         if method == "zscore_nonzero":
-            out[..., c] = _zscore_inside(channel, nonzero)
+            channel = _zscore_inside(channel, nonzero)
         else:
-            out[..., c] = _normalize_channel(channel, method, settings, stats)
+            channel = _normalize_channel(channel, method, settings, stats)
+        if not np.may_share_memory(channel, out):  # not already written in place
+            out[..., c] = channel
     return out
 
 
@@ -289,29 +370,38 @@ def _zscore_inside(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _normalize_channel(channel: np.ndarray, method: str, settings: PreprocessSettings, stats: dict | None):
+    """Normalise ``channel`` in place (the caller owns it) and return it."""
     if method == "zscore":
-        return (channel - channel.mean()) / max(float(channel.std()), 1e-8)
+        mean, std = channel.mean(), max(float(channel.std()), 1e-8)
+        return _shift_scale(channel, mean, std)
     if method == "zscore_dataset":
         if not stats or "dataset_mean" not in stats:
             raise ValueError(
                 "zscore_dataset needs the dataset's mean and std in the fingerprint; "
                 "delete the output's .cache folder if it was made by an older version"
             )
-        return (channel - stats["dataset_mean"]) / max(stats["dataset_std"], 1e-8)
+        return _shift_scale(channel, stats["dataset_mean"], max(stats["dataset_std"], 1e-8))
     if method == "minmax":
         low, high = settings.window or (float(channel.min()), float(channel.max()))
-        return (channel - low) / max(high - low, 1e-8)
+        return _shift_scale(channel, low, max(high - low, 1e-8))
     if method == "ct":
         if settings.window is not None:
             low, high = settings.window
-            return (channel - low) / (high - low)
+            return _shift_scale(channel, low, high - low)
         if not stats or "mean" not in stats:
             raise ValueError(
                 "CT normalisation needs foreground intensity statistics in the fingerprint "
                 "(labelled cases), or an explicit --window"
             )
-        channel = np.clip(channel, stats["percentile_00_5"], stats["percentile_99_5"])
-        return (channel - stats["mean"]) / max(stats["std"], 1e-8)
+        np.clip(channel, stats["percentile_00_5"], stats["percentile_99_5"], out=channel)
+        return _shift_scale(channel, stats["mean"], max(stats["std"], 1e-8))
+    return channel
+
+
+def _shift_scale(channel: np.ndarray, shift, scale) -> np.ndarray:
+    """``(channel - shift) / scale`` computed in ``channel`` itself (the same float32 or float64 arithmetic)."""
+    np.subtract(channel, shift, out=channel)
+    np.divide(channel, scale, out=channel)
     return channel
 
 

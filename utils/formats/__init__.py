@@ -223,12 +223,14 @@ def discover(path: str | os.PathLike, fmt: str = "auto", options: dict | None = 
     return FORMATS[fmt].discover(path, options)
 
 
-def load_case(spec: CaseSpec | dict, allowed_labels: set[int] | None = None) -> CaseData:
+def load_case(spec: CaseSpec | dict, allowed_labels: set[int] | None = None, *, integers: bool = False) -> CaseData:
     """Read one case described by a spec from :func:`discover`; the label comes back as contiguous classes.
 
     Args:
         spec: the case's :class:`CaseSpec`, or its JSON object (:meth:`CaseSpec.to_json`, e.g. from a manifest).
         allowed_labels: the classes the label may hold; ``None`` checks nothing.
+        integers: keep an image stored as integers (CT in HU: int16) in its own dtype instead of float32, half the
+            memory; :func:`utils.preprocessing.prepare_case` turns it into the same float32 values as it resamples.
 
     Raises:
         CaseError: the case cannot be read, or its label holds values outside ``allowed_labels``.
@@ -242,6 +244,8 @@ def load_case(spec: CaseSpec | dict, allowed_labels: set[int] | None = None) -> 
     if fmt is None:
         raise ValueError(f"case {spec.id!r}: no reader for format {spec.format!r}")
     case = fmt.load(spec)
+    if not integers:
+        case.image = case.image.astype(np.float32, copy=False)
     if case.label is not None:
         where = spec.label or spec.image[0]
         if spec.label_lookup:

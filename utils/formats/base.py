@@ -49,7 +49,7 @@ class CaseData:
 
     Attributes:
         case_id: safe identifier, used in output file names.
-        image: ``(Z, Y, X, C)`` float32, channels last, in the source's own array order.
+        image: ``(Z, Y, X, C)`` float32 (or its integer dtype: ``load_case(integers=True)``), channels last, as stored.
         label: ``(Z, Y, X)`` integer label map on the image grid (contiguous classes), or ``None`` when unlabelled.
         affine: 4x4 map from array index ``(z, y, x)`` to RAS world mm.
         writer: what the mask writer needs to write into the source's format (``{"kind": "nifti", ...}``), including
@@ -282,7 +282,7 @@ def as_label_map(label: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int16).max):
         raise CaseError(f"{path}: label values out of range: {values.min()}..{values.max()}")
     dtype = np.uint8 if values.size == 0 or values.max() < 256 else np.int16
-    return label.astype(dtype)
+    return label.astype(dtype, copy=False)
 
 
 def check_label_values(values: np.ndarray, allowed: set[int], path: str | os.PathLike) -> None:
@@ -297,7 +297,7 @@ def check_label_values(values: np.ndarray, allowed: set[int], path: str | os.Pat
 
 
 def check_image(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Return ``image`` as float32 ``(Z, Y, X, C)``, refusing NaN/Inf voxels.
+    """Return ``image`` as float32 ``(Z, Y, X, C)`` (integers as stored: ``load_case`` converts), refusing NaN/Inf.
 
     Raises:
         CaseError: the image holds NaN or Inf voxels or is not 3D.
@@ -306,10 +306,11 @@ def check_image(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
         image = image[..., None]
     if image.ndim != 4:
         raise CaseError(f"{path}: expected a 3D image, found shape {image.shape}")
+    if np.issubdtype(image.dtype, np.integer):  # always finite
+        return image
     image = image.astype(np.float32, copy=False)
-    bad = ~np.isfinite(image)
-    if bad.any():
-        raise CaseError(f"{path}: image holds {int(bad.sum())} NaN or Inf voxels")
+    if not np.isfinite(image).all():
+        raise CaseError(f"{path}: image holds {int(np.count_nonzero(~np.isfinite(image)))} NaN or Inf voxels")
     return image
 
 

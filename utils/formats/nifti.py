@@ -84,7 +84,9 @@ def load_nifti_case(spec: CaseSpec) -> CaseData:
         else:
             check_same_grid(first[:2], (data.shape, data_affine), first[2], path)
         channels.append(check_image(data, path))
-    image = np.concatenate(channels, axis=-1)
+        del data  # the source dtype's copy is freed before the next file is read
+    image = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=-1)
+    del channels
     label = None
     if spec.label:
         raw, label_affine = read_nifti(spec.label)

@@ -87,8 +87,9 @@ def _run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descr
 
 
 def _load_checked(spec: CaseSpec, allowed: set, num_channels: int):
-    """Read a case and check it has the dataset's number of channels and is not all zero."""
-    case = load_case(spec, allowed)
+    """Read a case (an integer image in its own dtype) and check it has the dataset's number of channels and is not
+    all zero."""
+    case = load_case(spec, allowed, integers=True)
     if not case.image.any():
         raise CaseError(f"{spec.image[0] if spec.image else spec.id}: image is all zero")
     if case.image.shape[-1] != num_channels:
@@ -153,7 +154,7 @@ def _prepare_job(
             pass
     try:
         case = _load_checked(spec, allowed, len(channel_names))
-        image, label, record = prepare_case(case, settings_obj, fingerprint, channel_names)
+        image, label, record = prepare_case(case, settings_obj, fingerprint, channel_names, release=True)
     except Exception as error:  # any reader failure is this case's failure, reported with its file
         return "error", _failure_message(spec, error)
     image_rel = f"volumes/{spec.id}_image.npy"

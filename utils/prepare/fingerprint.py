@@ -15,11 +15,13 @@ import numpy as np
 
 from utils import geometry
 from utils.formats import CaseData
+from utils.preprocessing import count_values
 
 log = logging.getLogger(__name__)
 
 
 _FOREGROUND_SAMPLES = 10_000
+_SUM_BLOCK = 2**20  # values squared at once by sum_of_squares
 
 
 def case_fingerprint(case: CaseData, num_classes: int) -> dict:
@@ -29,8 +31,7 @@ def case_fingerprint(case: CaseData, num_classes: int) -> dict:
     shape = [int(n) for n in oriented.shape]
     record = {"id": case.case_id, "shape": shape, "spacing": list(spacing), "channels": []}
     if case.label is not None:
-        counts = np.bincount(case.label.ravel().astype(np.int64), minlength=num_classes)
-        record["class_voxels"] = counts.tolist()
+        record["class_voxels"] = count_values(case.label, num_classes).tolist()
         foreground = case.label > 0
     else:
         foreground = np.zeros(case.image.shape[:3], dtype=bool)
@@ -40,17 +41,33 @@ def case_fingerprint(case: CaseData, num_classes: int) -> dict:
         values = channel[foreground]
         if values.size > _FOREGROUND_SAMPLES:
             values = rng.choice(values, _FOREGROUND_SAMPLES, replace=False)
+        values = values.astype(np.float32, copy=False)  # an integer image (load_case(integers=True)) as float32
         record["channels"].append(
             {
                 "min": float(channel.min()),
                 "max": float(channel.max()),
                 "sum": float(channel.sum(dtype=np.float64)),
-                "sum_sq": float(np.square(channel, dtype=np.float64).sum()),
+                "sum_sq": float(sum_of_squares(channel)),
                 "count": int(channel.size),
                 "foreground_sample": values.tolist(),
             }
         )
     return record
+
+
+def sum_of_squares(values: np.ndarray, block: int = _SUM_BLOCK) -> np.float64:
+    """``np.square(values, dtype=np.float64).sum()`` to the last bit, without its float64 copy of the whole array.
+
+    numpy sums a contiguous array pairwise: it splits ``n`` values at ``n // 2`` rounded down to a multiple of 8 and
+    adds the two halves' sums. Splitting the same way down to pieces of at most ``block`` values, and squaring each
+    piece alone, adds the same numbers in the same order, with a float64 temporary of ``block`` values (8 MiB).
+    """
+    values = values.reshape(-1)  # a view when contiguous (one channel of a (Z, Y, X, 1) image)
+    if values.size <= block:
+        return np.square(values, dtype=np.float64).sum()
+    half = values.size // 2
+    half -= half % 8
+    return sum_of_squares(values[:half], block) + sum_of_squares(values[half:], block)
 
 
 def aggregate_fingerprint(records: Sequence[dict], channels: dict[str, str], labels: dict[str, str]) -> dict:
