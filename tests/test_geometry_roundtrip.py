@@ -6,6 +6,7 @@ voxel for voxel; ``resampled`` (another spacing, no crop) must land on the same 
 The real data lives in ../shared/data; those cases are skipped when it is absent.
 """
 
+import itertools
 import shutil
 
 import h5py
@@ -188,3 +189,35 @@ def test_the_oblique_case_is_really_reoriented(tmp_path):
     assert geometry.axcodes(case.affine) != ("S", "A", "R") and record.source_axcodes != ["S", "A", "R"]
     assert label.shape != case.label.shape
     assert nib.aff2axcodes(AFFINE) == ("P", "R", "S")  # of the (i, j, k) file axes
+
+
+def all_orientations():
+    """The 48 axis-aligned orientations of a (Z, Y, X) array: each axis to some world axis, either way."""
+    for permutation in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            affine = np.eye(4)
+            affine[:3, :3] = 0
+            for axis, (world, sign) in enumerate(zip(permutation, signs, strict=True)):
+                affine[world, axis] = sign * (axis + 1.5)
+            yield affine
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6), (3, 5, 4, 2)])
+def test_reorienting_in_place_equals_the_copy(shape):
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    for affine in all_orientations():
+        expected, expected_affine, codes = geometry.reorient(image, affine)
+        given = image.copy()
+        out, out_affine, out_codes = geometry.reorient(given, affine, overwrite=True)
+        assert np.array_equal(out, expected) and np.array_equal(out_affine, expected_affine) and out_codes == codes
+        flips_only = np.abs(affine[:3, :3]).argmax(axis=0).tolist() == [2, 1, 0]  # each axis already on S, A, R
+        assert np.shares_memory(out, given) == flips_only
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize(("shape", "new_shape"), [((7, 9, 11), (5, 13, 8)), ((6, 8, 5, 2), (9, 4, 5))])
+def test_resizing_integers_equals_resizing_their_float32_copy(order, shape, new_shape):
+    image = np.random.default_rng(order).integers(-1024, 3000, size=shape).astype(np.int16)
+    expected = geometry.resize_volume(image.astype(np.float32), new_shape, order)
+    out = geometry.resize_volume(image, new_shape, order)
+    assert out.dtype == np.float32 and out.tobytes() == expected.tobytes()

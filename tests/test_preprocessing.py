@@ -7,12 +7,19 @@ import pytest
 from conftest import SAMPLE, SHARED_DATA
 
 from utils import formats as readers
-from utils import geometry
+from utils import geometry, preprocessing
 from utils.formats import CaseData
 from utils.formats.base import axis_aligned_affine
 from utils.geometry import GeometryRecord
-from utils.prepare.fingerprint import aggregate_fingerprint, case_fingerprint
-from utils.preprocessing import PreprocessSettings, normalize_image, prepare_case, resample_label, restore_label
+from utils.prepare.fingerprint import aggregate_fingerprint, case_fingerprint, sum_of_squares
+from utils.preprocessing import (
+    PreprocessSettings,
+    count_values,
+    normalize_image,
+    prepare_case,
+    resample_label,
+    restore_label,
+)
 
 RAW = PreprocessSettings(spacing="original", normalize="none")
 
@@ -231,3 +238,95 @@ def test_the_geometry_record_refuses_unknown_missing_and_malformed_keys(sample_c
         GeometryRecord.from_json({**data, "affine": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]})
     with pytest.raises(ValueError, match=r"key 'downsample' must be a positive integer, got 0"):
         GeometryRecord.from_json({**data, "downsample": 0})
+
+
+def blob_label(shape, seed) -> np.ndarray:
+    """Three smooth classes of different sizes (what a CT's organs and lesions look like to the label resampler)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    for value, level in ((1, 0.49), (2, 0.53), (3, 0.56)):
+        label[ndimage.gaussian_filter(rng.random(shape), 2) > level] = value
+    return label
+
+
+@pytest.mark.parametrize(("shape", "new_shape"), [((23, 31, 29), (17, 40, 22)), ((12, 40, 40), (12, 27, 53))])
+@pytest.mark.parametrize(("slab_voxels", "interior"), [(64, 0.999), (1000, 0.0), (2**21, 0.5)])
+def test_label_volume_correction_slab_by_slab_equals_the_whole_box(
+    monkeypatch, shape, new_shape, slab_voxels, interior
+):
+    label = blob_label(shape, sum(shape))
+    monkeypatch.setattr(preprocessing, "_FRACTION_VOXELS", 2**40)  # the whole box in one slab,
+    monkeypatch.setattr(preprocessing, "_INTERIOR", 2.0)  # every voxel of a class ranked
+    whole = resample_label(label, new_shape)
+    monkeypatch.setattr(preprocessing, "_FRACTION_VOXELS", slab_voxels)
+    monkeypatch.setattr(preprocessing, "_INTERIOR", interior)  # 0.0: the border holds nothing, every voxel ranked
+    assert np.array_equal(resample_label(label, new_shape), whole)
+    scale = np.prod(new_shape) / np.prod(shape)
+    expected = [max(1, round(n * scale)) for n in np.bincount(label.ravel())[1:]]
+    assert np.bincount(whole.ravel(), minlength=4)[1:].tolist() == expected
+
+
+@pytest.mark.parametrize("block", [1, 5, 2**20])
+def test_class_counts_in_blocks_equal_bincount(block):
+    label = blob_label((9, 10, 11), 3)
+    assert count_values(label, 2, block).tolist() == np.bincount(label.ravel(), minlength=2).tolist()
+    assert count_values(label, 6, block).tolist() == np.bincount(label.ravel(), minlength=6).tolist()
+    assert count_values(label[:0], 3, block).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(normalize="zscore"),
+        dict(normalize="ct"),
+        dict(normalize="ct", window=[-100, 200]),
+        dict(normalize="minmax"),
+        dict(normalize="zscore_dataset"),
+        dict(normalize="zscore", clip_percentiles=[1, 99]),
+        dict(normalize="zscore_nonzero"),
+        dict(normalize="none", equalize="hist"),
+    ],
+)
+def test_normalising_in_place_gives_the_same_bytes(settings):
+    rng = np.random.default_rng(2)
+    image = (rng.normal(size=(5, 6, 7, 2)) * 300).astype(np.float32)
+    image[0, 0] = 0
+    stats = {"dataset_mean": 10.0, "dataset_std": 2.0, "mean": 50.0, "std": 100.0}
+    stats.update(percentile_00_5=-250.0, percentile_99_5=350.0)
+    fingerprint = {"intensity": {"0": stats, "1": stats}}
+    expected = normalize_image(image, PreprocessSettings(**settings), fingerprint, ["CT", "CT"])
+    source = image.copy()
+    out = normalize_image(source, PreprocessSettings(**settings), fingerprint, ["CT", "CT"], in_place=True)
+    assert out is source and out.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [PreprocessSettings(spacing=[2.0, 0.5, 1.1], normalize="zscore"), PreprocessSettings(spacing="original")],
+)
+def test_a_released_integer_case_is_prepared_like_its_float32_copy(settings):
+    case = lps_case()  # its axes are flipped in place when released
+    case.image = np.rint(case.image * 400).astype(np.int16)
+    expected = prepare_case(
+        CaseData("lps", case.image.astype(np.float32), case.label.copy(), case.affine), settings, None, ["a", "b"]
+    )
+    image, label, record = prepare_case(case, settings, None, ["a", "b"], release=True)
+    assert case.image is None and case.label is None
+    assert image.dtype == np.float32 and image.tobytes() == expected[0].tobytes()
+    assert np.array_equal(label, expected[1]) and record == expected[2]
+
+
+@pytest.mark.parametrize("size", [1, 7, 129, 1000, 100_003])
+def test_sum_of_squares_is_numpys_to_the_last_bit(size):
+    values = (np.random.default_rng(size).normal(size=(size, 2)) * 1000).astype(np.float32)
+    for data in (values[:, 0], values.reshape(-1)):  # one channel of two (strided), and contiguous
+        assert sum_of_squares(data, block=128) == np.square(data, dtype=np.float64).sum()
+
+
+def test_the_fingerprint_of_an_integer_image_equals_its_float32_copy():
+    image = np.random.default_rng(4).integers(-1024, 3000, size=(6, 30, 40, 1)).astype(np.int16)
+    label = blob_label((6, 30, 40), 5)
+    as_float = case_fingerprint(CaseData("a", image.astype(np.float32), label, np.eye(4)), 4)
+    assert json.dumps(case_fingerprint(CaseData("a", image, label, np.eye(4)), 4)) == json.dumps(as_float)

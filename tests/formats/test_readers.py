@@ -49,6 +49,20 @@ def test_msd_sample_reads_as_stored():
     assert case.writer == {"kind": "nifti", "reference": spec.label}
 
 
+@pytest.mark.parametrize("stored", [np.int16, np.uint8, np.float64])
+def test_images_read_as_float32_or_as_their_integers(tmp_path, stored):
+    root = make_msd(tmp_path / "ds")
+    values = np.arange(4 * 5 * 6).reshape(4, 5, 6) - 60
+    write_nifti(root / "imagesTr" / "case_0.nii.gz", values, dtype=stored)
+    spec = readers.discover(root).cases[0]
+    expected = values.astype(stored)[..., None]
+    case = readers.load_case(spec)
+    assert case.image.dtype == np.float32 and np.array_equal(case.image, expected.astype(np.float32))
+    kept = readers.load_case(spec, integers=True)
+    assert kept.image.dtype == (np.float32 if stored == np.float64 else stored)
+    assert np.array_equal(kept.image, expected)
+
+
 def test_msd_missing_label_file_is_named(tmp_path):
     root = make_msd(tmp_path / "ds")
     (root / "labelsTr" / "case_1.nii.gz").unlink()

@@ -58,12 +58,13 @@ def case_fingerprint(case: CaseData, num_classes: int) -> dict:
 def sum_of_squares(values: np.ndarray, block: int = _SUM_BLOCK) -> np.float64:
     """``np.square(values, dtype=np.float64).sum()`` to the last bit, without its float64 copy of the whole array.
 
-    numpy sums a contiguous array pairwise: it splits ``n`` values at ``n // 2`` rounded down to a multiple of 8 and
-    adds the two halves' sums. Splitting the same way down to pieces of at most ``block`` values, and squaring each
-    piece alone, adds the same numbers in the same order, with a float64 temporary of ``block`` values (8 MiB).
+    numpy sums a contiguous array pairwise: above 128 values it splits ``n`` at ``n // 2`` rounded down to a multiple
+    of 8 and adds the two halves' sums. Splitting the same way down to pieces of at most ``block`` values (at least
+    128), and squaring each piece alone, adds the same numbers in the same order, with a float64 temporary of
+    ``block`` values (8 MiB).
     """
     values = values.reshape(-1)  # a view when contiguous (one channel of a (Z, Y, X, 1) image)
-    if values.size <= block:
+    if values.size <= max(block, 128):
         return np.square(values, dtype=np.float64).sum()
     half = values.size // 2
     half -= half % 8
