@@ -8,6 +8,10 @@ Preparation runs in two passes over the cases, each spread over ``workers`` proc
 the fingerprint pass (shapes, spacings, intensities) and the preparation pass. Each case's result is written
 atomically with a key of its inputs and settings, so a rerun skips finished cases, redoes changed ones, and a case
 that fails is reported without losing the others.
+
+Memory: a worker reads an integer image (CT in HU) in its own dtype (``load_case(integers=True)``) and hands the case
+over to :func:`utils.preprocessing.prepare_case` (``release=True``), which frees the source once resampled and
+normalises in place: a case's peak is its source, its float32 prepared image and its prepared label, plus slabs.
 """
 
 from __future__ import annotations
