@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -384,3 +386,13 @@ def test_an_uneven_png_folder_exports_slices_that_undo_onto_its_masks(tmp_path):
     restored = restore_slices(labels, index["rows"], case_id, dataset.image(case_id).shape[:3])
     mask = restore_label(restored, dataset.geometry(case_id))
     np.testing.assert_array_equal(mask, written[case_id.removeprefix("HIP_")])
+
+
+def test_data_gen_loads_no_deep_learning_or_other_format_library():
+    """What ``import data_gen`` loads is what every data_gen.py process holds in memory: no TensorFlow (hundreds of
+    MiB), and the other formats' readers (SimpleITK, h5py) and skimage only when a case needs them."""
+    heavy = ("tensorflow", "keras", "torch", "jax", "SimpleITK", "h5py", "skimage.transform")
+    code = f"import sys, data_gen; print([m for m in {heavy!r} if m in sys.modules])"
+    root = Path(data_gen.__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
