@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 _FOREGROUND_SAMPLES = 10_000
-_SUM_BLOCK = 2**20  # values squared at once by sum_of_squares
+_SUM_BLOCK = 2**18  # values squared at once by sum_of_squares (2 MiB of float64)
 
 
 def case_fingerprint(case: CaseData, num_classes: int) -> dict:
@@ -61,7 +61,7 @@ def sum_of_squares(values: np.ndarray, block: int = _SUM_BLOCK) -> np.float64:
     numpy sums a contiguous array pairwise: above 128 values it splits ``n`` at ``n // 2`` rounded down to a multiple
     of 8 and adds the two halves' sums. Splitting the same way down to pieces of at most ``block`` values (at least
     128), and squaring each piece alone, adds the same numbers in the same order, with a float64 temporary of
-    ``block`` values (8 MiB).
+    ``block`` values (2 MiB).
     """
     values = values.reshape(-1)  # a view when contiguous (one channel of a (Z, Y, X, 1) image)
     if values.size <= max(block, 128):
