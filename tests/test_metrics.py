@@ -442,3 +442,18 @@ def test_iou_and_fscore_in_fit_history_and_saved_model(tmp_path):
     restored = keras.saving.load_model(tmp_path / "model.keras")
     again = restored.evaluate(images, labels, batch_size=2, verbose=0, return_dict=True)
     assert {k: again[k] for k in ("fg_iou", "f2")} == pytest.approx({k: scores[k] for k in ("fg_iou", "f2")})
+
+
+def test_confusion_counts_and_region_masks_agree_when_counted_in_chunks(monkeypatch):
+    """Counting a chunk of voxels at a time (bounded memory on large volumes) gives the counts of one pass, and region
+    masks built by comparisons give numpy's ``isin`` scores."""
+    rng = np.random.default_rng(8)
+    pred, truth = rng.integers(0, 4, size=(2, 7, 9, 11), dtype=np.uint8)
+    whole = metrics.confusion_counts(pred, truth, 4)
+    monkeypatch.setattr(metrics, "_COUNT_CHUNK", 50)  # 693 voxels: 14 chunks, the last one partial
+    np.testing.assert_array_equal(metrics.confusion_counts(pred, truth, 4), whole)
+    tp = [np.sum((pred == k) & (truth == k)) for k in range(4)]
+    assert whole[0].tolist() == tp and whole[1].tolist() == [np.sum(pred == k) - tp[k] for k in range(4)]
+    scores = metrics.compute_case_metrics(pred, truth, [1], (1.0, 1.0, 1.0), ("dice",), regions={"some": [1, 3]})
+    p, t = np.isin(pred, [1, 3]), np.isin(truth, [1, 3])
+    assert scores["some"]["dice"] == pytest.approx(2 * np.sum(p & t) / (p.sum() + t.sum()))
