@@ -24,9 +24,10 @@ def test_new_images_are_prepared_exactly_like_the_training_data(synthetic, tmp_p
     prepared = {}
     original = utils.evaluate.predict.prepare_case
 
-    def spy(case, *args):
+    def spy(case, *args, **options):
         assert case.label is None  # a crop to the foreground could otherwise see the truth
-        image, label, record = original(case, *args)
+        assert options == {"release": True}  # without pictures the image is handed over and freed once resampled
+        image, label, record = original(case, *args, **options)
         prepared[case.case_id] = (image, record)
         return image, label, record
 

@@ -183,14 +183,17 @@ def predict_images(
     }
 
     def process(case_id: str) -> dict:
-        case = load_case(specs[case_id])
+        case = load_case(specs[case_id], integers=True)  # a CT stays int16 (half the memory) until resampled
         truth = None
         if case.label is not None:
             truth = class_indices(source_values(case.label, source.label_values or None), [int(v) for v in values])
             case.label = None
-        image, _, record = prepare_case(case, training.settings, training.fingerprint, training.channel_names)
-        display = case.image if options.pictures != "none" else None
-        case.image = None  # the source image serves only the pictures: not held through inference without them
+        display = case.image if options.pictures != "none" else None  # the source image serves only the pictures
+        release = display is None  # without them, preparation takes the image over and frees it once resampled
+        image, _, record = prepare_case(
+            case, training.settings, training.fingerprint, training.channel_names, release=release
+        )
+        case.image = None
         keep = ProbabilityWriter(output, case_id, record, case.writer) if options.save_probabilities else None
         classes = segment(predictor, image, record, options, plan, keep)
         del image
