@@ -2,6 +2,8 @@
 
     python benchmarks/selection.py                     # 24 epochs; writes benchmarks/measured/epyc_selection.json
     python benchmarks/selection.py --patch-size 16 32 16 --output benchmarks/measured/epyc_selection_patch16.json
+    python benchmarks/selection.py --patch-size 16 32 16 --seed 1 \
+        --output benchmarks/measured/epyc_selection_patch16_seed1.json
     python benchmarks/selection.py --epochs 4 --output /tmp/selection.json       # a quick look
 
 ``--validation auto`` scores seeded validation patches each epoch when whole volumes would cost more than a fifth of
