@@ -18,7 +18,7 @@ import numpy as np
 
 from utils import fileio
 from utils.backbones import encoder_of
-from utils.inference import model_predictor, predict_volume
+from utils.inference import model_predictor, predict_labels
 from utils.metrics import confusion_counts, finite_mean, mean_foreground_dice, score_from_counts
 from utils.plots import plot_curves, side_by_side
 from utils.prepared import PreparedDataset
@@ -124,16 +124,16 @@ class Validation(keras.callbacks.Callback):
         extra = {name: [] for name in self.config.metrics}  # --metrics: each case's mean over its classes
         for i, case_id in enumerate(self.case_ids):
             image, truth = self.dataset.image(case_id), np.asarray(self.dataset.label(case_id))
-            probabilities = predict_volume(
+            pred = predict_labels(  # arg-maxed slab by slab: a large volume's probabilities are never held whole
                 self.model,
                 image,
                 self.config.patch_size,
                 num_classes,
+                image.shape[:3],
                 overlap=self.config.val_overlap,
                 batch_size=self.config.batch_size,
                 distributed=self.distributed,
             )
-            pred = np.argmax(probabilities, -1)
             mean, classes = mean_foreground_dice(pred, truth, num_classes)
             means.append(mean)
             per_class.append(classes)
