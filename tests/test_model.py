@@ -86,6 +86,7 @@ def test_shape_training_and_save_load(name, channels, num_classes, tmp_path):
 OPTION_CASES = [
     ("unet2d", {"stem_stride": 2}),
     ("unet3d", {"stem_stride": 2, "norm": "instance", "upsample": "interp"}),
+    ("unet3d", {"stem_stride": 2, "norm": "instance", "full_res_skip": 4}),
     ("unet2d", {"residual": True, "norm": "group", "upsample": "interp", "activation": "relu"}),
     ("unet3d", {"residual": True, "downsample": "strided", "norm": "none", "dropout": 0.1}),
     ("resunet3d", {"stem_stride": 2, "norm": "instance"}),
@@ -180,6 +181,7 @@ def test_bad_input_size_raises(name, shape, options, bad):
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, norm="layer"), "layer"),
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, upsample="pixelshuffle"), "pixelshuffle"),
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, stem_stride=4), "stem_stride"),
+        (lambda: model.build_model("unet2d", (16, 16, 1), 2, full_res_skip=4), "full_res_skip"),
         (lambda: model.build_model("unet2d", (16, 16), 2), "channels last"),
         (lambda: model.build_model("unet2d", (16, 16, None), 2), "channel count"),
         (lambda: model.build_model("dilated2d", (16, 16, 1), 2, dilations=(1, 0)), "dilations"),
@@ -269,3 +271,15 @@ def test_default_models_build_for_the_readme_shapes():
         shape = (64, 64, 1) if name.endswith("2d") else (40, 56, 40, 1)
         counts[name] = model.build_model(name, shape, 3).count_params()
     assert all(count > 10_000 for count in counts.values()), counts
+
+
+def test_the_full_resolution_skip_adds_one_image_convolution_to_the_head():
+    """unet3d with stem_stride 2 and full_res_skip 4: a 3x3x3 convolution of the one input channel to 4 channels
+    (108 weights, no bias before its norm), their instance norm (8), and 4 more inputs to the 1x1 head over 3 classes
+    (12)."""
+    args = {"filters": 16, "norm": "instance", "stem_stride": 2, "depth": 3}
+    plain = model.build_model("unet3d", (8, 16, 16, 1), 3, **args)
+    skip = model.build_model("unet3d", (8, 16, 16, 1), 3, full_res_skip=4, **args)
+    assert skip.count_params() - plain.count_params() == 27 * 4 + 2 * 4 + 4 * 3
+    assert tuple(skip.get_layer("full_res_concat").output.shape) == (None, 8, 16, 16, 16 + 4)
+    assert tuple(skip.output.shape) == (None, 8, 16, 16, 3)
