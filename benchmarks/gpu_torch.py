@@ -58,6 +58,7 @@ class RecipeUNet3D(nn.Module):
         stem_stride: int = 1,
         deep_supervision: bool = False,
         convs_per_level: int = 2,
+        full_res_skip: int = 0,
     ):
         super().__init__()
         self.stem_stride, self.deep_supervision = stem_stride, deep_supervision
@@ -77,15 +78,18 @@ class RecipeUNet3D(nn.Module):
             scale = level + (stem_stride == 2)
             if deep_supervision and scale > 0:
                 self.heads[str(level)] = nn.Conv3d(previous, num_classes, 1)
-        self.final_up = None
+        self.final_up = self.full_res = None
+        skip = full_res_skip if stem_stride == 2 else 0
         if stem_stride == 2:
             self.final_up = nn.Sequential(
                 nn.ConvTranspose3d(previous, features[0], 2, stride=2), _norm(norm, features[0]), nn.LeakyReLU(0.01)
             )
-        self.head = nn.Conv3d(features[0], num_classes, 1)
+        if skip:  # the full-resolution path: a 3x3x3 convolution of the image, concatenated before the head
+            self.full_res = Block(in_channels, skip, norm, 1, 1)
+        self.head = nn.Conv3d(features[0] + skip, num_classes, 1)
 
     def forward(self, x: torch.Tensor):
-        skips = []
+        image, skips = x, []
         for level, block in enumerate(self.encoder):
             x = block(self.pool(x) if level > 0 else x)
             skips.append(x)
@@ -97,6 +101,8 @@ class RecipeUNet3D(nn.Module):
                 auxiliary.append(self.heads[str(level)](x))
         if self.final_up is not None:
             x = self.final_up(x)
+        if self.full_res is not None:
+            x = torch.cat([x, self.full_res(image)], dim=1)
         main = self.head(x)
         return [main, *auxiliary[::-1]] if self.deep_supervision else main
 
@@ -128,7 +134,8 @@ def peak_memory() -> dict:
 
 
 def _network(model_args: dict, num_classes: int, in_channels: int) -> RecipeUNet3D:
-    options = {k: model_args[k] for k in ("filters", "depth", "max_filters", "norm", "stem_stride") if k in model_args}
+    keys = ("filters", "depth", "max_filters", "norm", "stem_stride", "full_res_skip")
+    options = {k: model_args[k] for k in keys if k in model_args}
     return RecipeUNet3D(
         in_channels,
         num_classes,

@@ -181,7 +181,7 @@ def test_bad_input_size_raises(name, shape, options, bad):
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, norm="layer"), "layer"),
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, upsample="pixelshuffle"), "pixelshuffle"),
         (lambda: model.build_model("unet2d", (16, 16, 1), 2, stem_stride=4), "stem_stride"),
-        (lambda: model.build_model("unet2d", (16, 16, 1), 2, full_res_skip=4), "full_res_skip"),
+        (lambda: model.build_model("unet2d", (16, 16, 1), 2, stem_stride=2, full_res_skip=-1), "full_res_skip"),
         (lambda: model.build_model("unet2d", (16, 16), 2), "channels last"),
         (lambda: model.build_model("unet2d", (16, 16, None), 2), "channel count"),
         (lambda: model.build_model("dilated2d", (16, 16, 1), 2, dilations=(1, 0)), "dilations"),
@@ -283,3 +283,8 @@ def test_the_full_resolution_skip_adds_one_image_convolution_to_the_head():
     assert skip.count_params() - plain.count_params() == 27 * 4 + 2 * 4 + 4 * 3
     assert tuple(skip.get_layer("full_res_concat").output.shape) == (None, 8, 16, 16, 16 + 4)
     assert tuple(skip.output.shape) == (None, 8, 16, 16, 3)
+    full = model.build_model("unet3d", (8, 16, 16, 1), 3, **{**args, "stem_stride": 1})  # already full resolution
+    assert (
+        model.build_model("unet3d", (8, 16, 16, 1), 3, full_res_skip=4, **{**args, "stem_stride": 1}).count_params()
+        == full.count_params()
+    )

@@ -386,7 +386,10 @@ RESUME_MAY_CHANGE = ("epochs", "time_limit", "early_stopping", "workers", "worke
 # gpu: nnU-Net's full-resolution recipe: 32 base filters up to 320 without a strided stem, deep supervision, strong
 # augmentation, SGD 1e-2 with poly decay, mixed precision, and process workers to keep the GPU fed (gpu_workers()).
 RECIPES = {
-    "cpu": {"settings": {}, "model_defaults": {"unet": {"filters": 16, "norm": "instance", "stem_stride": 2}}},
+    "cpu": {
+        "settings": {},
+        "model_defaults": {"unet": {"filters": 16, "norm": "instance", "stem_stride": 2, "full_res_skip": 4}},
+    },
     "gpu": {
         "settings": {
             "augment": "strong",
