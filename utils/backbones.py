@@ -38,7 +38,7 @@ from utils.settings import BACKBONE_NAMES
 
 ENCODER_STRIDE = 32  # every backbone halves the resolution five times: patch sizes must be multiples of 32
 # U-Net options that do not apply on a backbone: the encoder fixes its depth and how it down-samples
-FIXED_BY_ENCODER = ("depth", "stem_stride", "downsample", "residual")
+FIXED_BY_ENCODER = ("depth", "stem_stride", "full_res_skip", "downsample", "residual")
 IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB, of pixel values in [0, 1]
 
 
