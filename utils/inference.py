@@ -139,9 +139,9 @@ def sliding_window_slabs(
 
     Windows are taken in order along the *streaming axis*: the inputs (the slices of a 2D model's volume, or a batch)
     when ``along_inputs`` is true, else the first spatial axis (``None``: the inputs when there are several, the first
-    spatial axis of a single input such as a 3D volume). Once every window that reaches a plane
-    is in, the plane is final: it is yielded and its memory reused. Only the planes under the current row of
-    windows are ever held, as float32, so the memory does not grow with the length of the streaming axis.
+    spatial axis of a single input such as a 3D volume). Once every window that reaches a plane is in, the plane is
+    final: it is yielded and its memory reused. Only the planes under the current row of windows are ever held, as
+    float32, so the memory does not grow with the length of the streaming axis.
 
     Yields:
         ``(start, block)`` in order, the blocks covering the streaming axis once: along the inputs, ``block`` is inputs
