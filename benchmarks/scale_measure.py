@@ -171,12 +171,16 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path, stages=STAGES, 
         )  # fmt: skip
         result["evaluate"] = per_case(seconds, cpu, peak, 1)
 
-    if "inference" not in stages:
-        result["loadavg"].append(loadavg()[0])
-        shutil.rmtree(raw, ignore_errors=True)
-        return result
-    image = data / "volumes" / f"{val_case}_image.npy"
-    result["inference"] = {}
+    if "inference" in stages:
+        result["inference"] = infer_both(data / "volumes" / f"{val_case}_image.npy", depth, logs, tiny)
+    result["loadavg"].append(loadavg()[0])
+    shutil.rmtree(raw, ignore_errors=True)
+    return result
+
+
+def infer_both(image: Path, depth: int, logs: Path, tiny: bool) -> dict:
+    """``infer_once.py --labels`` (``--tiny``) of ``image`` by each side, in a fresh process each."""
+    figures_by_side = {}
     for side in ("ours", "monai"):
         out = subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / "infer_once.py"), side, str(image), "--labels",
@@ -186,10 +190,8 @@ def measure_size(depth: int, workdir: Path, sources, logs: Path, stages=STAGES, 
         if out.returncode != 0:
             raise RuntimeError(f"infer_once.py {side} failed on {image}; see {logs}")
         figures = json.loads(out.stdout.strip().splitlines()[-1])
-        result["inference"][side] = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
-    result["loadavg"].append(loadavg()[0])
-    shutil.rmtree(raw, ignore_errors=True)
-    return result
+        figures_by_side[side] = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
+    return figures_by_side
 
 
 def measure_epoch(workdir: Path, sources, logs: Path) -> dict:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from utils.geometry import resize_volume
 from utils.settings import BLENDS
 
 FLOAT16_ABOVE_BYTES = 512 * 1024**2
@@ -489,10 +490,8 @@ class LabelSlabs:
             self.labels[start : self.received] = np.argmax(block, axis=-1)
             self.done = self.received
             return
-        from utils.geometry import resize_volume
-
         in_plane = (len(block), *self.shape[1:])
-        for index, plane in enumerate(self._in_plane(block, in_plane, resize_volume), start=start):
+        for index, plane in enumerate(self._in_plane(block, in_plane), start=start):
             self.planes[index] = plane
         while self.done < self.shape[0] and self.above[self.done] < self.received:
             z, w = self.done, float(self.weight[self.done])
@@ -506,11 +505,11 @@ class LabelSlabs:
             del self.planes[index]
 
     @staticmethod
-    def _in_plane(block: np.ndarray, shape: tuple[int, ...], resize) -> np.ndarray:
+    def _in_plane(block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """``block`` ``(n, Y, X, K)`` resampled to ``shape`` ``(n, Y', X')`` one class at a time."""
         out = np.empty((*shape, block.shape[-1]), dtype=np.float32)
         for k in range(block.shape[-1]):
-            out[..., k] = resize(np.asarray(block[..., k], dtype=np.float32), shape, 1)
+            out[..., k] = resize_volume(np.asarray(block[..., k], dtype=np.float32), shape, 1)
         return out
 
     def result(self) -> np.ndarray:

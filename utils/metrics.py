@@ -149,7 +149,7 @@ class _BoxFinder:
             for value in values:
                 found = _union(found, self.boxes.get(value))
             return found
-        objects = ndimage.find_objects(np.isin(self.label_map, values).astype(np.uint8))
+        objects = ndimage.find_objects(_member_mask(self.label_map, values).astype(np.uint8))
         return objects[0] if objects else None
 
 

@@ -48,7 +48,7 @@ from utils.inference import predict_labels, predict_volume, probabilities_to_lab
 from utils.metrics import compute_case_metrics
 from utils.plots import DisplayVolume, plot_overlay, write_overlay_gif
 from utils.prepared import PreparedDataset
-from utils.preprocessing import PreprocessSettings, prepare_case, restore_label
+from utils.preprocessing import PreprocessSettings, count_values, prepare_case, restore_label
 from utils.runs import TrainingConfig, fold_folders, model_path
 from utils.settings import WHOLE_SLICE_MODELS
 
@@ -180,9 +180,7 @@ def score(
 
 def predicted_volumes(classes: np.ndarray, values: Sequence[int], spacing: Sequence[float]) -> dict[str, float]:
     """Predicted volume in ml of each foreground class, keyed by label value."""
-    counts = np.zeros(len(values), np.int64)
-    for plane in range(0, len(classes), 16):  # bincount copies to 8-byte indices: 16 planes at a time
-        counts += np.bincount(classes[plane : plane + 16].ravel().astype(np.intp), minlength=len(values))[: len(values)]
+    counts = count_values(classes, len(values))  # in blocks: no 8-byte copy of the whole map
     voxel_ml = float(np.prod(spacing)) / 1000.0
     return {str(int(v)): round(float(counts[k]) * voxel_ml, 4) for k, v in enumerate(values) if k > 0}
 
