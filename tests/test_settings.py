@@ -38,7 +38,7 @@ def test_train_resolves_unset_settings_to_the_settings_defaults():
     args = vars(train.build_parser().parse_args([]))
     unset = {key for key in TRAINING if args[key] is None}
     assert unset == set(TRAINING)
-    assert settings.defaults(TRAINING)["lr"] == 3e-3 and settings.defaults(TRAINING)["augment"] == "default"
+    assert settings.defaults(TRAINING)["lr"] == 3e-3 and settings.defaults(TRAINING)["augment"] == "light"
 
 
 def test_evaluation_options_default_to_the_settings():

@@ -79,7 +79,7 @@ SCHEDULES = ("poly", "cosine", "plateau", "none")
 LR_SCALINGS = ("none", "linear", "sqrt")
 WORKER_MODES = ("thread", "process")
 PAD_PLACEMENTS = ("centre", "random")
-AUGMENT_PRESETS = ("none", "default", "strong")
+AUGMENT_PRESETS = ("none", "default", "light", "strong")
 STRATEGIES = ("default", "mirrored", "multiworker")
 VALIDATION_MODES = ("auto", "volumes", "patches")
 DEFAULT_MEMORY_GB = 8.0
@@ -209,8 +209,8 @@ def _copy(value: Any) -> Any:
 
 
 _UNET_RECIPE = (
-    "CPU: unet filters 16, instance norm, stem_stride 2; GPU: filters 32 up to 320, stem_stride 1, deep supervision, "
-    "strong augmentation, sgd lr 0.01, mixed precision; depth planned"
+    "CPU: unet filters 16, instance norm, stem_stride 2, light augmentation; GPU: filters 32 up to 320, stem_stride 1, "
+    "deep supervision, strong augmentation, sgd lr 0.01, mixed precision; depth planned"
 )
 
 TRAINING: dict[str, Setting] = {
@@ -294,8 +294,9 @@ TRAINING: dict[str, Setting] = {
     ),
     "lr_scaling": Setting("none", "scale the learning rate with the number of replicas", choices=LR_SCALINGS),
     "augment": Setting(
-        "default",
-        "augmentation preset: none; default (mirroring on every axis); strong (nnU-Net's rotation, scaling, "
+        "light",
+        "augmentation preset: none; default (mirroring on every axis); light (mirroring, mild rotation and scaling, "
+        "noise, brightness, contrast, gamma); strong (nnU-Net's rotation, scaling, "
         "elastic, noise, blur, brightness, contrast, low resolution, gamma, 90-degree turns, mirroring). Tune any "
         "transform with --augmentation or 'augmentation' in --config",
         choices=AUGMENT_PRESETS,

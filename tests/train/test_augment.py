@@ -170,6 +170,22 @@ def test_default_preset_is_mirroring_and_overrides_add_transforms():
     assert settings["rotation"] == {**TRANSFORMS["rotation"], "p": 0.2}
 
 
+def test_light_preset_is_mild_affine_and_cheap():
+    settings = augmentation_settings("light", 3)
+    assert set(settings) == {"rotation", "scale", "noise", "brightness", "contrast", "gamma", "flip"}
+    assert settings["rotation"]["angle"] == [-15.0, 15.0] and settings["scale"]["range"] == [0.85, 1.25]
+    assert settings["flip"] == {"p": 0.5, "axes": None}
+    # no elastic field: every spatial draw is affine, one scipy affine_transform per patch
+    augmenter, rng = Augmenter(settings, 3), np.random.default_rng(0)
+    draws = [augmenter.spatial_transform((16, 16, 16), rng) for _ in range(200)]
+    fired = [d for d in draws if d is not None]
+    assert 40 <= len(fired) <= 100  # rotation and scaling, p 0.2 each: 1 - 0.8^2 = 36 % of the draws
+    assert all(displacement is None for _, displacement in fired)
+    for matrix, _ in fired:  # rotation (orthogonal) times scaling: singular values equal, within 0.85..1.25
+        singular = np.linalg.svd(matrix, compute_uv=False)
+        assert singular.max() - singular.min() < 1e-9 and 0.85 - 1e-9 <= singular[0] <= 1.25 + 1e-9
+
+
 def test_config_overrides_reach_the_settings():
     settings = augmentation_settings("strong", 3, {"rotation": {"p": 0.5}, "elastic": {"p": 0.1}, "flip": {"p": 0}})
     assert settings["rotation"]["p"] == 0.5 and settings["rotation"]["angle"] == [-30.0, 30.0]
@@ -211,6 +227,7 @@ def test_test_time_mirroring_follows_the_axes_the_training_mirrored():
         return TrainingConfig(patch_size=list(patch), augment=augment, augmentation=augmentation or {})
 
     assert mirrored_axes(config("default")) == [0, 1, 2]
+    assert mirrored_axes(config("light")) == [0, 1, 2]
     assert mirrored_axes(config("strong", patch=(16, 16))) == [0, 1]
     assert mirrored_axes(config("none")) == []
     assert mirrored_axes(config("default", {"flip": {"p": 0.0}})) == []

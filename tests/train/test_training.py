@@ -391,7 +391,7 @@ def test_the_recipe_follows_the_device_and_flags_still_win(prepared_sample):
     dataset = PreparedDataset(prepared_sample)
     base = {"data": str(prepared_sample), "output": "x", "model": "unet3d", "patch_size": [16, 16, 16]}
     cpu = resolve_config(base, dataset, devices=[])
-    assert cpu.recipe == "cpu" and cpu.optimizer == "adam" and cpu.lr == 3e-3 and cpu.augment == "default"
+    assert cpu.recipe == "cpu" and cpu.optimizer == "adam" and cpu.lr == 3e-3 and cpu.augment == "light"
     assert cpu.model_args["filters"] == 16 and cpu.model_args["stem_stride"] == 2 and not cpu.mixed_precision
     gpu = resolve_config(base, dataset, devices=["/device:GPU:0"])
     assert gpu.recipe == "gpu" and gpu.optimizer == "sgd" and gpu.lr == 1e-2 and gpu.schedule == "poly"
