@@ -60,12 +60,13 @@ def preset(name: str, ndim: int) -> dict[str, dict]:
 
     - ``none``: nothing.
     - ``default``: mirroring along every axis (p 0.5 each), best for the shortest budgets: on MSD Hippocampus, 800
-      steps with nnU-Net's intensity transforms and mild rotation and scaling (a set like ``light``) reached a held-out
-      dice of 0.844 against 0.850 with mirroring alone, and the ``strong`` set 0.823 on validation.
+      steps (2-core Intel Xeon, 2026-11-22) with nnU-Net's intensity transforms and mild rotation and scaling (a set
+      like ``light``) reached a held-out dice of 0.844 against 0.850 with mirroring alone, and the ``strong`` set
+      0.823 on validation.
     - ``light``: mirroring, mild rotation (±15°) and scaling (0.85-1.25), noise, brightness, contrast and gamma, all
       cheap (rotation and scaling are one affine resampling); the CPU recipe's preset. Over 3,000 steps, 10 minutes
-      on 2 CPU cores, mirroring alone lets the validation dice stall from the middle of the run on MSD Hippocampus
-      (benchmarks/RESULTS.md).
+      on 2 cores of an AMD EPYC with oneDNN at AVX2, mirroring alone lets the validation dice stall from the middle
+      of the run on MSD Hippocampus (benchmarks/RESULTS.md).
     - ``strong``: nnU-Net's set for long schedules: rotation, scaling, elastic deformation, noise, blur, brightness,
       contrast, simulated low resolution, gamma (also inverted), 90° rotations and mirroring.
 
